@@ -1,0 +1,571 @@
+# Per-channel kernel family: statistics over every axis but the channel axis
+# (BatchNorm1d/2d/3d and SyncBatchNorm).
+#
+# Every input is a C-contiguous (N, C, S) view: (N, C), (N, C, L), NCHW and
+# NCDHW reshape to it, and channels-last memory (NHWC, NDHWC) is (rows, C, 1).
+# Two strategies share one arithmetic:
+#   * segments (S > 1): channel c is N runs of S contiguous values;
+#   * rows (S == 1): a row holds one value of every channel, so inner loops
+#     run along channels with one accumulator per channel.
+# A channel's values are cut into units (see _common.pxd), units into
+# stripes, and partial results folded in unit then stripe order: the result
+# depends on the shape only, never on the thread count or the code path.
+#
+# Public entry points (the Python layer validates everything first; these
+# trust their inputs, never raise, and run without the GIL):
+#   channel_moments         IN x               OUT mean, m2 (float64, per channel)
+#   channel_normalize       IN x, mean, scale, shift   OUT y = (x - mean)*scale + shift
+#   channel_forward_train   both of the above, fused per channel when it fits in cache
+#   channel_grad_sums       IN x, dy, mean     OUT sum(dy), sum(dy * (x - mean))
+#   channel_backward_apply  IN x, dy, mean, k_dy, k_x, k_0   OUT dx = k_dy*dy + k_x*(x-mean) + k_0
+#   channel_backward        grad sums, coefficients and apply, fused per channel when it fits
+
+import numpy as np
+from cython cimport floating
+from cython.parallel cimport prange
+
+from fastnorm._common cimport (
+    MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, run_affine,
+    run_affine_backward, run_grad_sums, split_hi_lo, stripe_bounds,
+)
+
+# A channel up to this size is normalized straight after its statistics,
+# while it is still in cache: one read of x from memory instead of two.
+cdef Py_ssize_t FUSE_CHANNEL_BYTES = 1 << 20
+
+# In the rows strategy, channels are processed in blocks of this many.
+cdef enum:
+    CHANNEL_BLOCK = 1024
+
+
+# ---------------------------------------------------------------- planning
+
+cdef struct SegmentPlan:
+    # Units of one channel in the segments strategy: a unit is rows
+    # [n0, n0 + unit_rows) x columns [s0, s0 + unit_cols) of the (N, S) plane.
+    Py_ssize_t N, C, S
+    Py_ssize_t unit_rows, unit_cols, units_per_row, n_units, n_stripes
+
+
+cdef inline SegmentPlan segment_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S) noexcept nogil:
+    cdef SegmentPlan p
+    p.N = N
+    p.C = C
+    p.S = S
+    if S >= UNIT_ELEMS:
+        p.unit_cols = UNIT_ELEMS
+        p.unit_rows = 1
+    else:
+        p.unit_cols = S
+        p.unit_rows = max(1, UNIT_ELEMS // S)
+    p.units_per_row = (S + p.unit_cols - 1) // p.unit_cols
+    p.n_units = ((N + p.unit_rows - 1) // p.unit_rows) * p.units_per_row
+    p.n_stripes = min(p.n_units, <Py_ssize_t>MAX_STRIPES)
+    return p
+
+
+cdef inline void segment_unit(SegmentPlan* p, Py_ssize_t c, Py_ssize_t u, Py_ssize_t* offset,
+                              Py_ssize_t* nrows, Py_ssize_t* ncols) noexcept nogil:
+    """Where unit u of channel c starts, and its extent (rows are C*S apart)."""
+    cdef Py_ssize_t n0 = (u // p.units_per_row) * p.unit_rows
+    cdef Py_ssize_t s0 = (u % p.units_per_row) * p.unit_cols
+    nrows[0] = min(p.N, n0 + p.unit_rows) - n0
+    ncols[0] = min(p.S, s0 + p.unit_cols) - s0
+    offset[0] = (n0 * p.C + c) * p.S + s0
+
+
+cdef struct RowPlan:
+    # Units in the rows strategy: a unit is unit_rows consecutive rows of one
+    # block of at most CHANNEL_BLOCK channels. Tasks are (stripe, block) pairs.
+    Py_ssize_t R, C
+    Py_ssize_t block, n_blocks, unit_rows, n_units, n_stripes
+
+
+cdef inline RowPlan row_plan(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
+    cdef RowPlan p
+    p.R = R
+    p.C = C
+    p.block = min(C, <Py_ssize_t>CHANNEL_BLOCK)
+    p.n_blocks = (C + p.block - 1) // p.block
+    p.unit_rows = max(1, UNIT_ELEMS // p.block)
+    p.n_units = (R + p.unit_rows - 1) // p.unit_rows
+    p.n_stripes = min(p.n_units, <Py_ssize_t>MAX_STRIPES)
+    return p
+
+
+cdef inline bint fuse_per_channel(SegmentPlan* p, Py_ssize_t itemsize, int n_threads) noexcept nogil:
+    """Whole channels per thread when the channel fits in cache and there are
+    enough channels to keep every thread busy; otherwise split the reduction."""
+    return p.N * p.S * itemsize <= FUSE_CHANNEL_BYTES and p.C >= 2 * n_threads
+
+
+# --------------------------------------------------- segments: statistics
+
+cdef inline Moments segment_stripe_moments(const floating* x, SegmentPlan* p, Py_ssize_t c,
+                                           Py_ssize_t g) noexcept nogil:
+    cdef Moments acc
+    cdef Py_ssize_t u, first, stop, offset, nrows, ncols
+    acc.count = 0.0
+    acc.mean = 0.0
+    acc.m2 = 0.0
+    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    for u in range(first, stop):
+        segment_unit(p, c, u, &offset, &nrows, &ncols)
+        chan_merge(&acc, block_moments(x + offset, nrows, ncols, p.C * p.S))
+    return acc
+
+
+cdef inline Moments segment_channel_moments(const floating* x, SegmentPlan* p,
+                                            Py_ssize_t c) noexcept nogil:
+    cdef Moments acc
+    cdef Py_ssize_t g
+    acc.count = 0.0
+    acc.mean = 0.0
+    acc.m2 = 0.0
+    for g in range(p.n_stripes):
+        chan_merge(&acc, segment_stripe_moments(x, p, c, g))
+    return acc
+
+
+cdef void segment_moments_split(const floating* x, SegmentPlan* p, double* mean, double* m2,
+                                double* scratch, int n_threads) noexcept nogil:
+    """Statistics with every (channel, stripe) pair a task; scratch holds C*n_stripes*3."""
+    cdef Py_ssize_t task, c, g
+    cdef Moments part, acc
+    for task in prange(p.C * p.n_stripes, num_threads=n_threads, schedule="static"):
+        part = segment_stripe_moments(x, p, task // p.n_stripes, task % p.n_stripes)
+        scratch[3 * task] = part.count
+        scratch[3 * task + 1] = part.mean
+        scratch[3 * task + 2] = part.m2
+    for c in range(p.C):
+        acc.count = 0.0
+        acc.mean = 0.0
+        acc.m2 = 0.0
+        for g in range(p.n_stripes):
+            part.count = scratch[3 * (c * p.n_stripes + g)]
+            part.mean = scratch[3 * (c * p.n_stripes + g) + 1]
+            part.m2 = scratch[3 * (c * p.n_stripes + g) + 2]
+            chan_merge(&acc, part)
+        mean[c] = acc.mean
+        m2[c] = acc.m2
+
+
+# ------------------------------------------------ segments: elementwise
+
+cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPlan* p,
+                                       Py_ssize_t c, Py_ssize_t g, double mean, double scale,
+                                       double shift) noexcept nogil:
+    cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols
+    cdef floating mean_hi, mean_lo
+    split_hi_lo(mean, &mean_hi, &mean_lo)
+    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    for u in range(first, stop):
+        segment_unit(p, c, u, &offset, &nrows, &ncols)
+        for r in range(nrows):
+            run_affine(x + offset + r * p.C * p.S, y + offset + r * p.C * p.S, ncols,
+                       mean_hi, mean_lo, <floating>scale, <floating>shift)
+
+
+cdef inline void segment_stripe_grad_sums(const floating* x, const floating* dy, SegmentPlan* p,
+                                          Py_ssize_t c, Py_ssize_t g, double mean,
+                                          double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
+    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    for u in range(first, stop):
+        segment_unit(p, c, u, &offset, &nrows, &ncols)
+        for r in range(nrows):
+            at = offset + r * p.C * p.S
+            run_grad_sums(x + at, dy + at, ncols, mean, sum_dy, sum_dy_xmu)
+
+
+cdef inline void segment_stripe_backward(const floating* x, const floating* dy, floating* dx,
+                                         SegmentPlan* p, Py_ssize_t c, Py_ssize_t g, double mean,
+                                         double k_dy, double k_x, double k_0) noexcept nogil:
+    cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
+    cdef floating mean_hi, mean_lo
+    split_hi_lo(mean, &mean_hi, &mean_lo)
+    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    for u in range(first, stop):
+        segment_unit(p, c, u, &offset, &nrows, &ncols)
+        for r in range(nrows):
+            at = offset + r * p.C * p.S
+            run_affine_backward(x + at, dy + at, dx + at, ncols, mean_hi, mean_lo,
+                                <floating>k_dy, <floating>k_x, <floating>k_0)
+
+
+# ------------------------------------------------------- rows strategy
+
+cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
+                       double[:, :, ::1] scratch, int n_threads) noexcept nogil:
+    """Per-channel statistics of (R, C) rows. scratch: (tasks, 5, block) float64."""
+    cdef Py_ssize_t task, g, b, u, first, stop, r, c, c0, nc, r0, nrows
+    cdef double* part_mean
+    cdef double* part_m2
+    cdef double* unit_shift
+    cdef double* unit_d
+    cdef double* unit_dd
+    cdef double count, n, d, delta
+    cdef const floating* row
+    cdef Moments acc, part
+    for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
+        g = task // p.n_blocks
+        b = task % p.n_blocks
+        c0 = b * p.block
+        nc = min(p.C, c0 + p.block) - c0
+        part_mean = &scratch[task, 0, 0]
+        part_m2 = &scratch[task, 1, 0]
+        unit_shift = &scratch[task, 2, 0]
+        unit_d = &scratch[task, 3, 0]
+        unit_dd = &scratch[task, 4, 0]
+        count = 0.0
+        stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+        for u in range(first, stop):
+            r0 = u * p.unit_rows
+            nrows = min(p.R, r0 + p.unit_rows) - r0
+            # pass 1: the unit's mean per channel
+            for c in range(nc):
+                unit_shift[c] = 0.0
+                unit_d[c] = 0.0
+                unit_dd[c] = 0.0
+            for r in range(r0, r0 + nrows):
+                row = x + r * p.C + c0
+                for c in range(nc):
+                    unit_shift[c] += row[c]
+            for c in range(nc):
+                unit_shift[c] = unit_shift[c] / nrows
+            # pass 2 (the unit is in cache): centered sums
+            for r in range(r0, r0 + nrows):
+                row = x + r * p.C + c0
+                for c in range(nc):
+                    d = row[c] - unit_shift[c]
+                    unit_d[c] += d
+                    unit_dd[c] += d * d
+            # Chan merge of the unit into the stripe, all channels at once
+            n = count + nrows
+            for c in range(nc):
+                unit_shift[c] = unit_shift[c] + unit_d[c] / nrows      # unit mean
+                unit_dd[c] = unit_dd[c] - unit_d[c] * unit_d[c] / nrows  # unit m2
+                if count == 0.0:
+                    part_mean[c] = unit_shift[c]
+                    part_m2[c] = unit_dd[c]
+                else:
+                    delta = unit_shift[c] - part_mean[c]
+                    part_mean[c] = part_mean[c] + delta * (nrows / n)
+                    part_m2[c] = part_m2[c] + unit_dd[c] + delta * delta * (count * nrows / n)
+            count = n
+    # fold stripes in order, per channel
+    for c in range(p.C):
+        b = c // p.block
+        acc.count = 0.0
+        acc.mean = 0.0
+        acc.m2 = 0.0
+        for g in range(p.n_stripes):
+            stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+            part.count = <double>(min(p.R, stop * p.unit_rows) - first * p.unit_rows)
+            part.mean = scratch[g * p.n_blocks + b, 0, c - b * p.block]
+            part.m2 = scratch[g * p.n_blocks + b, 1, c - b * p.block]
+            chan_merge(&acc, part)
+        mean[c] = acc.mean
+        m2[c] = acc.m2 if acc.m2 > 0.0 else 0.0
+
+
+cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p, const double* mean,
+                         double* sum_dy, double* sum_dy_xmu, double[:, :, ::1] scratch,
+                         int n_threads) noexcept nogil:
+    """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: (tasks, 2, block)."""
+    cdef Py_ssize_t task, g, b, u, first, stop, r, c, c0, nc
+    cdef double* part_g
+    cdef double* part_gx
+    cdef double gv
+    cdef const floating* xrow
+    cdef const floating* grow
+    for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
+        g = task // p.n_blocks
+        b = task % p.n_blocks
+        c0 = b * p.block
+        nc = min(p.C, c0 + p.block) - c0
+        part_g = &scratch[task, 0, 0]
+        part_gx = &scratch[task, 1, 0]
+        for c in range(nc):
+            part_g[c] = 0.0
+            part_gx[c] = 0.0
+        stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+        for r in range(first * p.unit_rows, min(p.R, stop * p.unit_rows)):
+            xrow = x + r * p.C + c0
+            grow = dy + r * p.C + c0
+            for c in range(nc):
+                gv = grow[c]
+                part_g[c] += gv
+                part_gx[c] += gv * (xrow[c] - mean[c0 + c])
+    for c in range(p.C):
+        b = c // p.block
+        sum_dy[c] = 0.0
+        sum_dy_xmu[c] = 0.0
+        for g in range(p.n_stripes):
+            sum_dy[c] += scratch[g * p.n_blocks + b, 0, c - b * p.block]
+            sum_dy_xmu[c] += scratch[g * p.n_blocks + b, 1, c - b * p.block]
+
+
+cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
+                      const floating* mean_hi, const floating* mean_lo, const floating* scale,
+                      const floating* shift, int n_threads) noexcept nogil:
+    cdef Py_ssize_t r, c
+    cdef const floating* xrow
+    cdef floating* yrow
+    for r in prange(R, num_threads=n_threads, schedule="static"):
+        xrow = x + r * C
+        yrow = y + r * C
+        for c in range(C):
+            yrow[c] = ((xrow[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+
+
+cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,
+                               Py_ssize_t R, Py_ssize_t C, const floating* mean_hi,
+                               const floating* mean_lo, const floating* k_dy,
+                               const floating* k_x, const floating* k_0,
+                               int n_threads) noexcept nogil:
+    cdef Py_ssize_t r, c
+    cdef const floating* xrow
+    cdef const floating* grow
+    cdef floating* dxrow
+    for r in prange(R, num_threads=n_threads, schedule="static"):
+        xrow = x + r * C
+        grow = dy + r * C
+        dxrow = dx + r * C
+        for c in range(C):
+            dxrow[c] = k_dy[c] * grow[c] + k_x[c] * ((xrow[c] - mean_hi[c]) - mean_lo[c]) + k_0[c]
+
+
+# --------------------------------------------------------- coefficients
+
+cdef inline void normalize_coefficients(double m2, double count, double weight, double bias,
+                                        double eps, double* var, double* scale,
+                                        double* shift) noexcept nogil:
+    """Biased variance, and y = (x - mean) * scale + shift from it."""
+    var[0] = m2 / count
+    scale[0] = weight / sqrt(var[0] + eps)
+    shift[0] = bias
+
+
+cdef inline void backward_coefficients(double sum_dy, double sum_dy_xmu, double count,
+                                       double invstd, double weight, bint training,
+                                       double* k_dy, double* k_x, double* k_0) noexcept nogil:
+    """dx = k_dy*dy + k_x*(x - mean) + k_0.
+
+    Training differentiates through the batch mean and variance:
+      dx = w*invstd * (dy - mean(dy) - (x-mean)*invstd^2 * mean(dy*(x-mean)));
+    eval treats the (running) statistics as constants: dx = w*invstd*dy."""
+    k_dy[0] = weight * invstd
+    if training and count > 0:
+        k_x[0] = -weight * invstd * invstd * invstd * sum_dy_xmu / count
+        k_0[0] = -weight * invstd * sum_dy / count
+    else:
+        k_x[0] = 0.0
+        k_0[0] = 0.0
+
+
+cdef extern from "<math.h>" nogil:
+    double sqrt(double x)
+
+
+# ---------------------------------------------------------- public API
+
+def channel_moments(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2, int n_threads):
+    """Per-channel mean and sum of squared deviations of an (N, C, S) array.
+
+    IN  x: (N, C, S) C-contiguous, N*S > 0.
+    OUT mean, m2: (C,) float64.
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef SegmentPlan sp
+    cdef RowPlan rp
+    cdef double[:, :, ::1] scratch
+    cdef double[::1] flat
+    if S == 1:
+        rp = row_plan(N, C)
+        scratch = np.empty((rp.n_stripes * rp.n_blocks, 5, rp.block))
+        with nogil:
+            rows_moments(&x[0, 0, 0], &rp, &mean[0], &m2[0], scratch, n_threads)
+    else:
+        sp = segment_plan(N, C, S)
+        flat = np.empty(C * sp.n_stripes * 3)
+        with nogil:
+            segment_moments_split(&x[0, 0, 0], &sp, &mean[0], &m2[0], &flat[0], n_threads)
+
+
+def channel_normalize(const floating[:, :, ::1] x, const double[::1] mean, const double[::1] scale,
+                      const double[::1] shift, floating[:, :, ::1] y, int n_threads):
+    """y = (x - mean[c]) * scale[c] + shift[c], with the mean subtracted in full precision.
+
+    IN  x: (N, C, S); mean, scale, shift: (C,) float64.  OUT y: like x.
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task
+    cdef SegmentPlan sp
+    cdef floating[::1] mean_hi, mean_lo, scale_w, shift_w
+    if S == 1:
+        mean_hi, mean_lo, scale_w, shift_w = _working_copies(x, mean, scale, shift)
+        with nogil:
+            rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, &mean_hi[0], &mean_lo[0],
+                        &scale_w[0], &shift_w[0], n_threads)
+    else:
+        sp = segment_plan(N, C, S)
+        with nogil:
+            for task in prange(C * sp.n_stripes, num_threads=n_threads, schedule="static"):
+                segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, task // sp.n_stripes,
+                                      task % sp.n_stripes, mean[task // sp.n_stripes],
+                                      scale[task // sp.n_stripes], shift[task // sp.n_stripes])
+
+
+def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
+                          const double[::1] bias, double eps, floating[:, :, ::1] y,
+                          double[::1] mean, double[::1] var, int n_threads):
+    """Batch statistics and normalization in one call.
+
+    IN  x: (N, C, S), N*S > 0; weight, bias: (C,) float64 (ones/zeros without affine).
+    OUT y: like x; mean, var: (C,) float64 batch mean and biased variance.
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, g
+    cdef SegmentPlan sp = segment_plan(N, C, S)
+    cdef Moments m
+    cdef double scale, shift
+    cdef double[::1] m2, scales, shifts
+    if S > 1 and fuse_per_channel(&sp, sizeof(floating), n_threads):
+        with nogil:
+            for c in prange(C, num_threads=n_threads, schedule="static"):
+                m = segment_channel_moments(&x[0, 0, 0], &sp, c)
+                mean[c] = m.mean
+                normalize_coefficients(m.m2, m.count, weight[c], bias[c], eps,
+                                       &var[c], &scale, &shift)
+                for g in range(sp.n_stripes):
+                    segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, c, g, m.mean,
+                                          scale, shift)
+        return
+    m2 = np.empty(C)
+    scales = np.empty(C)
+    shifts = np.empty(C)
+    channel_moments(x, mean, m2, n_threads)
+    for c in range(C):
+        normalize_coefficients(m2[c], <double>(N * S), weight[c], bias[c], eps,
+                               &var[c], &scales[c], &shifts[c])
+    channel_normalize(x, mean, scales, shifts, y, n_threads)
+
+
+def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
+                      const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu,
+                      int n_threads):
+    """Per-channel sum(dy) and sum(dy * (x - mean)), in float64.
+
+    IN  x, dy: (N, C, S), N*S > 0; mean: (C,).  OUT sum_dy, sum_dy_xmu: (C,).
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task, c, g
+    cdef SegmentPlan sp
+    cdef RowPlan rp
+    cdef double[:, :, ::1] scratch
+    cdef double[::1] flat
+    if S == 1:
+        rp = row_plan(N, C)
+        scratch = np.empty((rp.n_stripes * rp.n_blocks, 2, rp.block))
+        with nogil:
+            rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &mean[0], &sum_dy[0],
+                           &sum_dy_xmu[0], scratch, n_threads)
+        return
+    sp = segment_plan(N, C, S)
+    flat = np.zeros(C * sp.n_stripes * 2)
+    with nogil:
+        for task in prange(C * sp.n_stripes, num_threads=n_threads, schedule="static"):
+            segment_stripe_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &sp, task // sp.n_stripes,
+                                     task % sp.n_stripes, mean[task // sp.n_stripes],
+                                     &flat[2 * task], &flat[2 * task + 1])
+        for c in range(C):
+            sum_dy[c] = 0.0
+            sum_dy_xmu[c] = 0.0
+            for g in range(sp.n_stripes):
+                sum_dy[c] += flat[2 * (c * sp.n_stripes + g)]
+                sum_dy_xmu[c] += flat[2 * (c * sp.n_stripes + g) + 1]
+
+
+def channel_backward_coefficients(const double[::1] sum_dy, const double[::1] sum_dy_xmu,
+                                  double count, const double[::1] invstd,
+                                  const double[::1] weight, bint training, double[::1] k_dy,
+                                  double[::1] k_x, double[::1] k_0):
+    """Coefficients of dx = k_dy*dy + k_x*(x - mean) + k_0 per channel (see
+    backward_coefficients). count is the number of values per channel."""
+    cdef Py_ssize_t c
+    for c in range(sum_dy.shape[0]):
+        backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c], training,
+                              &k_dy[c], &k_x[c], &k_0[c])
+
+
+def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
+                           const double[::1] mean, const double[::1] k_dy,
+                           const double[::1] k_x, const double[::1] k_0,
+                           floating[:, :, ::1] dx, int n_threads):
+    """dx = k_dy[c]*dy + k_x[c]*(x - mean[c]) + k_0[c].
+
+    IN  x, dy: (N, C, S); mean, k_dy, k_x, k_0: (C,) float64.  OUT dx: like x.
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task, c
+    cdef SegmentPlan sp
+    cdef floating[::1] mean_hi, mean_lo, kd, kx, k0
+    if S == 1:
+        mean_hi, mean_lo, kd, kx, k0 = _working_copies(x, mean, k_dy, k_x, k_0)
+        with nogil:
+            rows_affine_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], N, C, &mean_hi[0],
+                                 &mean_lo[0], &kd[0], &kx[0], &k0[0], n_threads)
+        return
+    sp = segment_plan(N, C, S)
+    with nogil:
+        for task in prange(C * sp.n_stripes, num_threads=n_threads, schedule="static"):
+            c = task // sp.n_stripes
+            segment_stripe_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &sp, c,
+                                    task % sp.n_stripes, mean[c], k_dy[c], k_x[c], k_0[c])
+
+
+def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
+                     const double[::1] mean, const double[::1] invstd, const double[::1] weight,
+                     bint training, floating[:, :, ::1] dx, double[::1] sum_dy,
+                     double[::1] sum_dy_xmu, int n_threads):
+    """Input gradient and the per-channel sums behind the weight/bias gradients.
+
+    IN  x, dy: (N, C, S), N*S > 0; mean, invstd: (C,) statistics the forward
+        used (batch ones in training, running ones in eval); weight: (C,).
+    OUT dx: like x; sum_dy (= grad bias), sum_dy_xmu (* invstd = grad weight): (C,).
+    """
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, g
+    cdef SegmentPlan sp = segment_plan(N, C, S)
+    cdef double k_dy, k_x, k_0, stripe_dy, stripe_dy_xmu, count = <double>(N * S)
+    cdef double[::1] kd, kx, k0
+    if S > 1 and fuse_per_channel(&sp, 2 * sizeof(floating), n_threads):
+        with nogil:
+            for c in prange(C, num_threads=n_threads, schedule="static"):
+                # per-stripe partial sums added in order, exactly as channel_grad_sums does
+                sum_dy[c] = 0.0
+                sum_dy_xmu[c] = 0.0
+                for g in range(sp.n_stripes):
+                    stripe_dy = 0.0
+                    stripe_dy_xmu = 0.0
+                    segment_stripe_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &sp, c, g, mean[c],
+                                             &stripe_dy, &stripe_dy_xmu)
+                    sum_dy[c] += stripe_dy
+                    sum_dy_xmu[c] += stripe_dy_xmu
+                backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c],
+                                      training, &k_dy, &k_x, &k_0)
+                for g in range(sp.n_stripes):
+                    segment_stripe_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &sp, c, g,
+                                            mean[c], k_dy, k_x, k_0)
+        return
+    kd = np.empty(C)
+    kx = np.empty(C)
+    k0 = np.empty(C)
+    channel_grad_sums(x, dy, mean, sum_dy, sum_dy_xmu, n_threads)
+    channel_backward_coefficients(sum_dy, sum_dy_xmu, count, invstd, weight, training, kd, kx, k0)
+    channel_backward_apply(x, dy, mean, kd, kx, k0, dx, n_threads)
+
+
+def _working_copies(x, *per_channel):
+    """Per-channel float64 arrays as x's dtype; the first is split into hi and lo parts."""
+    dtype = np.asarray(x).dtype
+    mean = np.asarray(per_channel[0])
+    hi = mean.astype(dtype)
+    lo = (mean - hi.astype(np.float64)).astype(dtype)
+    return (hi, lo) + tuple(np.asarray(a).astype(dtype) for a in per_channel[1:])

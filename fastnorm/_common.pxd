@@ -1,0 +1,139 @@
+# Shared numeric helpers for every kernel family.
+#
+# Statistics are computed per "unit": a block of at most UNIT_ELEMS values
+# laid out as `nrows` runs of `ncols` contiguous values, `row_stride` apart.
+# A unit is small enough to stay in L1/L2, so it is summed twice (mean, then
+# centered sums) while memory is read once; units are then folded with
+# Chan's parallel-variance merge in an order fixed by the shape alone.
+#
+# The innermost sums are the vectorized primitives of _simd.h (float64
+# accumulators; see there why they are C).
+
+from cython cimport floating
+
+# Values per unit: 4096 float32 (16 KiB) or float64 (32 KiB) fit in L1/L2.
+cdef enum:
+    UNIT_ELEMS = 4096
+    # Units of one reduction are split into at most this many stripes; a
+    # stripe is the piece of work one thread takes. Fixed by the shape, never
+    # by the thread count, so partial results always merge the same way.
+    MAX_STRIPES = 16
+
+
+cdef struct Moments:
+    double count
+    double mean
+    double m2       # sum of squared deviations from the mean
+
+
+cdef inline void chan_merge(Moments* acc, Moments part) noexcept nogil:
+    """acc <- acc combined with part (Chan et al.'s pairwise update)."""
+    cdef double n, delta
+    if part.count == 0:
+        return
+    if acc.count == 0:
+        acc[0] = part
+        return
+    n = acc.count + part.count
+    delta = part.mean - acc.mean
+    acc.mean = acc.mean + delta * (part.count / n)
+    acc.m2 = acc.m2 + part.m2 + delta * delta * (acc.count * part.count / n)
+    acc.count = n
+
+
+cdef extern from "_simd.h" nogil:
+    double fn_sum_f32(const float* x, Py_ssize_t n)
+    double fn_sum_f64(const double* x, Py_ssize_t n)
+    void fn_centered_sums_f32(const float* x, Py_ssize_t n, float mean_hi, float mean_lo,
+                              double* sum_d, double* sum_dd)
+    void fn_centered_sums_f64(const double* x, Py_ssize_t n, double mean_hi, double mean_lo,
+                              double* sum_d, double* sum_dd)
+    void fn_grad_sums_f32(const float* x, const float* g, Py_ssize_t n, float mean_hi,
+                          float mean_lo, double* sum_g, double* sum_gd)
+    void fn_grad_sums_f64(const double* x, const double* g, Py_ssize_t n, double mean_hi,
+                          double mean_lo, double* sum_g, double* sum_gd)
+
+
+cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept nogil:
+    """value ~= hi + lo in the working precision: subtracting hi then lo keeps
+    float32 data near a large mean exact (x - hi is exact by Sterbenz' lemma)."""
+    hi[0] = <floating>value
+    lo[0] = <floating>(value - <double>hi[0])
+
+
+cdef inline double run_sum(const floating* x, Py_ssize_t n) noexcept nogil:
+    """sum(x) over n contiguous values (float64 total of short blocks)."""
+    if floating is float:
+        return fn_sum_f32(x, n)
+    else:
+        return fn_sum_f64(x, n)
+
+
+cdef inline void run_centered_sums(const floating* x, Py_ssize_t n, floating shift,
+                                   double* sum_d, double* sum_dd) noexcept nogil:
+    """Add sum(x - shift) and sum((x - shift)**2) over n contiguous values."""
+    if floating is float:
+        fn_centered_sums_f32(x, n, shift, 0.0, sum_d, sum_dd)
+    else:
+        fn_centered_sums_f64(x, n, shift, 0.0, sum_d, sum_dd)
+
+
+cdef inline void run_grad_sums(const floating* x, const floating* dy, Py_ssize_t n, double mean,
+                               double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """Add sum(dy) and sum(dy * (x - mean)) over n contiguous values (centered)."""
+    cdef floating mean_hi, mean_lo
+    split_hi_lo(mean, &mean_hi, &mean_lo)
+    if floating is float:
+        fn_grad_sums_f32(x, dy, n, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
+    else:
+        fn_grad_sums_f64(x, dy, n, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
+
+
+cdef inline Moments block_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t ncols,
+                                  Py_ssize_t row_stride) noexcept nogil:
+    """Exact two-pass moments of a small block (it stays in cache between passes)."""
+    cdef Moments m
+    cdef Py_ssize_t r
+    cdef double total = 0.0, sum_d = 0.0, sum_dd = 0.0
+    cdef floating shift
+    m.count = <double>(nrows * ncols)
+    if nrows * ncols == 0:
+        m.mean = 0.0
+        m.m2 = 0.0
+        return m
+    for r in range(nrows):
+        total += run_sum(x + r * row_stride, ncols)
+    shift = <floating>(total / m.count)
+    for r in range(nrows):
+        run_centered_sums(x + r * row_stride, ncols, shift, &sum_d, &sum_dd)
+    # sum_d is the rounding residue of the first pass: it corrects the mean.
+    m.mean = <double>shift + sum_d / m.count
+    m.m2 = sum_dd - sum_d * sum_d / m.count
+    if m.m2 < 0.0:
+        m.m2 = 0.0
+    return m
+
+
+cdef inline void run_affine(const floating* x, floating* y, Py_ssize_t n,
+                            floating mean_hi, floating mean_lo,
+                            floating scale, floating shift) noexcept nogil:
+    """y = ((x - mean_hi) - mean_lo) * scale + shift over n contiguous values."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift
+
+
+cdef inline void run_affine_backward(const floating* x, const floating* dy, floating* dx,
+                                     Py_ssize_t n, floating mean_hi, floating mean_lo,
+                                     floating k_dy, floating k_x, floating k_0) noexcept nogil:
+    """dx = k_dy * dy + k_x * (x - mean) + k_0 over n contiguous values."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        dx[i] = k_dy * dy[i] + k_x * ((x[i] - mean_hi) - mean_lo) + k_0
+
+
+cdef inline void stripe_bounds(Py_ssize_t n_units, Py_ssize_t n_stripes, Py_ssize_t g,
+                               Py_ssize_t* first, Py_ssize_t* stop) noexcept nogil:
+    """Units [first, stop) of stripe g: an even split fixed by the shape."""
+    first[0] = g * n_units // n_stripes
+    stop[0] = (g + 1) * n_units // n_stripes

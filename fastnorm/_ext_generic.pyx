@@ -1,0 +1,5 @@
+# cython: language_level=3
+# The kernels, compiled for the baseline instruction set of the platform.
+# _ext_avx2.pyx compiles the very same sources with AVX2 and FMA enabled;
+# fastnorm/_kernels.py picks the build the CPU can run.
+include "_kernels.pxi"
