@@ -1,0 +1,74 @@
+"""Memory layouts: how an (N, C, *spatial) array is handed to the kernels.
+
+Kernels see one of two C-contiguous 3-D views of the very same memory:
+  * channels-first (N, C, S), S = prod(spatial): contiguous NCHW and friends;
+  * channels-last (N * prod(spatial), C, 1): NHWC/NDHWC memory, i.e. an array
+    made as x_nhwc.transpose(0, 3, 1, 2), processed in place without a copy.
+Any other strides cost one contiguous copy. Outputs are allocated in the
+input's layout, so a channels-last input gives a channels-last output.
+"""
+import math
+
+import numpy as np
+
+
+def is_channels_last(x):
+    """True for memory ordered (N, *spatial, C) behind an (N, C, *spatial) shape."""
+    return x.ndim >= 3 and not x.flags.c_contiguous and np.moveaxis(x, 1, -1).flags.c_contiguous
+
+
+def kernel_view(x, channels_last):
+    """A 3-D C-contiguous view of x in the given layout (a copy only if needed)."""
+    n, c = x.shape[0], x.shape[1]
+    if channels_last:
+        last = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+        return last.reshape(-1, c, 1)
+    return np.ascontiguousarray(x).reshape(n, c, math.prod(x.shape[2:]))
+
+
+def kernel_ready(x):
+    """x itself when its memory is already a kernel layout, else one contiguous copy
+    (same shape and values). Layers keep this array for backward."""
+    if x.flags.c_contiguous or is_channels_last(x):
+        return x
+    return np.ascontiguousarray(x)
+
+
+def input_view(x):
+    """(view, channels_last) for an input: channels-last memory stays channels-last."""
+    channels_last = is_channels_last(x)
+    return kernel_view(x, channels_last), channels_last
+
+
+def output_for(x, channels_last, out=None):
+    """(target, view): the kernel writes target through its 3-D view. target is
+    out itself when out's strides allow; otherwise a fresh array in the input's
+    layout, which the caller copies into out (see deliver)."""
+    if out is not None:
+        view = _writable_view(out, channels_last)
+        if view is not None:
+            return out, view
+    n, c = x.shape[0], x.shape[1]
+    if channels_last:
+        last = np.empty(x.shape[:1] + x.shape[2:] + x.shape[1:2], dtype=x.dtype)
+        return np.moveaxis(last, -1, 1), last.reshape(-1, c, 1)
+    target = np.empty(x.shape, dtype=x.dtype)
+    return target, target.reshape(n, c, math.prod(x.shape[2:]))
+
+
+def deliver(target, out):
+    """The array to return: target, copied into out= when it is not out already."""
+    if out is None or target is out:
+        return target
+    np.copyto(out, target)
+    return out
+
+
+def _writable_view(out, channels_last):
+    n, c = out.shape[0], out.shape[1]
+    if channels_last:
+        moved = np.moveaxis(out, 1, -1)
+        return moved.reshape(-1, c, 1) if moved.flags.c_contiguous else None
+    if out.flags.c_contiguous:
+        return out.reshape(n, c, math.prod(out.shape[2:]))
+    return None

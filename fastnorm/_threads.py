@@ -1,0 +1,47 @@
+"""How many OpenMP threads a kernel call uses, resolved at call time.
+
+The count is the calling thread's OpenMP limit (omp_get_max_threads, which
+follows OMP_NUM_THREADS and threadpoolctl's limits), capped by
+set_num_threads(). In a child created by os.fork() kernels run serially:
+libgomp cannot start a new team in a forked child of a process whose team
+already ran, and would hang.
+"""
+import operator
+import os
+
+from ._kernels import kernels
+
+_user_limit = None
+_in_forked_child = False
+
+
+def set_num_threads(n):
+    """Use at most n OpenMP threads in fastnorm's kernels (n >= 1)."""
+    global _user_limit
+    try:
+        n = operator.index(n)
+    except TypeError:
+        raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}") from None
+    if n < 1:
+        raise ValueError(f"set_num_threads expects n >= 1, got {n}")
+    _user_limit = n
+    kernels.openmp_set_num_threads(n)
+
+
+def get_num_threads():
+    """The number of threads the next kernel call from this thread will use."""
+    if _in_forked_child:
+        return 1
+    limit = kernels.openmp_max_threads()
+    if _user_limit is not None and _user_limit < limit:
+        return _user_limit
+    return limit
+
+
+def _after_fork_in_child():
+    global _in_forked_child
+    _in_forked_child = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,9 @@
+"""Functional forms of fastnorm's layers, mirroring torch.nn.functional.
+
+Each forward has torch's name and signature (plus a keyword-only out=), and a
+documented backward entry point returning the gradients, so that users can
+build their own layers. Layers call these; these call the kernels.
+"""
+from .batch_norm import batch_norm, batch_norm_backward, native_batch_norm
+
+__all__ = ["batch_norm", "batch_norm_backward", "native_batch_norm"]
