@@ -52,6 +52,8 @@ cdef extern from "_simd.h" nogil:
                           float mean_lo, double* sum_g, double* sum_gd)
     void fn_grad_sums_f64(const double* x, const double* g, Py_ssize_t n, double mean_hi,
                           double mean_lo, double* sum_g, double* sum_gd)
+    void fn_lrn_pow075_f32(const double* suffix, const double* prefix, float* out, Py_ssize_t n,
+                           double k, double a, bint plus_one)
 
 
 cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept nogil:
