@@ -11,6 +11,7 @@ from ._kernels import kernels as _kernels
 from ._module import NormLayer, StateDictError
 from ._threads import get_num_threads, set_num_threads
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .lrn import LocalResponseNorm
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,7 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NormLayer", "StateDictError", "functional",
     "get_num_threads", "set_num_threads", "show_config",
 ]
+__all__ += ["LocalResponseNorm"]
 
 
 def show_config():

@@ -5,5 +5,7 @@ documented backward entry point returning the gradients, so that users can
 build their own layers. Layers call these; these call the kernels.
 """
 from .batch_norm import batch_norm, batch_norm_backward, native_batch_norm
+from .local_response_norm import local_response_norm, local_response_norm_backward
 
 __all__ = ["batch_norm", "batch_norm_backward", "native_batch_norm"]
+__all__ += ["local_response_norm", "local_response_norm_backward"]

@@ -1,0 +1,43 @@
+"""LocalResponseNorm: PyTorch's local response normalization layer for NumPy arrays."""
+from . import functional as F
+from ._layout import kernel_ready
+from ._module import NormLayer
+from ._validation import check_float_array
+from .functional.local_response_norm import check_coefficient, check_size
+
+__all__ = ["LocalResponseNorm"]
+
+
+class LocalResponseNorm(NormLayer):
+    """Local response normalization over channels of (N, C, *) input (>= 3 dims):
+
+        y_c = x_c / (k + alpha / size * sum of x**2 over channels c - size//2 .. c + (size-1)//2)**beta
+
+    No parameters: parameters() is empty, grads is {} after backward, and the
+    state dict is {}. The input's layout (e.g. channels-last) is kept.
+    """
+
+    _parameter_names = ()
+
+    def __init__(self, size, alpha=1e-4, beta=0.75, k=1.0):
+        super().__init__()
+        self.size = check_size(size)
+        self.alpha = check_coefficient("alpha", alpha)
+        self.beta = check_coefficient("beta", beta)
+        self.k = check_coefficient("k", k)
+
+    def forward(self, input, out=None):
+        """y = LRN(input), a new array in input's layout (or out)."""
+        check_float_array(input)
+        x = kernel_ready(input)  # strided input: copied once, for forward and backward
+        y = F.local_response_norm(x, self.size, self.alpha, self.beta, self.k, out=out)
+        self._saved = x
+        return y
+
+    def _backward(self, grad_output, saved):
+        grad_input = F.local_response_norm_backward(grad_output, saved, self.size, self.alpha,
+                                                    self.beta, self.k)
+        return grad_input, {}
+
+    def extra_repr(self):
+        return f"{self.size}, alpha={self.alpha}, beta={self.beta}, k={self.k}"
