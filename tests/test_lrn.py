@@ -1,0 +1,311 @@
+"""LocalResponseNorm and functional.local_response_norm(_backward).
+
+Checked against the float64 NumPy reference (tests/reference.py) and against
+torch 2.13 (forward and autograd backward), over float32/float64, odd and even
+window sizes, size 1 and size > C, C = 1, channels-first/channels-last/strided
+memory, extreme alpha/beta/k, and thread counts (bitwise).
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+import fastnorm as fn
+from fastnorm.functional import local_response_norm, local_response_norm_backward
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import reference as ref  # noqa: E402
+
+DTYPES = [np.float32, np.float64]
+# (shape, size): odd/even sizes, size 1, size > C, C = 1, 3-D/4-D/5-D, S = 1 (rows path)
+CASES = [
+    ((2, 7, 5), 3),
+    ((2, 7, 5), 4),
+    ((3, 1, 4, 4), 5),
+    ((2, 13, 3, 4), 1),
+    ((2, 13, 3, 4), 6),
+    ((2, 6, 2, 3, 2), 5),
+    ((5, 9, 1), 2),
+    ((4, 6, 17), 11),
+    ((2, 3, 530), 2),
+]
+COEFFS = [(1e-4, 0.75, 1.0), (0.5, 0.75, 0.3), (2.0, 1.3, 0.7), (30.0, 3.0, 2.0)]
+
+
+def make(shape, dtype, seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+def forward_tol(dtype):
+    return 1e-12 if dtype == np.float64 else 1e-6
+
+
+def check_forward(y, x, size, alpha, beta, k):
+    expected = ref.local_response_norm_forward(x, size, alpha, beta, k)
+    rtol = forward_tol(x.dtype)
+    np.testing.assert_allclose(y, expected, rtol=rtol, atol=rtol * 1e-6 * np.abs(x).max())
+
+
+def check_backward(dx, x, dy, size, alpha, beta, k):
+    """dx is a difference of two terms: judge the error against their size."""
+    expected = ref.local_response_norm_backward(x, dy, size, alpha, beta, k)
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    own = dy64 * ref._lrn_scale(x64, size, alpha, k) ** -beta
+    magnitude = np.abs(own) + np.abs(expected - own)
+    rtol = 1e-11 if x.dtype == np.float64 else 4e-6
+    err = np.abs(dx.astype(np.float64) - expected)
+    assert np.all(err <= rtol * magnitude + 1e-30), float(np.max(err / (magnitude + 1e-300)))
+
+
+def channels_last(a):
+    """Same values, memory (N, *spatial, C)."""
+    return np.ascontiguousarray(np.moveaxis(a, 1, -1)).transpose(0, a.ndim - 1, *range(1, a.ndim - 1))
+
+
+@pytest.fixture
+def restore_threads():
+    before = fn.get_num_threads()
+    yield
+    fn.set_num_threads(before)
+
+
+# ============================================================== reference
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,size", CASES)
+def test_forward_backward_match_reference(shape, size, dtype):
+    x = make(shape, dtype)
+    dy = make(shape, dtype, seed=1, scale=1.0)
+    for alpha, beta, k in COEFFS:
+        y = local_response_norm(x, size, alpha, beta, k)
+        assert y.shape == x.shape and y.dtype == x.dtype
+        check_forward(y, x, size, alpha, beta, k)
+        dx = local_response_norm_backward(dy, x, size, alpha, beta, k)
+        assert dx.shape == x.shape and dx.dtype == x.dtype
+        check_backward(dx, x, dy, size, alpha, beta, k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0, 0.75, -0.5])
+def test_other_betas(beta, dtype):
+    x = make((3, 8, 7), dtype)
+    dy = make((3, 8, 7), dtype, seed=1)
+    check_forward(local_response_norm(x, 3, 0.1, beta, 1.0), x, 3, 0.1, beta, 1.0)
+    check_backward(local_response_norm_backward(dy, x, 3, 0.1, beta, 1.0), x, dy, 3, 0.1, beta, 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_huge_neighbour_does_not_spoil_other_windows(dtype):
+    """A running sum (add the entering square, subtract the leaving one) keeps
+    the rounding error of a huge square after it left the window; window sums
+    without subtraction stay exact for the small channels next to it."""
+    x = np.full((1, 12, 3), 1e-3, dtype)
+    x[0, 2] = 1e18 if dtype == np.float32 else 1e150
+    y = local_response_norm(x, 3, 1.0, 0.75, 0.0)
+    check_forward(y, x, 3, 1.0, 0.75, 0.0)
+    np.testing.assert_allclose(y[0, 5:11], (1e-6) ** -0.75 * 1e-3, rtol=forward_tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_nan_reaches_exactly_its_windows(dtype):
+    x = make((2, 10, 6), dtype)
+    x[1, 4, 2] = np.nan
+    size = 4  # window of c: [c - 2, c + 1], so channel 4 is in the windows of c = 3..6
+    y = local_response_norm(x, size)
+    bad = np.zeros(x.shape, bool)
+    bad[1, 3:7, 2] = True
+    assert np.array_equal(np.isnan(y), bad)
+    dx = local_response_norm_backward(np.ones_like(x), x, size)
+    assert not np.isnan(dx[0]).any() and not np.isnan(dx[1, :, :2]).any()
+
+
+# =================================================================== torch
+
+@pytest.fixture(scope="module")
+def torch():
+    return pytest.importorskip("torch")
+
+
+def torch_forward_backward(torch, x, dy, size, alpha, beta, k):
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.local_response_norm(tx, size, alpha, beta, k)
+    ty.backward(torch.tensor(dy))
+    return ty.detach().numpy(), tx.grad.numpy()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,size", [((2, 7, 5), 5), ((2, 7, 5), 2), ((3, 1, 4, 4), 3),
+                                        ((2, 13, 3, 4), 4), ((2, 4, 2, 3, 2), 7), ((5, 9, 1), 1)])
+@pytest.mark.parametrize("coeffs", [(1e-4, 0.75, 1.0), (2.0, 2.5, 0.5)])
+def test_matches_torch(shape, size, coeffs, dtype, torch):
+    alpha, beta, k = coeffs
+    x = make(shape, dtype)
+    dy = make(shape, dtype, seed=1, scale=1.0)
+    y_t, dx_t = torch_forward_backward(torch, x, dy, size, alpha, beta, k)
+    rtol = 1e-12 if dtype == np.float64 else 2e-5
+    y = local_response_norm(x, size, alpha, beta, k)
+    np.testing.assert_allclose(y, y_t, rtol=rtol, atol=rtol * 1e-3)
+    dx = local_response_norm_backward(dy, x, size, alpha, beta, k)
+    scale = np.abs(dx_t).max()
+    np.testing.assert_allclose(dx, dx_t, rtol=rtol, atol=rtol * scale)
+
+
+def test_layer_matches_torch_channels_last(torch):
+    x = make((2, 6, 5, 4), np.float32)
+    dy = make((2, 6, 5, 4), np.float32, seed=1)
+    tx = torch.tensor(x).to(memory_format=torch.channels_last).requires_grad_()
+    module = torch.nn.LocalResponseNorm(3, alpha=0.3, beta=0.75, k=0.5)
+    ty = module(tx)
+    ty.backward(torch.tensor(dy))
+    layer = fn.LocalResponseNorm(3, alpha=0.3, beta=0.75, k=0.5)
+    xl = channels_last(x)
+    y = layer(xl)
+    dx = layer.backward(channels_last(dy))
+    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=2e-5, atol=1e-6)
+    np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=2e-5, atol=1e-6)
+    assert repr(layer) == repr(module)
+
+
+def test_zero_scale_gives_torch_nan_and_inf(torch):
+    x = np.zeros((1, 3, 4), np.float32)
+    x[0, 1, 1] = 2.0
+    x[0, 0, 3] = np.inf
+    y = local_response_norm(x, 3, 1e-4, 0.75, 0.0)
+    y_t = torch.nn.functional.local_response_norm(torch.tensor(x), 3, 1e-4, 0.75, 0.0).numpy()
+    np.testing.assert_allclose(y, y_t, rtol=1e-6, equal_nan=True)
+
+
+# ================================================================= layouts
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 7, 9), (3, 5, 4, 6), (2, 6, 3, 2, 4), (70, 3, 5, 5)])
+def test_channels_last_in_place_and_kept(shape, dtype):
+    x = make(shape, dtype)
+    dy = make(shape, dtype, seed=1)
+    xl, dyl = channels_last(x), channels_last(dy)
+    assert not xl.flags.c_contiguous
+    y = local_response_norm(xl, 4, 0.2, 0.75, 1.0)
+    assert np.moveaxis(y, 1, -1).flags.c_contiguous
+    np.testing.assert_allclose(y, local_response_norm(x, 4, 0.2, 0.75, 1.0),
+                               rtol=forward_tol(dtype), atol=0)
+    dx = local_response_norm_backward(dyl, xl, 4, 0.2, 0.75, 1.0)
+    assert np.moveaxis(dx, 1, -1).flags.c_contiguous
+    check_backward(dx, x, dy, 4, 0.2, 0.75, 1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_strided_and_readonly_inputs(dtype):
+    base = make((4, 6, 10, 8), dtype)
+    x = base[::2, :, 1::3, ::2]
+    assert not x.flags.c_contiguous
+    dy = make(x.shape, dtype, seed=1)[:, :, :, :]
+    x.flags.writeable = False
+    y = local_response_norm(x, 3)
+    assert y.flags.c_contiguous
+    check_forward(y, x, 3, 1e-4, 0.75, 1.0)
+    check_backward(local_response_norm_backward(dy[..., ::1], x, 3), x, dy, 3, 1e-4, 0.75, 1.0)
+
+
+def test_out_argument():
+    x = make((2, 5, 3, 4), np.float32)
+    out = np.empty_like(x)
+    assert local_response_norm(x, 3, out=out) is out
+    np.testing.assert_array_equal(out, local_response_norm(x, 3))
+    out_last = channels_last(np.empty_like(x))
+    assert local_response_norm(channels_last(x), 3, out=out_last) is out_last
+    np.testing.assert_array_equal(out_last, out)
+    strided_out = np.empty((2, 5, 3, 8), np.float32)[..., ::2]
+    assert local_response_norm(x, 3, out=strided_out) is strided_out
+    np.testing.assert_array_equal(strided_out, out)
+
+
+def test_empty_batch():
+    x = np.empty((0, 4, 3, 3), np.float32)
+    y = local_response_norm(x, 3)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert local_response_norm_backward(y, x, 3).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["first", "last"])
+@pytest.mark.parametrize("beta", [0.75, 0.6])
+def test_bitwise_equal_for_any_thread_count(dtype, layout, beta, restore_threads):
+    shape = (3, 7, 40, 30) if layout == "first" else (9, 7, 17, 13)
+    x = make(shape, dtype)
+    dy = make(shape, dtype, seed=1)
+    if layout == "last":
+        x, dy = channels_last(x), channels_last(dy)
+    results = []
+    for n in (1, 2, 3):
+        fn.set_num_threads(n)
+        results.append((local_response_norm(x, 5, 0.1, beta, 1.0),
+                        local_response_norm_backward(dy, x, 5, 0.1, beta, 1.0)))
+    for y, dx in results[1:]:
+        assert np.array_equal(y, results[0][0])
+        assert np.array_equal(dx, results[0][1])
+
+
+# ================================================================== errors
+
+def test_input_errors():
+    x = make((2, 3, 4), np.float32)
+    with pytest.raises(ValueError, match="at least 3 dimensions.*2-D"):
+        local_response_norm(x[0], 3)
+    with pytest.raises(TypeError, match="float32 or float64.*int64"):
+        local_response_norm(np.ones((2, 3, 4), np.int64), 3)
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        local_response_norm([[[1.0]]], 3)
+    with pytest.raises(ValueError, match="size must be at least 1.*0"):
+        local_response_norm(x, 0)
+    with pytest.raises(TypeError, match="size must be an int"):
+        local_response_norm(x, 2.5)
+    with pytest.raises(TypeError, match="alpha must be a real number"):
+        local_response_norm(x, 3, alpha="big")
+    with pytest.raises(ValueError, match="shape"):
+        local_response_norm(x, 3, out=np.empty((2, 3, 5), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        local_response_norm(x, 3, out=np.empty_like(x, dtype=np.float64))
+    with pytest.raises(ValueError, match="grad_output.*shape"):
+        local_response_norm_backward(np.ones((2, 3, 5), np.float32), x, 3)
+    with pytest.raises(TypeError, match="grad_output has dtype float64"):
+        local_response_norm_backward(x.astype(np.float64), x, 3)
+
+
+def test_layer_construction_and_state():
+    with pytest.raises(ValueError, match="size"):
+        fn.LocalResponseNorm(0)
+    with pytest.raises(TypeError, match="size"):
+        fn.LocalResponseNorm(None)
+    layer = fn.LocalResponseNorm(4, alpha=0.5, beta=1.5, k=2.0)
+    assert (layer.size, layer.alpha, layer.beta, layer.k) == (4, 0.5, 1.5, 2.0)
+    assert layer.parameters() == [] and list(layer.named_parameters()) == []
+    assert layer.state_dict() == {}
+    layer.load_state_dict({})
+    assert layer.training
+    assert layer.eval() is layer and not layer.training
+
+
+def test_layer_forward_backward_and_rejected_calls():
+    layer = fn.LocalResponseNorm(3, alpha=0.2)
+    with pytest.raises(RuntimeError, match="before any forward"):
+        layer.backward(np.ones((1, 2, 3), np.float32))
+    x = make((2, 5, 6), np.float64)
+    dy = make((2, 5, 6), np.float64, seed=1)
+    y = layer(x)
+    check_forward(y, x, 3, 0.2, 0.75, 1.0)
+    # rejected calls change nothing: backward still refers to x
+    with pytest.raises(ValueError):
+        layer(x[0])
+    with pytest.raises(TypeError):
+        layer(x.astype(np.int32))
+    with pytest.raises(ValueError):
+        layer.backward(dy[:, :4])
+    dx = layer.backward(dy)
+    check_backward(dx, x, dy, 3, 0.2, 0.75, 1.0)
+    assert layer.grads == {}
+    # a strided input is copied once and kept for backward
+    xs = make((2, 5, 12), np.float64)[:, :, ::2]
+    layer(xs)
+    check_backward(layer.backward(dy), xs, dy, 3, 0.2, 0.75, 1.0)
