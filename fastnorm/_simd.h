@@ -88,7 +88,9 @@ FN_DEFINE_REDUCTIONS(double, f64)
 #undef FN_DEFINE_REDUCTIONS
 
 /* LocalResponseNorm's power for beta = 0.75 in float32:
- *     out[i] = s^-0.75, or s^-1.75 when plus_one,   s = (float)(k + a * (suffix[i] + prefix[i]))
+ *     out[i] = s^-0.75, or s^-1.75 when plus_one,   s = k + a * (suffix[i] + prefix[i])
+ * with the window sums (suffix + prefix) in float64 (_f64) or float32 (_f32)
+ * and s rounded to float32.
  * With AVX2+FMA, r = 1/sqrt(s) comes from the hardware estimate (12 bits)
  * refined by one second-order step, r1 = r0 * (1 + e/2 + 3e^2/8) with
  * e = 1 - s*r0^2, whose truncation error O(e^3) ~ 1e-11 is far below float
@@ -97,7 +99,7 @@ FN_DEFINE_REDUCTIONS(double, f64)
  * three times faster (one square root instead of two plus a division). Lanes
  * where the estimate is not valid (s zero, subnormal, infinite or NaN) take
  * the portable formula. A short tail is padded to a full vector, so every
- * element gets the same arithmetic wherever it sits in the row. */
+ * element gets the same arithmetic wherever it sits in a row. */
 static inline float fn_pow075_portable(float s, int plus_one) {
     float root = sqrtf(s);
     return 1.0f / (root * sqrtf(root) * (plus_one ? s : 1.0f));
@@ -106,13 +108,6 @@ static inline float fn_pow075_portable(float s, int plus_one) {
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include <float.h>
-
-static inline __m256 fn_scale8(const double* suffix, const double* prefix, __m256d k, __m256d a) {
-    __m256d lo = _mm256_fmadd_pd(a, _mm256_add_pd(_mm256_loadu_pd(suffix), _mm256_loadu_pd(prefix)), k);
-    __m256d hi = _mm256_fmadd_pd(a, _mm256_add_pd(_mm256_loadu_pd(suffix + 4),
-                                                  _mm256_loadu_pd(prefix + 4)), k);
-    return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
-}
 
 static inline __m256 fn_pow075_8(__m256 s, int plus_one) {
     __m256 r0 = _mm256_rsqrt_ps(s);
@@ -134,29 +129,56 @@ static inline __m256 fn_pow075_8(__m256 s, int plus_one) {
     return out;
 }
 
-static inline void fn_lrn_pow075_f32(const double* suffix, const double* prefix, float* out,
-                                     ptrdiff_t n, double k, double a, int plus_one) {
+/* s for 8 positions, from float64 or float32 window sums */
+static inline __m256 fn_lrn_scale8_f64(const double* suffix, const double* prefix, double k,
+                                       double a) {
     __m256d kv = _mm256_set1_pd(k), av = _mm256_set1_pd(a);
-    ptrdiff_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(out + i, fn_pow075_8(fn_scale8(suffix + i, prefix + i, kv, av), plus_one));
-    if (i < n) {
-        double sp[8] = {0}, pp[8] = {0};
-        float ov[8];
-        for (ptrdiff_t j = 0; j < n - i; j++) {
-            sp[j] = suffix[i + j];
-            pp[j] = prefix[i + j];
-        }
-        _mm256_storeu_ps(ov, fn_pow075_8(fn_scale8(sp, pp, kv, av), plus_one));
-        for (ptrdiff_t j = 0; j < n - i; j++) out[i + j] = ov[j];
+    __m256d lo = _mm256_fmadd_pd(av, _mm256_add_pd(_mm256_loadu_pd(suffix), _mm256_loadu_pd(prefix)), kv);
+    __m256d hi = _mm256_fmadd_pd(av, _mm256_add_pd(_mm256_loadu_pd(suffix + 4),
+                                                   _mm256_loadu_pd(prefix + 4)), kv);
+    return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+}
+
+static inline __m256 fn_lrn_scale8_f32(const float* suffix, const float* prefix, double k,
+                                       double a) {
+    return _mm256_fmadd_ps(_mm256_set1_ps((float)a),
+                           _mm256_add_ps(_mm256_loadu_ps(suffix), _mm256_loadu_ps(prefix)),
+                           _mm256_set1_ps((float)k));
+}
+
+#define FN_DEFINE_LRN_POW075(T, SUFFIX)                                                  \
+    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, const T* prefix, float* out,  \
+                                              ptrdiff_t n, double k, double a,           \
+                                              int plus_one) {                           \
+        ptrdiff_t i = 0;                                                                 \
+        for (; i + 8 <= n; i += 8)                                                       \
+            _mm256_storeu_ps(out + i, fn_pow075_8(fn_lrn_scale8_##SUFFIX(suffix + i,     \
+                                                  prefix + i, k, a), plus_one));         \
+        if (i < n) {                                                                     \
+            T sp[8] = {0}, pp[8] = {0};                                                  \
+            float ov[8];                                                                 \
+            for (ptrdiff_t j = 0; j < n - i; j++) {                                      \
+                sp[j] = suffix[i + j];                                                   \
+                pp[j] = prefix[i + j];                                                   \
+            }                                                                            \
+            _mm256_storeu_ps(ov, fn_pow075_8(fn_lrn_scale8_##SUFFIX(sp, pp, k, a), plus_one)); \
+            for (ptrdiff_t j = 0; j < n - i; j++) out[i + j] = ov[j];                    \
+        }                                                                                \
     }
-}
 #else
-static inline void fn_lrn_pow075_f32(const double* suffix, const double* prefix, float* out,
-                                     ptrdiff_t n, double k, double a, int plus_one) {
-    for (ptrdiff_t i = 0; i < n; i++)
-        out[i] = fn_pow075_portable((float)(k + a * (suffix[i] + prefix[i])), plus_one);
-}
+#define FN_DEFINE_LRN_POW075(T, SUFFIX)                                                  \
+    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, const T* prefix, float* out,  \
+                                              ptrdiff_t n, double k, double a,           \
+                                              int plus_one) {                           \
+        T kt = (T)k, at = (T)a;                                                          \
+        for (ptrdiff_t i = 0; i < n; i++)                                                \
+            out[i] = fn_pow075_portable((float)(kt + at * (suffix[i] + prefix[i])), plus_one); \
+    }
 #endif
+
+FN_DEFINE_LRN_POW075(double, f64)
+FN_DEFINE_LRN_POW075(float, f32)
+
+#undef FN_DEFINE_LRN_POW075
 
 #endif /* FASTNORM_SIMD_H */
