@@ -42,23 +42,30 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport pow, sqrt
 from libc.string cimport memset
 
-from fastnorm._common cimport fn_lrn_pow075_f32, fn_lrn_pow075_f64
+from fastnorm._common cimport fn_lrn_pow075_f32, fn_lrn_pow075_f64, fn_store_fence
 
 ctypedef fused acc_t:
     float
     double
 
 cdef enum:
-    # Positions per row: long enough to vectorize, short enough that a
-    # task's rows stay in L1/L2.
-    LRN_ROW = 512
-    LRN_MIN_ROW = 16
-    # Accumulator values of one window's block storage (sets the row length
-    # when size is large) and working-precision values of a channels-last tile.
-    LRN_WINDOW_ELEMS = 1 << 15
+    # Positions per row: ideally a whole channel plane (channels-first), so
+    # that a task streams through contiguous memory; at most what keeps a
+    # window's storage (size + 2 rows) within LRN_WINDOW_BYTES, at least
+    # LRN_MIN_ROW (shorter rows cost more in loop overhead than they gain in
+    # parallelism); in between, short enough to leave LRN_MIN_TASKS tasks.
+    LRN_MIN_ROW = 256
+    LRN_MAX_ROW = 4096
+    LRN_WINDOW_BYTES = 96 * 1024
+    LRN_MIN_TASKS = 16
+    # Working-precision values of a channels-last tile, per array.
     LRN_TILE_ELEMS = 1 << 15
+    LRN_MIN_TILE_ROW = 16
     # Largest window summed in float32 for float32 data (see above).
     FLOAT_SUMS_MAX_SIZE = 8
+    # Outputs at least this large (values) are written with non-temporal
+    # stores: they do not fit in the last-level cache anyway.
+    STREAM_MIN_ELEMS = 1 << 22
 
 
 cdef struct Lrn:
@@ -76,6 +83,7 @@ cdef struct LrnPlan:
     Py_ssize_t ring       # block rows kept by a window: min(size, C)
     Py_ssize_t n_sums     # accumulator scratch per thread
     Py_ssize_t n_work     # working-precision scratch per thread
+    bint stream           # write y with non-temporal stores (large channels-first output)
 
 
 cdef struct Window:
@@ -102,29 +110,34 @@ cdef inline void row_add_terms(const acc_t* prev, const floating* v, acc_t* dst,
             dst[i] = prev[i] + <acc_t>v[i]
 
 
-cdef inline void row_inv_pow(const acc_t* suffix, const acc_t* prefix, floating* out,
-                             Py_ssize_t w, Lrn* p, bint plus_one) noexcept nogil:
-    """out = s^-beta (or s^-(beta+1) with plus_one), s = k + a * (suffix + prefix).
+cdef inline void row_power(const acc_t* suffix, const acc_t* prefix, const floating* mul,
+                           floating* out, Py_ssize_t w, Lrn* p, bint plus_one,
+                           bint stream) noexcept nogil:
+    """out = mul * s^-beta (or s^-(beta+1) with plus_one; mul NULL means 1),
+    s = k + a * (suffix + prefix).
 
-    beta = 0.75 takes square roots (see fn_lrn_pow075_* for float32), a few
-    ulp from exact; other betas call pow in float64."""
+    beta = 0.75 takes square roots (see fn_lrn_pow075_* for float32, which
+    also honours stream), a few ulp from exact; other betas call pow in float64."""
     cdef Py_ssize_t i
     cdef double k = p.k, a = p.a, exponent = -(p.beta + plus_one)
     cdef double scale, root
     if p.beta_075:
         if floating is float:
             if acc_t is float:
-                fn_lrn_pow075_f32(suffix, prefix, out, w, k, a, plus_one)
+                fn_lrn_pow075_f32(suffix, prefix, mul, out, w, k, a, plus_one, stream)
             else:
-                fn_lrn_pow075_f64(suffix, prefix, out, w, k, a, plus_one)
-        else:
-            for i in range(w):
-                scale = k + a * (<double>suffix[i] + <double>prefix[i])
-                root = sqrt(scale)
-                out[i] = 1 / (root * sqrt(root) * (scale if plus_one else 1))
+                fn_lrn_pow075_f64(suffix, prefix, mul, out, w, k, a, plus_one, stream)
+            return
+        for i in range(w):
+            scale = k + a * (<double>suffix[i] + <double>prefix[i])
+            root = sqrt(scale)
+            out[i] = 1 / (root * sqrt(root) * (scale if plus_one else 1))
     else:
         for i in range(w):
             out[i] = <floating>pow(k + a * (<double>suffix[i] + <double>prefix[i]), exponent)
+    if mul != NULL:
+        for i in range(w):
+            out[i] = out[i] * mul[i]
 
 
 # ------------------------------------------------------------ window sums
@@ -171,23 +184,17 @@ cdef inline const acc_t* window_next(Window* win, acc_t* storage, const floating
 # ------------------------------------------------------------ block kernels
 
 cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ssize_t w, Lrn* p,
-                        acc_t* sums, floating* work) noexcept nogil:
+                        acc_t* sums, bint stream) noexcept nogil:
     """y = x * s^-beta for w positions; channel c is the row at c * stride.
-    sums: (min(size, C) + 2) * w; work: w."""
+    sums: (min(size, C) + 2) * w."""
     cdef Window win
-    cdef Py_ssize_t c, i
+    cdef Py_ssize_t c
     cdef const acc_t* suffix
     cdef const acc_t* prefix = sums + (min(p.size, p.C) + 1) * w
-    cdef const floating* xc
-    cdef floating* yc
     window_init(&win, p.C, w, p.lo, p.hi, p.C)
     for c in range(p.C):
         suffix = window_next(&win, sums, x, stride, True, c)
-        row_inv_pow(suffix, prefix, work, w, p, False)
-        xc = x + c * stride
-        yc = y + c * stride
-        for i in range(w):
-            yc[i] = xc[i] * work[i]
+        row_power(suffix, prefix, x + c * stride, y + c * stride, w, p, False, stream)
 
 
 cdef void backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
@@ -213,20 +220,22 @@ cdef void backward_block(const floating* x, const floating* dy, floating* dx, Py
     cdef floating* dxc
     cdef floating* tc
     cdef floating coef = <floating>p.coef
-    cdef double k = p.k, a = p.a
+    cdef acc_t k = <acc_t>p.k, a = <acc_t>p.a
     window_init(&scales, p.C, w, p.lo, p.hi, p.C)
     window_init(&grads, p.C, w, p.hi, p.lo, ring)
     for c in range(p.C + p.lo):
         if c < p.C:
             suffix = window_next(&scales, scale_sums, x, stride, True, c)
-            row_inv_pow(suffix, scale_prefix, inv1, w, p, True)
+            row_power(suffix, scale_prefix, <const floating*>NULL, inv1, w, p, True, False)
             xc = x + c * stride
             dyc = dy + c * stride
             dxc = dx + c * stride
             tc = t + (c % ring) * w
+            # s^-beta = s * s^-(beta+1): one power serves both terms. (Two
+            # loops: one would need more alias checks than gcc versions.)
             for i in range(w):
-                # s^-beta = s * s^-(beta+1): one power serves both terms
                 dxc[i] = dyc[i] * (inv1[i] * <floating>(k + a * (suffix[i] + scale_prefix[i])))
+            for i in range(w):
                 tc[i] = dyc[i] * xc[i] * inv1[i]
         j = c - p.lo
         if j >= 0:
@@ -275,19 +284,26 @@ cdef Lrn lrn_params(Py_ssize_t C, Py_ssize_t size, double alpha, double beta,
 
 
 cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
-                      bint backward) noexcept nogil:
-    """Tasks and scratch sizes; fixed by the shape and size alone."""
+                      Py_ssize_t acc_bytes, bint backward) noexcept nogil:
+    """Tasks and scratch sizes; fixed by the shape, size and accumulator type
+    (the result of an element never depends on them anyway)."""
     cdef LrnPlan q
-    cdef Py_ssize_t tiles
+    cdef Py_ssize_t tiles, positions, width
     q.N = N
     q.C = C
     q.S = S
     q.rows = S == 1
     q.ring = min(size, C)
-    q.width = min(<Py_ssize_t>LRN_ROW, max(<Py_ssize_t>LRN_MIN_ROW, LRN_WINDOW_ELEMS // (q.ring + 2)))
-    if q.rows:
-        q.width = min(q.width, max(<Py_ssize_t>LRN_MIN_ROW, LRN_TILE_ELEMS // C))
-    q.width = min(q.width, N if q.rows else S)
+    positions = N if q.rows else N * S
+    width = min(LRN_WINDOW_BYTES // ((q.ring + 2) * acc_bytes),
+                (positions + LRN_MIN_TASKS - 1) // LRN_MIN_TASKS)
+    width = min(max(width, <Py_ssize_t>LRN_MIN_ROW), <Py_ssize_t>LRN_MAX_ROW)
+    if q.rows:  # a tile holds C * width values; many channels make it narrow
+        width = min(width, max(<Py_ssize_t>LRN_MIN_TILE_ROW, LRN_TILE_ELEMS // C))
+    if not q.rows and width < S:
+        # equal rows: ceil(S / width) of them per channel plane
+        width = (S + (S + width - 1) // width - 1) // ((S + width - 1) // width)
+    q.width = min(width, N if q.rows else S)
     q.per_n = 1 if q.rows else (S + q.width - 1) // q.width
     q.n_tasks = (N + q.width - 1) // q.width if q.rows else N * q.per_n
     if backward:
@@ -296,10 +312,11 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
         tiles = 3       # x, dy, dx
     else:
         q.n_sums = (q.ring + 2) * q.width
-        q.n_work = q.width
+        q.n_work = 0
         tiles = 2       # x, y
     if q.rows:
         q.n_work += tiles * C * q.width
+    q.stream = not q.rows and N * C * S >= STREAM_MIN_ELEMS
     return q
 
 
@@ -327,12 +344,14 @@ cdef void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p, Py_ss
     cdef floating* y_tile
     task_span(q, task, &offset, &stride, &w)
     if not q.rows:
-        forward_block(x + offset, y + offset, stride, w, p, sums, work)
+        forward_block(x + offset, y + offset, stride, w, p, sums, q.stream)
+        if q.stream:
+            fn_store_fence()
         return
-    x_tile = work + q.width
+    x_tile = work
     y_tile = x_tile + q.C * w
     tile_gather(x + offset, x_tile, q.C, w)
-    forward_block(x_tile, y_tile, w, w, p, sums, work)
+    forward_block(x_tile, y_tile, w, w, p, sums, False)
     tile_scatter(y_tile, y + offset, q.C, w)
 
 
@@ -357,9 +376,12 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
 
 cdef void run_forward(const floating* x, floating* y, LrnPlan* q, Lrn* p, acc_t* sums,
                       floating* work, int n_threads) noexcept nogil:
-    """Every task; thread i uses row i of the (n_threads, n_sums/n_work) scratch."""
+    """Every task; thread i uses row i of the (n_threads, n_sums/n_work) scratch.
+    Tasks are handed out dynamically: an element's arithmetic never depends on
+    which thread runs its task, and a core busy with other work then delays
+    only its current task, not a fixed share of them."""
     cdef Py_ssize_t task, tid
-    for task in prange(q.n_tasks, num_threads=n_threads, schedule="static"):
+    for task in prange(q.n_tasks, num_threads=n_threads, schedule="dynamic"):
         tid = threadid()
         forward_task(x, y, q, p, task, sums + tid * q.n_sums, work + tid * q.n_work)
 
@@ -367,7 +389,7 @@ cdef void run_forward(const floating* x, floating* y, LrnPlan* q, Lrn* p, acc_t*
 cdef void run_backward(const floating* x, const floating* dy, floating* dx, LrnPlan* q, Lrn* p,
                        acc_t* sums, floating* work, int n_threads) noexcept nogil:
     cdef Py_ssize_t task, tid
-    for task in prange(q.n_tasks, num_threads=n_threads, schedule="static"):
+    for task in prange(q.n_tasks, num_threads=n_threads, schedule="dynamic"):
         tid = threadid()
         backward_task(x, dy, dx, q, p, task, sums + tid * q.n_sums, work + tid * q.n_work)
 
@@ -382,15 +404,18 @@ def lrn_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y, Py_ssize_t s
     OUT y: like x.
     """
     cdef Lrn p = lrn_params(x.shape[1], size, alpha, beta, k)
-    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, False)
+    cdef bint float_sums = floating is float and size <= FLOAT_SUMS_MAX_SIZE
+    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, 4 if float_sums else 8,
+                              False)
     cdef floating[:, ::1] work
     cdef float[:, ::1] sums32
     cdef double[:, ::1] sums64
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
     n_threads = max(1, min(n_threads, q.n_tasks))
-    work = np.empty((n_threads, q.n_work), dtype=np.float32 if floating is float else np.float64)
-    if floating is float and size <= FLOAT_SUMS_MAX_SIZE:
+    work = np.empty((n_threads, max(1, q.n_work)),
+                    dtype=np.float32 if floating is float else np.float64)
+    if float_sums:
         sums32 = np.empty((n_threads, q.n_sums), dtype=np.float32)
         with nogil:
             run_forward(&x[0, 0, 0], &y[0, 0, 0], &q, &p, &sums32[0, 0], &work[0, 0], n_threads)
@@ -409,7 +434,9 @@ def lrn_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     OUT dx: like x.
     """
     cdef Lrn p = lrn_params(x.shape[1], size, alpha, beta, k)
-    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, True)
+    cdef bint float_sums = floating is float and size <= FLOAT_SUMS_MAX_SIZE
+    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, 4 if float_sums else 8,
+                              True)
     cdef floating[:, ::1] work
     cdef float[:, ::1] sums32
     cdef double[:, ::1] sums64
@@ -417,7 +444,7 @@ def lrn_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
         return
     n_threads = max(1, min(n_threads, q.n_tasks))
     work = np.empty((n_threads, q.n_work), dtype=np.float32 if floating is float else np.float64)
-    if floating is float and size <= FLOAT_SUMS_MAX_SIZE:
+    if float_sums:
         sums32 = np.empty((n_threads, q.n_sums), dtype=np.float32)
         with nogil:
             run_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &q, &p, &sums32[0, 0],

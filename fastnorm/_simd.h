@@ -88,7 +88,8 @@ FN_DEFINE_REDUCTIONS(double, f64)
 #undef FN_DEFINE_REDUCTIONS
 
 /* LocalResponseNorm's power for beta = 0.75 in float32:
- *     out[i] = s^-0.75, or s^-1.75 when plus_one,   s = k + a * (suffix[i] + prefix[i])
+ *     out[i] = mul[i] * s^-0.75   (or s^-1.75 when plus_one; mul = NULL means 1),
+ *     s = k + a * (suffix[i] + prefix[i]),
  * with the window sums (suffix + prefix) in float64 (_f64) or float32 (_f32)
  * and s rounded to float32.
  * With AVX2+FMA, r = 1/sqrt(s) comes from the hardware estimate (12 bits)
@@ -96,18 +97,28 @@ FN_DEFINE_REDUCTIONS(double, f64)
  * e = 1 - s*r0^2, whose truncation error O(e^3) ~ 1e-11 is far below float
  * rounding; then s^-0.75 = r * sqrt(r) and s^-1.75 = s^-0.75 * r^2. That is
  * within ~2 ulp, like the portable 1 / (sqrt(s) * sqrt(sqrt(s))), and about
- * three times faster (one square root instead of two plus a division). Lanes
- * where the estimate is not valid (s zero, subnormal, infinite or NaN) take
- * the portable formula. A short tail is padded to a full vector, so every
- * element gets the same arithmetic wherever it sits in a row. */
+ * three times faster (one square root instead of two plus a division).
+ * The estimate needs a normal s: zero, subnormal, infinite and NaN s take the
+ * portable formula. When k >= FLT_MIN and a >= 0 (the usual case), s >= k, so
+ * only an infinite or NaN s can occur, and it makes the fast result NaN: the
+ * loop just ORs a NaN mask and redoes the NaN values afterwards. Otherwise
+ * every vector is checked. Partial vectors (a head and a tail) are padded, so
+ * every element gets the same arithmetic wherever it sits in a row.
+ * stream: store with non-temporal stores (a large output that will not be
+ * read back soon skips the read-for-ownership); call fn_store_fence() after. */
 static inline float fn_pow075_portable(float s, int plus_one) {
     float root = sqrtf(s);
     return 1.0f / (root * sqrtf(root) * (plus_one ? s : 1.0f));
 }
 
+static inline int fn_pow075_s_is_normal(double k, double a) {
+    return k >= 1.1754943508222875e-38 && k <= 3.4028234663852886e+38 && a >= 0;
+}
+
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include <float.h>
+#include <stdint.h>
 
 static inline __m256 fn_pow075_8(__m256 s, int plus_one) {
     __m256 r0 = _mm256_rsqrt_ps(s);
@@ -115,7 +126,12 @@ static inline __m256 fn_pow075_8(__m256 s, int plus_one) {
     __m256 poly = _mm256_fmadd_ps(e, _mm256_set1_ps(0.375f), _mm256_set1_ps(0.5f));
     __m256 r = _mm256_fmadd_ps(_mm256_mul_ps(r0, e), poly, r0);
     __m256 out = _mm256_mul_ps(r, _mm256_sqrt_ps(r));
-    if (plus_one) out = _mm256_mul_ps(out, _mm256_mul_ps(r, r));
+    return plus_one ? _mm256_mul_ps(out, _mm256_mul_ps(r, r)) : out;
+}
+
+/* lanes of s that are not normal numbers take the portable formula */
+static inline __m256 fn_pow075_8_checked(__m256 s, int plus_one) {
+    __m256 out = fn_pow075_8(s, plus_one);
     __m256 bad = _mm256_or_ps(_mm256_cmp_ps(s, _mm256_set1_ps(FLT_MIN), _CMP_NGE_UQ),
                               _mm256_cmp_ps(s, _mm256_set1_ps(FLT_MAX), _CMP_GT_OQ));
     if (_mm256_movemask_ps(bad)) {
@@ -146,33 +162,94 @@ static inline __m256 fn_lrn_scale8_f32(const float* suffix, const float* prefix,
                            _mm256_set1_ps((float)k));
 }
 
+static inline float fn_lrn_scale1_f64(const double* suffix, const double* prefix, double k,
+                                      double a) {
+    return (float)fma(a, *suffix + *prefix, k);
+}
+
+static inline float fn_lrn_scale1_f32(const float* suffix, const float* prefix, double k,
+                                      double a) {
+    return fmaf((float)a, *suffix + *prefix, (float)k);
+}
+
+static inline void fn_store_fence(void) { _mm_sfence(); }
+
 #define FN_DEFINE_LRN_POW075(T, SUFFIX)                                                  \
-    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, const T* prefix, float* out,  \
-                                              ptrdiff_t n, double k, double a,           \
-                                              int plus_one) {                           \
-        ptrdiff_t i = 0;                                                                 \
-        for (; i + 8 <= n; i += 8)                                                       \
-            _mm256_storeu_ps(out + i, fn_pow075_8(fn_lrn_scale8_##SUFFIX(suffix + i,     \
-                                                  prefix + i, k, a), plus_one));         \
-        if (i < n) {                                                                     \
-            T sp[8] = {0}, pp[8] = {0};                                                  \
-            float ov[8];                                                                 \
-            for (ptrdiff_t j = 0; j < n - i; j++) {                                      \
+    /* 8 values from i on; `partial` < 8 of them go through padded copies */              \
+    static inline __m256 fn_lrn_pow075_8_##SUFFIX(const T* suffix, const T* prefix,     \
+                                                  const float* mul, ptrdiff_t i,        \
+                                                  ptrdiff_t partial, double k, double a, \
+                                                  int plus_one, int checked) {          \
+        T sp[8] = {0}, pp[8] = {0};                                                      \
+        float mp[8] = {0};                                                               \
+        __m256 s, v;                                                                     \
+        if (partial) {                                                                   \
+            for (ptrdiff_t j = 0; j < partial; j++) {                                    \
                 sp[j] = suffix[i + j];                                                   \
                 pp[j] = prefix[i + j];                                                   \
+                if (mul) mp[j] = mul[i + j];                                             \
             }                                                                            \
-            _mm256_storeu_ps(ov, fn_pow075_8(fn_lrn_scale8_##SUFFIX(sp, pp, k, a), plus_one)); \
-            for (ptrdiff_t j = 0; j < n - i; j++) out[i + j] = ov[j];                    \
+            s = fn_lrn_scale8_##SUFFIX(sp, pp, k, a);                                    \
+        } else {                                                                         \
+            s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, k, a);                    \
+        }                                                                                \
+        v = checked ? fn_pow075_8_checked(s, plus_one) : fn_pow075_8(s, plus_one);       \
+        if (mul) v = _mm256_mul_ps(v, partial ? _mm256_loadu_ps(mp) : _mm256_loadu_ps(mul + i)); \
+        return v;                                                                        \
+    }                                                                                    \
+    static inline void fn_lrn_pow075_part_##SUFFIX(const T* suffix, const T* prefix,    \
+                                                   const float* mul, float* out,        \
+                                                   ptrdiff_t i, ptrdiff_t m, double k,  \
+                                                   double a, int plus_one) {            \
+        float ov[8];                                                                     \
+        _mm256_storeu_ps(ov, fn_lrn_pow075_8_##SUFFIX(suffix, prefix, mul, i, m, k, a,   \
+                                                      plus_one, 1));                     \
+        for (ptrdiff_t j = 0; j < m; j++) out[i + j] = ov[j];                            \
+    }                                                                                    \
+    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, const T* prefix,         \
+                                              const float* mul, float* out, ptrdiff_t n, \
+                                              double k, double a, int plus_one,         \
+                                              int stream) {                             \
+        int checked = !fn_pow075_s_is_normal(k, a);                                      \
+        __m256 nan_seen = _mm256_setzero_ps();                                           \
+        ptrdiff_t i = 0;                                                                 \
+        if (stream) { /* values up to the first 32-byte boundary of out */              \
+            i = (ptrdiff_t)(((32 - ((uintptr_t)out & 31)) & 31) / sizeof(float));       \
+            i = i < n ? i : n;                                                           \
+            if (i > 0) fn_lrn_pow075_part_##SUFFIX(suffix, prefix, mul, out, 0, i, k, a, plus_one); \
+        }                                                                                \
+        for (; i + 8 <= n; i += 8) {                                                     \
+            __m256 v = fn_lrn_pow075_8_##SUFFIX(suffix, prefix, mul, i, 0, k, a, plus_one, \
+                                                checked);                                \
+            nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));        \
+            if (stream)                                                                  \
+                _mm256_stream_ps(out + i, v);                                            \
+            else                                                                         \
+                _mm256_storeu_ps(out + i, v);                                            \
+        }                                                                                \
+        if (i < n) fn_lrn_pow075_part_##SUFFIX(suffix, prefix, mul, out, i, n - i, k, a, plus_one); \
+        if (!checked && _mm256_movemask_ps(nan_seen)) {                                  \
+            /* an infinite or NaN s (or a NaN multiplier): the portable formula */      \
+            if (stream) fn_store_fence();                                                \
+            for (ptrdiff_t j = 0; j < n; j++)                                            \
+                if (isnan(out[j]))                                                       \
+                    out[j] = (mul ? mul[j] : 1.0f) * fn_pow075_portable(                 \
+                        fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a), plus_one); \
         }                                                                                \
     }
 #else
+static inline void fn_store_fence(void) {}
+
 #define FN_DEFINE_LRN_POW075(T, SUFFIX)                                                  \
-    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, const T* prefix, float* out,  \
-                                              ptrdiff_t n, double k, double a,           \
-                                              int plus_one) {                           \
+    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, const T* prefix,         \
+                                              const float* mul, float* out, ptrdiff_t n, \
+                                              double k, double a, int plus_one,         \
+                                              int stream) {                             \
         T kt = (T)k, at = (T)a;                                                          \
+        (void)stream;                                                                    \
         for (ptrdiff_t i = 0; i < n; i++)                                                \
-            out[i] = fn_pow075_portable((float)(kt + at * (suffix[i] + prefix[i])), plus_one); \
+            out[i] = (mul ? mul[i] : 1.0f) *                                             \
+                     fn_pow075_portable((float)(kt + at * (suffix[i] + prefix[i])), plus_one); \
     }
 #endif
 

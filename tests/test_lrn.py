@@ -181,13 +181,31 @@ def test_layer_matches_torch_channels_last(torch):
     assert repr(layer) == repr(module)
 
 
-def test_zero_scale_gives_torch_nan_and_inf(torch):
-    x = np.zeros((1, 3, 4), np.float32)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [0.0, 1.0])
+@pytest.mark.parametrize("beta", [0.75, 1.5])
+def test_zero_infinite_and_nan_scales_like_torch(k, beta, dtype, torch):
+    """s = 0 (k = 0, zero window), s = inf (inf or overflowing squares), NaN."""
+    x = np.zeros((2, 5, 19), dtype)
     x[0, 1, 1] = 2.0
     x[0, 0, 3] = np.inf
-    y = local_response_norm(x, 3, 1e-4, 0.75, 0.0)
-    y_t = torch.nn.functional.local_response_norm(torch.tensor(x), 3, 1e-4, 0.75, 0.0).numpy()
-    np.testing.assert_allclose(y, y_t, rtol=1e-6, equal_nan=True)
+    x[0, 3, 9] = np.nan
+    x[1, 2, 5] = 1e20 if dtype == np.float32 else 1e160
+    x[1, :, 10:] = 0.5
+    y = local_response_norm(x, 3, 1e-4, beta, k)
+    y_t = torch.nn.functional.local_response_norm(torch.tensor(x), 3, 1e-4, beta, k).numpy()
+    np.testing.assert_allclose(y, y_t, rtol=1e-5, atol=0, equal_nan=True)
+
+
+def test_large_output_streamed_like_small_ones():
+    """Outputs over 4M values are written with non-temporal stores; every
+    element still gets exactly the arithmetic of a small call."""
+    x = make((4, 16, 256, 257), np.float32)
+    dy = make(x.shape, np.float32, seed=1)
+    y = local_response_norm(x, 5)
+    assert np.array_equal(y[1:2], local_response_norm(x[1:2], 5))
+    dx = local_response_norm_backward(dy, x, 5)
+    assert np.array_equal(dx[2:3], local_response_norm_backward(dy[2:3], x[2:3], 5))
 
 
 # ================================================================= layouts
