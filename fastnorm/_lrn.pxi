@@ -42,7 +42,7 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport pow, sqrt
 from libc.string cimport memset
 
-from fastnorm._common cimport fn_lrn_pow075_f32, fn_lrn_pow075_f64, fn_store_fence
+from fastnorm._common cimport fn_lrn_pow075_f32, fn_lrn_pow075_f64
 
 ctypedef fused acc_t:
     float
@@ -63,9 +63,6 @@ cdef enum:
     LRN_MIN_TILE_ROW = 16
     # Largest window summed in float32 for float32 data (see above).
     FLOAT_SUMS_MAX_SIZE = 8
-    # Outputs at least this large (values) are written with non-temporal
-    # stores: they do not fit in the last-level cache anyway.
-    STREAM_MIN_ELEMS = 1 << 22
 
 
 cdef struct Lrn:
@@ -83,7 +80,6 @@ cdef struct LrnPlan:
     Py_ssize_t ring       # block rows kept by a window: min(size, C)
     Py_ssize_t n_sums     # accumulator scratch per thread
     Py_ssize_t n_work     # working-precision scratch per thread
-    bint stream           # write y with non-temporal stores (large channels-first output)
 
 
 cdef struct Window:
@@ -110,24 +106,30 @@ cdef inline void row_add_terms(const acc_t* prev, const floating* v, acc_t* dst,
             dst[i] = prev[i] + <acc_t>v[i]
 
 
-cdef inline void row_power(const acc_t* suffix, const acc_t* prefix, const floating* mul,
-                           floating* out, Py_ssize_t w, Lrn* p, bint plus_one,
-                           bint stream) noexcept nogil:
+cdef inline void row_power(const acc_t* suffix, acc_t* prefix, const floating* grow,
+                           const floating* mul, floating* out, Py_ssize_t w, Lrn* p,
+                           bint plus_one, const floating* prefetch) noexcept nogil:
     """out = mul * s^-beta (or s^-(beta+1) with plus_one; mul NULL means 1),
-    s = k + a * (suffix + prefix).
+    s = k + a * (suffix + prefix), after prefix += grow**2 when grow is not
+    NULL (the growth window_next left to its caller).
 
-    beta = 0.75 takes square roots (see fn_lrn_pow075_* for float32, which
-    also honours stream), a few ulp from exact; other betas call pow in float64."""
+    beta = 0.75 takes square roots, a few ulp from exact; for float32 that is
+    fn_lrn_pow075_*, which also adds grow inside its loop and prefetches the
+    row at prefetch (when not NULL) for the next call. Other betas call pow
+    in float64."""
     cdef Py_ssize_t i
     cdef double k = p.k, a = p.a, exponent = -(p.beta + plus_one)
     cdef double scale, root
-    if p.beta_075:
-        if floating is float:
+    if floating is float:
+        if p.beta_075:
             if acc_t is float:
-                fn_lrn_pow075_f32(suffix, prefix, mul, out, w, k, a, plus_one, stream)
+                fn_lrn_pow075_f32(suffix, prefix, grow, mul, out, w, k, a, plus_one, prefetch)
             else:
-                fn_lrn_pow075_f64(suffix, prefix, mul, out, w, k, a, plus_one, stream)
+                fn_lrn_pow075_f64(suffix, prefix, grow, mul, out, w, k, a, plus_one, prefetch)
             return
+    if grow != NULL:
+        row_add_terms(prefix, grow, prefix, w, True)
+    if p.beta_075:
         for i in range(w):
             scale = k + a * (<double>suffix[i] + <double>prefix[i])
             root = sqrt(scale)
@@ -155,14 +157,22 @@ cdef inline void window_init(Window* win, Py_ssize_t C, Py_ssize_t w, Py_ssize_t
 
 
 cdef inline const acc_t* window_next(Window* win, acc_t* storage, const floating* v,
-                                     Py_ssize_t stride, bint square, Py_ssize_t c) noexcept nogil:
+                                     Py_ssize_t stride, bint square, Py_ssize_t c,
+                                     const floating** grow) noexcept nogil:
     """Advance to channel c (call for c = 0, 1, ..., C - 1 in order). Then, per
     position, the sum over channels c' in [c - lo, c + hi] of v_{c'}**2 (square)
     or v_{c'} is returned_row + storage[prefix_at:]. v_r is the row
-    v + (r % source_rows) * stride; the call reads channels up to c + hi."""
+    v + (r % source_rows) * stride; the call reads channels up to c + hi.
+
+    grow NULL: the prefix row is brought up to date here. Otherwise *grow is
+    set to the row (or NULL) whose term the caller still has to add to the
+    prefix row before using it, in its own loop: the newest channel is read
+    there for the first time, and its loads then overlap the caller's work."""
     cdef Py_ssize_t w = win.w, r, last, j
     cdef acc_t* suffix = storage
     cdef acc_t* prefix = storage + win.prefix_at
+    if grow != NULL:
+        grow[0] = NULL
     if c % win.size == 0:
         # The window starts a block (in zero-padded coordinates): it is the
         # whole block. Build the block's suffix sums, last channel first.
@@ -177,29 +187,36 @@ cdef inline const acc_t* window_next(Window* win, acc_t* storage, const floating
         # a suffix of this block + a prefix of the next one, which grows by c + hi
         j = c + win.hi
         if j < win.C:
-            row_add_terms(prefix, v + (j % win.source_rows) * stride, prefix, w, square)
+            if grow != NULL:
+                grow[0] = v + (j % win.source_rows) * stride
+            else:
+                row_add_terms(prefix, v + (j % win.source_rows) * stride, prefix, w, square)
     return suffix + (max(c - win.lo, win.first) - win.first) * w
 
 
 # ------------------------------------------------------------ block kernels
 
 cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ssize_t w, Lrn* p,
-                        acc_t* sums, bint stream) noexcept nogil:
+                        acc_t* sums, bint prefetch) noexcept nogil:
     """y = x * s^-beta for w positions; channel c is the row at c * stride.
-    sums: (min(size, C) + 2) * w."""
+    sums: (min(size, C) + 2) * w. prefetch: x is in memory, not in cache."""
     cdef Window win
     cdef Py_ssize_t c
     cdef const acc_t* suffix
-    cdef const acc_t* prefix = sums + (min(p.size, p.C) + 1) * w
+    cdef acc_t* prefix = sums + (min(p.size, p.C) + 1) * w
+    cdef const floating* grow
+    cdef const floating* ahead
     window_init(&win, p.C, w, p.lo, p.hi, p.C)
     for c in range(p.C):
-        suffix = window_next(&win, sums, x, stride, True, c)
-        row_power(suffix, prefix, x + c * stride, y + c * stride, w, p, False, stream)
+        suffix = window_next(&win, sums, x, stride, True, c, &grow)
+        # the row the window reads first at the next step
+        ahead = x + (c + p.hi + 1) * stride if prefetch and c + p.hi + 1 < p.C else NULL
+        row_power(suffix, prefix, grow, x + c * stride, y + c * stride, w, p, False, ahead)
 
 
 cdef void backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
-                         Py_ssize_t w, Lrn* p, Py_ssize_t ring, acc_t* sums,
-                         floating* work) noexcept nogil:
+                         Py_ssize_t w, Lrn* p, Py_ssize_t ring, acc_t* sums, floating* work,
+                         bint prefetch) noexcept nogil:
     """dx for w positions (rows as in forward_block).
     ring = min(size, C); sums: 2 * (ring + 2) * w; work: (ring + 1) * w.
 
@@ -209,7 +226,7 @@ cdef void backward_block(const floating* x, const floating* dy, floating* dx, Py
     cdef Window scales, grads
     cdef acc_t* scale_sums = sums
     cdef acc_t* grad_sums = sums + (ring + 2) * w
-    cdef const acc_t* scale_prefix = scale_sums + (ring + 1) * w
+    cdef acc_t* scale_prefix = scale_sums + (ring + 1) * w
     cdef const acc_t* grad_prefix = grad_sums + (ring + 1) * w
     cdef floating* inv1 = work       # s^-(beta+1)
     cdef floating* t = work + w
@@ -219,14 +236,18 @@ cdef void backward_block(const floating* x, const floating* dy, floating* dx, Py
     cdef const floating* dyc
     cdef floating* dxc
     cdef floating* tc
+    cdef const floating* grow
+    cdef const floating* ahead
     cdef floating coef = <floating>p.coef
     cdef acc_t k = <acc_t>p.k, a = <acc_t>p.a
     window_init(&scales, p.C, w, p.lo, p.hi, p.C)
     window_init(&grads, p.C, w, p.hi, p.lo, ring)
     for c in range(p.C + p.lo):
         if c < p.C:
-            suffix = window_next(&scales, scale_sums, x, stride, True, c)
-            row_power(suffix, scale_prefix, <const floating*>NULL, inv1, w, p, True, False)
+            suffix = window_next(&scales, scale_sums, x, stride, True, c, &grow)
+            # dy's next row is first read by a light loop: ask for it early
+            ahead = dy + (c + 1) * stride if prefetch and c + 1 < p.C else NULL
+            row_power(suffix, scale_prefix, grow, <const floating*>NULL, inv1, w, p, True, ahead)
             xc = x + c * stride
             dyc = dy + c * stride
             dxc = dx + c * stride
@@ -239,7 +260,7 @@ cdef void backward_block(const floating* x, const floating* dy, floating* dx, Py
                 tc[i] = dyc[i] * xc[i] * inv1[i]
         j = c - p.lo
         if j >= 0:
-            suffix = window_next(&grads, grad_sums, t, w, False, j)
+            suffix = window_next(&grads, grad_sums, t, w, False, j, <const floating**>NULL)
             xc = x + j * stride
             dxc = dx + j * stride
             for i in range(w):
@@ -316,7 +337,6 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
         tiles = 2       # x, y
     if q.rows:
         q.n_work += tiles * C * q.width
-    q.stream = not q.rows and N * C * S >= STREAM_MIN_ELEMS
     return q
 
 
@@ -344,9 +364,7 @@ cdef void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p, Py_ss
     cdef floating* y_tile
     task_span(q, task, &offset, &stride, &w)
     if not q.rows:
-        forward_block(x + offset, y + offset, stride, w, p, sums, q.stream)
-        if q.stream:
-            fn_store_fence()
+        forward_block(x + offset, y + offset, stride, w, p, sums, True)
         return
     x_tile = work
     y_tile = x_tile + q.C * w
@@ -363,14 +381,15 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
     cdef floating* dx_tile
     task_span(q, task, &offset, &stride, &w)
     if not q.rows:
-        backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q.ring, sums, work)
+        backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q.ring, sums, work,
+                       True)
         return
     x_tile = work + (q.ring + 1) * q.width
     dy_tile = x_tile + q.C * w
     dx_tile = dy_tile + q.C * w
     tile_gather(x + offset, x_tile, q.C, w)
     tile_gather(dy + offset, dy_tile, q.C, w)
-    backward_block(x_tile, dy_tile, dx_tile, w, w, p, q.ring, sums, work)
+    backward_block(x_tile, dy_tile, dx_tile, w, w, p, q.ring, sums, work, False)
     tile_scatter(dx_tile, dx + offset, q.C, w)
 
 

@@ -91,7 +91,13 @@ FN_DEFINE_REDUCTIONS(double, f64)
  *     out[i] = mul[i] * s^-0.75   (or s^-1.75 when plus_one; mul = NULL means 1),
  *     s = k + a * (suffix[i] + prefix[i]),
  * with the window sums (suffix + prefix) in float64 (_f64) or float32 (_f32)
- * and s rounded to float32.
+ * and s rounded to float32. Two chores ride along in the same loop:
+ *   grow (unless NULL): first prefix[i] += grow[i]^2 -- the window's newest
+ *     channel, read here for the first time, so that its loads overlap the
+ *     arithmetic instead of stalling a loop of their own;
+ *   prefetch (unless NULL): the n floats there are requested one cache line
+ *     per 16 values, early enough for the next call and spread out so that
+ *     the miss queues never overflow.
  * With AVX2+FMA, r = 1/sqrt(s) comes from the hardware estimate (12 bits)
  * refined by one second-order step, r1 = r0 * (1 + e/2 + 3e^2/8) with
  * e = 1 - s*r0^2, whose truncation error O(e^3) ~ 1e-11 is far below float
@@ -102,10 +108,10 @@ FN_DEFINE_REDUCTIONS(double, f64)
  * portable formula. When k >= FLT_MIN and a >= 0 (the usual case), s >= k, so
  * only an infinite or NaN s can occur, and it makes the fast result NaN: the
  * loop just ORs a NaN mask and redoes the NaN values afterwards. Otherwise
- * every vector is checked. Partial vectors (a head and a tail) are padded, so
+ * every vector is checked. A partial vector at the end is padded, so
  * every element gets the same arithmetic wherever it sits in a row.
- * stream: store with non-temporal stores (a large output that will not be
- * read back soon skips the read-for-ownership); call fn_store_fence() after. */
+ * (Non-temporal stores of out were tried: with the prefetches they were
+ * slower, at one thread and at two.) */
 static inline float fn_pow075_portable(float s, int plus_one) {
     float root = sqrtf(s);
     return 1.0f / (root * sqrtf(root) * (plus_one ? s : 1.0f));
@@ -145,20 +151,32 @@ static inline __m256 fn_pow075_8_checked(__m256 s, int plus_one) {
     return out;
 }
 
-/* s for 8 positions, from float64 or float32 window sums */
-static inline __m256 fn_lrn_scale8_f64(const double* suffix, const double* prefix, double k,
-                                       double a) {
+/* prefix += grow^2 and s for 8 positions, with float64 or float32 window sums */
+static inline __m256 fn_lrn_scale8_f64(const double* suffix, double* prefix, const float* grow,
+                                       double k, double a) {
     __m256d kv = _mm256_set1_pd(k), av = _mm256_set1_pd(a);
-    __m256d lo = _mm256_fmadd_pd(av, _mm256_add_pd(_mm256_loadu_pd(suffix), _mm256_loadu_pd(prefix)), kv);
-    __m256d hi = _mm256_fmadd_pd(av, _mm256_add_pd(_mm256_loadu_pd(suffix + 4),
-                                                   _mm256_loadu_pd(prefix + 4)), kv);
+    __m256d plo = _mm256_loadu_pd(prefix), phi = _mm256_loadu_pd(prefix + 4);
+    if (grow) {
+        __m256d glo = _mm256_cvtps_pd(_mm_loadu_ps(grow)), ghi = _mm256_cvtps_pd(_mm_loadu_ps(grow + 4));
+        plo = _mm256_fmadd_pd(glo, glo, plo);
+        phi = _mm256_fmadd_pd(ghi, ghi, phi);
+        _mm256_storeu_pd(prefix, plo);
+        _mm256_storeu_pd(prefix + 4, phi);
+    }
+    __m256d lo = _mm256_fmadd_pd(av, _mm256_add_pd(_mm256_loadu_pd(suffix), plo), kv);
+    __m256d hi = _mm256_fmadd_pd(av, _mm256_add_pd(_mm256_loadu_pd(suffix + 4), phi), kv);
     return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
 }
 
-static inline __m256 fn_lrn_scale8_f32(const float* suffix, const float* prefix, double k,
-                                       double a) {
-    return _mm256_fmadd_ps(_mm256_set1_ps((float)a),
-                           _mm256_add_ps(_mm256_loadu_ps(suffix), _mm256_loadu_ps(prefix)),
+static inline __m256 fn_lrn_scale8_f32(const float* suffix, float* prefix, const float* grow,
+                                       double k, double a) {
+    __m256 p = _mm256_loadu_ps(prefix);
+    if (grow) {
+        __m256 g = _mm256_loadu_ps(grow);
+        p = _mm256_fmadd_ps(g, g, p);
+        _mm256_storeu_ps(prefix, p);
+    }
+    return _mm256_fmadd_ps(_mm256_set1_ps((float)a), _mm256_add_ps(_mm256_loadu_ps(suffix), p),
                            _mm256_set1_ps((float)k));
 }
 
@@ -172,84 +190,80 @@ static inline float fn_lrn_scale1_f32(const float* suffix, const float* prefix, 
     return fmaf((float)a, *suffix + *prefix, (float)k);
 }
 
-static inline void fn_store_fence(void) { _mm_sfence(); }
-
 #define FN_DEFINE_LRN_POW075(T, SUFFIX)                                                  \
     /* 8 values from i on; `partial` < 8 of them go through padded copies */              \
-    static inline __m256 fn_lrn_pow075_8_##SUFFIX(const T* suffix, const T* prefix,     \
-                                                  const float* mul, ptrdiff_t i,        \
-                                                  ptrdiff_t partial, double k, double a, \
-                                                  int plus_one, int checked) {          \
+    static inline __m256 fn_lrn_pow075_8_##SUFFIX(const T* suffix, T* prefix,           \
+                                                  const float* grow, const float* mul,  \
+                                                  ptrdiff_t i, ptrdiff_t partial,       \
+                                                  double k, double a, int plus_one,     \
+                                                  int checked) {                        \
         T sp[8] = {0}, pp[8] = {0};                                                      \
-        float mp[8] = {0};                                                               \
+        float gp[8] = {0}, mp[8] = {0};                                                  \
         __m256 s, v;                                                                     \
         if (partial) {                                                                   \
             for (ptrdiff_t j = 0; j < partial; j++) {                                    \
                 sp[j] = suffix[i + j];                                                   \
                 pp[j] = prefix[i + j];                                                   \
+                if (grow) gp[j] = grow[i + j];                                           \
                 if (mul) mp[j] = mul[i + j];                                             \
             }                                                                            \
-            s = fn_lrn_scale8_##SUFFIX(sp, pp, k, a);                                    \
+            s = fn_lrn_scale8_##SUFFIX(sp, pp, grow ? gp : NULL, k, a);                  \
+            for (ptrdiff_t j = 0; j < partial; j++) prefix[i + j] = pp[j];               \
         } else {                                                                         \
-            s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, k, a);                    \
+            s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, k, a); \
         }                                                                                \
         v = checked ? fn_pow075_8_checked(s, plus_one) : fn_pow075_8(s, plus_one);       \
         if (mul) v = _mm256_mul_ps(v, partial ? _mm256_loadu_ps(mp) : _mm256_loadu_ps(mul + i)); \
         return v;                                                                        \
     }                                                                                    \
-    static inline void fn_lrn_pow075_part_##SUFFIX(const T* suffix, const T* prefix,    \
-                                                   const float* mul, float* out,        \
-                                                   ptrdiff_t i, ptrdiff_t m, double k,  \
-                                                   double a, int plus_one) {            \
+    static inline void fn_lrn_pow075_part_##SUFFIX(const T* suffix, T* prefix,          \
+                                                   const float* grow, const float* mul, \
+                                                   float* out, ptrdiff_t i, ptrdiff_t m, \
+                                                   double k, double a, int plus_one) {  \
         float ov[8];                                                                     \
-        _mm256_storeu_ps(ov, fn_lrn_pow075_8_##SUFFIX(suffix, prefix, mul, i, m, k, a,   \
+        _mm256_storeu_ps(ov, fn_lrn_pow075_8_##SUFFIX(suffix, prefix, grow, mul, i, m, k, a, \
                                                       plus_one, 1));                     \
         for (ptrdiff_t j = 0; j < m; j++) out[i + j] = ov[j];                            \
     }                                                                                    \
-    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, const T* prefix,         \
+    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, T* prefix, const float* grow, \
                                               const float* mul, float* out, ptrdiff_t n, \
                                               double k, double a, int plus_one,         \
-                                              int stream) {                             \
+                                              const float* prefetch) {                  \
         int checked = !fn_pow075_s_is_normal(k, a);                                      \
         __m256 nan_seen = _mm256_setzero_ps();                                           \
-        ptrdiff_t i = 0;                                                                 \
-        if (stream) { /* values up to the first 32-byte boundary of out */              \
-            i = (ptrdiff_t)(((32 - ((uintptr_t)out & 31)) & 31) / sizeof(float));       \
-            i = i < n ? i : n;                                                           \
-            if (i > 0) fn_lrn_pow075_part_##SUFFIX(suffix, prefix, mul, out, 0, i, k, a, plus_one); \
-        }                                                                                \
+        ptrdiff_t i = 0, j;                                                              \
         for (; i + 8 <= n; i += 8) {                                                     \
-            __m256 v = fn_lrn_pow075_8_##SUFFIX(suffix, prefix, mul, i, 0, k, a, plus_one, \
-                                                checked);                                \
+            if (prefetch && (i & 15) == 0) __builtin_prefetch(prefetch + i, 0, 3);       \
+            __m256 v = fn_lrn_pow075_8_##SUFFIX(suffix, prefix, grow, mul, i, 0, k, a,   \
+                                                plus_one, checked);                      \
             nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));        \
-            if (stream)                                                                  \
-                _mm256_stream_ps(out + i, v);                                            \
-            else                                                                         \
-                _mm256_storeu_ps(out + i, v);                                            \
+            _mm256_storeu_ps(out + i, v);                                                \
         }                                                                                \
-        if (i < n) fn_lrn_pow075_part_##SUFFIX(suffix, prefix, mul, out, i, n - i, k, a, plus_one); \
+        if (i < n) fn_lrn_pow075_part_##SUFFIX(suffix, prefix, grow, mul, out, i, n - i, k, a, \
+                                               plus_one);                                \
+        if (prefetch)                                                                    \
+            for (j = i; j < n; j += 16) __builtin_prefetch(prefetch + j, 0, 3);          \
         if (!checked && _mm256_movemask_ps(nan_seen)) {                                  \
             /* an infinite or NaN s (or a NaN multiplier): the portable formula */      \
-            if (stream) fn_store_fence();                                                \
-            for (ptrdiff_t j = 0; j < n; j++)                                            \
+            for (j = 0; j < n; j++)                                                      \
                 if (isnan(out[j]))                                                       \
                     out[j] = (mul ? mul[j] : 1.0f) * fn_pow075_portable(                 \
                         fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a), plus_one); \
         }                                                                                \
     }
 #else
-static inline void fn_store_fence(void) {}
-
 #define FN_DEFINE_LRN_POW075(T, SUFFIX)                                                  \
-    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, const T* prefix,         \
+    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, T* prefix, const float* grow, \
                                               const float* mul, float* out, ptrdiff_t n, \
                                               double k, double a, int plus_one,         \
-                                              int stream) {                             \
+                                              const float* prefetch) {                  \
         T kt = (T)k, at = (T)a;                                                          \
-        (void)stream;                                                                    \
-        for (ptrdiff_t i = 0; i < n; i++)                                                \
+        (void)prefetch;                                                                  \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            if (grow) prefix[i] = prefix[i] + (T)grow[i] * (T)grow[i];                   \
             out[i] = (mul ? mul[i] : 1.0f) *                                             \
                      fn_pow075_portable((float)(kt + at * (suffix[i] + prefix[i])), plus_one); \
+        }                                                                                \
     }
 #endif
 

@@ -197,9 +197,10 @@ def test_zero_infinite_and_nan_scales_like_torch(k, beta, dtype, torch):
     np.testing.assert_allclose(y, y_t, rtol=1e-5, atol=0, equal_nan=True)
 
 
-def test_large_output_streamed_like_small_ones():
-    """Outputs over 4M values are written with non-temporal stores; every
-    element still gets exactly the arithmetic of a small call."""
+def test_large_input_like_small_ones():
+    """Large inputs are cut into tasks and rows differently from small ones
+    (whole channel planes, prefetching); every element still gets exactly the
+    arithmetic of a small call."""
     x = make((4, 16, 256, 257), np.float32)
     dy = make(x.shape, np.float32, seed=1)
     y = local_response_norm(x, 5)
