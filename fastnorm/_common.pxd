@@ -52,12 +52,20 @@ cdef extern from "_simd.h" nogil:
                           float mean_lo, double* sum_g, double* sum_gd)
     void fn_grad_sums_f64(const double* x, const double* g, Py_ssize_t n, double mean_hi,
                           double mean_lo, double* sum_g, double* sum_gd)
-    void fn_lrn_pow075_f64(const double* suffix, double* prefix, const float* grow,
-                           const float* mul, float* out, Py_ssize_t n, double k, double a,
-                           bint plus_one, const float* prefetch)
-    void fn_lrn_pow075_f32(const float* suffix, float* prefix, const float* grow,
-                           const float* mul, float* out, Py_ssize_t n, double k, double a,
-                           bint plus_one, const float* prefetch)
+    void fn_lrn_forward075_f64(const double* suffix, double* prefix, const float* grow,
+                               const float* x, float* y, Py_ssize_t n, double k, double a,
+                               const float* prefetch)
+    void fn_lrn_forward075_f32(const float* suffix, float* prefix, const float* grow,
+                               const float* x, float* y, Py_ssize_t n, double k, double a,
+                               const float* prefetch)
+    void fn_lrn_backward075_f64(const double* suffix, double* prefix, const float* grow,
+                                const float* x, const float* dy, float* dx, float* t,
+                                Py_ssize_t n, double k, double a, const float* prefetch,
+                                const float* prefetch2)
+    void fn_lrn_backward075_f32(const float* suffix, float* prefix, const float* grow,
+                                const float* x, const float* dy, float* dx, float* t,
+                                Py_ssize_t n, double k, double a, const float* prefetch,
+                                const float* prefetch2)
 
 
 cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept nogil:

@@ -42,7 +42,9 @@ from cython.parallel cimport prange, threadid
 from libc.math cimport pow, sqrt
 from libc.string cimport memset
 
-from fastnorm._common cimport fn_lrn_pow075_f32, fn_lrn_pow075_f64
+from fastnorm._common cimport (
+    fn_lrn_backward075_f32, fn_lrn_backward075_f64, fn_lrn_forward075_f32, fn_lrn_forward075_f64,
+)
 
 ctypedef fused acc_t:
     float
@@ -106,40 +108,86 @@ cdef inline void row_add_terms(const acc_t* prev, const floating* v, acc_t* dst,
             dst[i] = prev[i] + <acc_t>v[i]
 
 
-cdef inline void row_power(const acc_t* suffix, acc_t* prefix, const floating* grow,
-                           const floating* mul, floating* out, Py_ssize_t w, Lrn* p,
-                           bint plus_one, const floating* prefetch) noexcept nogil:
-    """out = mul * s^-beta (or s^-(beta+1) with plus_one; mul NULL means 1),
-    s = k + a * (suffix + prefix), after prefix += grow**2 when grow is not
-    NULL (the growth window_next left to its caller).
-
-    beta = 0.75 takes square roots, a few ulp from exact; for float32 that is
-    fn_lrn_pow075_*, which also adds grow inside its loop and prefetches the
-    row at prefetch (when not NULL) for the next call. Other betas call pow
-    in float64."""
+cdef inline void row_neg_power(const acc_t* suffix, const acc_t* prefix, floating* out,
+                               Py_ssize_t w, Lrn* p) noexcept nogil:
+    """out = s^-beta, s = k + a * (suffix + prefix), in float64 (beta = 0.75:
+    two square roots and a division, vectorized; other betas: pow)."""
     cdef Py_ssize_t i
-    cdef double k = p.k, a = p.a, exponent = -(p.beta + plus_one)
-    cdef double scale, root
+    cdef double k = p.k, a = p.a, root
+    if p.beta_075:
+        for i in range(w):
+            root = sqrt(k + a * (<double>suffix[i] + <double>prefix[i]))
+            out[i] = <floating>(1 / (root * sqrt(root)))
+    else:
+        for i in range(w):
+            out[i] = <floating>pow(k + a * (<double>suffix[i] + <double>prefix[i]), -p.beta)
+
+
+cdef inline void row_forward(const acc_t* suffix, acc_t* prefix, const floating* grow,
+                             const floating* x, floating* y, Py_ssize_t w, Lrn* p,
+                             const floating* prefetch) noexcept nogil:
+    """y = x * s^-beta, s = k + a * (suffix + prefix), after prefix += grow**2
+    when grow is not NULL (the growth window_next left to its caller).
+
+    float32 with beta = 0.75 goes to fn_lrn_forward075_*, which also adds grow
+    inside its loop and prefetches the row at prefetch for the next call."""
+    cdef Py_ssize_t i
     if floating is float:
         if p.beta_075:
             if acc_t is float:
-                fn_lrn_pow075_f32(suffix, prefix, grow, mul, out, w, k, a, plus_one, prefetch)
+                fn_lrn_forward075_f32(suffix, prefix, grow, x, y, w, p.k, p.a, prefetch)
             else:
-                fn_lrn_pow075_f64(suffix, prefix, grow, mul, out, w, k, a, plus_one, prefetch)
+                fn_lrn_forward075_f64(suffix, prefix, grow, x, y, w, p.k, p.a, prefetch)
             return
     if grow != NULL:
         row_add_terms(prefix, grow, prefix, w, True)
-    if p.beta_075:
+    row_neg_power(suffix, prefix, y, w, p)
+    for i in range(w):
+        y[i] = x[i] * y[i]
+
+
+cdef inline void row_backward_own(const acc_t* suffix, acc_t* prefix, const floating* grow,
+                                  const floating* x, const floating* dy, floating* dx,
+                                  floating* t, Py_ssize_t w, Lrn* p, const floating* prefetch,
+                                  const floating* prefetch2) noexcept nogil:
+    """dx = dy * s^-beta (channel's own part) and t = dy * x * s^-(beta+1), s and
+    grow as in row_forward. s^-(beta+1) is s^-beta / s, never s^-beta * s^-1,
+    so that s = inf gives 0, not inf * 0.
+
+    float32 with beta = 0.75 goes to fn_lrn_backward075_* (which prefetches the
+    rows at prefetch and prefetch2)."""
+    cdef Py_ssize_t i
+    cdef double k = p.k, a = p.a
+    if floating is float:
+        if p.beta_075:
+            if acc_t is float:
+                fn_lrn_backward075_f32(suffix, prefix, grow, x, dy, dx, t, w, p.k, p.a,
+                                       prefetch, prefetch2)
+            else:
+                fn_lrn_backward075_f64(suffix, prefix, grow, x, dy, dx, t, w, p.k, p.a,
+                                       prefetch, prefetch2)
+            return
+    if grow != NULL:
+        row_add_terms(prefix, grow, prefix, w, True)
+    row_neg_power(suffix, prefix, dx, w, p)      # dx holds s^-beta for a moment
+    for i in range(w):
+        t[i] = dy[i] * x[i] * (dx[i] / <floating>(k + a * (<double>suffix[i] + <double>prefix[i])))
+    for i in range(w):
+        dx[i] = dy[i] * dx[i]
+
+
+cdef inline void row_window_term(const acc_t* suffix, acc_t* prefix, const floating* grow,
+                                 const floating* x, floating* dx, Py_ssize_t w,
+                                 floating coef) noexcept nogil:
+    """dx -= coef * x * (suffix + prefix), after prefix += grow (unless NULL)."""
+    cdef Py_ssize_t i
+    if grow != NULL:
         for i in range(w):
-            scale = k + a * (<double>suffix[i] + <double>prefix[i])
-            root = sqrt(scale)
-            out[i] = 1 / (root * sqrt(root) * (scale if plus_one else 1))
+            prefix[i] = prefix[i] + <acc_t>grow[i]
+            dx[i] = dx[i] - coef * x[i] * <floating>(suffix[i] + prefix[i])
     else:
         for i in range(w):
-            out[i] = <floating>pow(k + a * (<double>suffix[i] + <double>prefix[i]), exponent)
-    if mul != NULL:
-        for i in range(w):
-            out[i] = out[i] * mul[i]
+            dx[i] = dx[i] - coef * x[i] * <floating>(suffix[i] + prefix[i])
 
 
 # ------------------------------------------------------------ window sums
@@ -211,14 +259,14 @@ cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ss
         suffix = window_next(&win, sums, x, stride, True, c, &grow)
         # the row the window reads first at the next step
         ahead = x + (c + p.hi + 1) * stride if prefetch and c + p.hi + 1 < p.C else NULL
-        row_power(suffix, prefix, grow, x + c * stride, y + c * stride, w, p, False, ahead)
+        row_forward(suffix, prefix, grow, x + c * stride, y + c * stride, w, p, ahead)
 
 
 cdef void backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
-                         Py_ssize_t w, Lrn* p, Py_ssize_t ring, acc_t* sums, floating* work,
+                         Py_ssize_t w, Lrn* p, Py_ssize_t ring, acc_t* sums, floating* t,
                          bint prefetch) noexcept nogil:
     """dx for w positions (rows as in forward_block).
-    ring = min(size, C); sums: 2 * (ring + 2) * w; work: (ring + 1) * w.
+    ring = min(size, C); sums: 2 * (ring + 2) * w; t: ring * w.
 
     Step c first gives channel c its own part, dx_c = dy_c * s_c^-beta, and
     stores t_c in a ring of `ring` rows; then channel j = c - size//2, whose
@@ -227,44 +275,27 @@ cdef void backward_block(const floating* x, const floating* dy, floating* dx, Py
     cdef acc_t* scale_sums = sums
     cdef acc_t* grad_sums = sums + (ring + 2) * w
     cdef acc_t* scale_prefix = scale_sums + (ring + 1) * w
-    cdef const acc_t* grad_prefix = grad_sums + (ring + 1) * w
-    cdef floating* inv1 = work       # s^-(beta+1)
-    cdef floating* t = work + w
-    cdef Py_ssize_t c, j, i
+    cdef acc_t* grad_prefix = grad_sums + (ring + 1) * w
+    cdef Py_ssize_t c, j
     cdef const acc_t* suffix
-    cdef const floating* xc
-    cdef const floating* dyc
-    cdef floating* dxc
-    cdef floating* tc
     cdef const floating* grow
-    cdef const floating* ahead
-    cdef floating coef = <floating>p.coef
-    cdef acc_t k = <acc_t>p.k, a = <acc_t>p.a
+    cdef const floating* x_ahead
+    cdef const floating* dy_ahead
     window_init(&scales, p.C, w, p.lo, p.hi, p.C)
     window_init(&grads, p.C, w, p.hi, p.lo, ring)
     for c in range(p.C + p.lo):
         if c < p.C:
             suffix = window_next(&scales, scale_sums, x, stride, True, c, &grow)
-            # dy's next row is first read by a light loop: ask for it early
-            ahead = dy + (c + 1) * stride if prefetch and c + 1 < p.C else NULL
-            row_power(suffix, scale_prefix, grow, <const floating*>NULL, inv1, w, p, True, ahead)
-            xc = x + c * stride
-            dyc = dy + c * stride
-            dxc = dx + c * stride
-            tc = t + (c % ring) * w
-            # s^-beta = s * s^-(beta+1): one power serves both terms. (Two
-            # loops: one would need more alias checks than gcc versions.)
-            for i in range(w):
-                dxc[i] = dyc[i] * (inv1[i] * <floating>(k + a * (suffix[i] + scale_prefix[i])))
-            for i in range(w):
-                tc[i] = dyc[i] * xc[i] * inv1[i]
+            # rows first read at the next step
+            x_ahead = x + (c + p.hi + 1) * stride if prefetch and c + p.hi + 1 < p.C else NULL
+            dy_ahead = dy + (c + 1) * stride if prefetch and c + 1 < p.C else NULL
+            row_backward_own(suffix, scale_prefix, grow, x + c * stride, dy + c * stride,
+                             dx + c * stride, t + (c % ring) * w, w, p, x_ahead, dy_ahead)
         j = c - p.lo
         if j >= 0:
-            suffix = window_next(&grads, grad_sums, t, w, False, j, <const floating**>NULL)
-            xc = x + j * stride
-            dxc = dx + j * stride
-            for i in range(w):
-                dxc[i] = dxc[i] - coef * xc[i] * <floating>(suffix[i] + grad_prefix[i])
+            suffix = window_next(&grads, grad_sums, t, w, False, j, &grow)
+            row_window_term(suffix, grad_prefix, grow, x + j * stride, dx + j * stride, w,
+                            <floating>p.coef)
 
 
 # ------------------------------------------------- channels-last tiles
@@ -329,7 +360,7 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
     q.n_tasks = (N + q.width - 1) // q.width if q.rows else N * q.per_n
     if backward:
         q.n_sums = 2 * (q.ring + 2) * q.width
-        q.n_work = (q.ring + 1) * q.width
+        q.n_work = q.ring * q.width
         tiles = 3       # x, dy, dx
     else:
         q.n_sums = (q.ring + 2) * q.width
@@ -384,7 +415,7 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
         backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q.ring, sums, work,
                        True)
         return
-    x_tile = work + (q.ring + 1) * q.width
+    x_tile = work + q.ring * q.width
     dy_tile = x_tile + q.C * w
     dx_tile = dy_tile + q.C * w
     tile_gather(x + offset, x_tile, q.C, w)

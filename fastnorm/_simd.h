@@ -87,17 +87,17 @@ FN_DEFINE_REDUCTIONS(double, f64)
 
 #undef FN_DEFINE_REDUCTIONS
 
-/* LocalResponseNorm's power for beta = 0.75 in float32:
- *     out[i] = mul[i] * s^-0.75   (or s^-1.75 when plus_one; mul = NULL means 1),
- *     s = k + a * (suffix[i] + prefix[i]),
- * with the window sums (suffix + prefix) in float64 (_f64) or float32 (_f32)
- * and s rounded to float32. Two chores ride along in the same loop:
- *   grow (unless NULL): first prefix[i] += grow[i]^2 -- the window's newest
- *     channel, read here for the first time, so that its loads overlap the
- *     arithmetic instead of stalling a loop of their own;
+/* LocalResponseNorm with beta = 0.75 in float32, one row of n positions:
+ *   forward:   y = x * s^-0.75
+ *   backward:  dx = dy * s^-0.75,   t = dy * x * s^-1.75   (t feeds the second window)
+ * where s = k + a * (suffix + prefix), the window sums being float64 (_f64)
+ * or float32 (_f32), and s is rounded to float32. Two chores ride along:
+ *   grow (unless NULL): first prefix += grow^2 -- the window's newest channel,
+ *     read here for the first time, so that its loads overlap the arithmetic
+ *     instead of stalling a loop of their own;
  *   prefetch (unless NULL): the n floats there are requested one cache line
- *     per 16 values, early enough for the next call and spread out so that
- *     the miss queues never overflow.
+ *     per 16 values, early enough for the next row and spread out so that the
+ *     miss queues never overflow.
  * With AVX2+FMA, r = 1/sqrt(s) comes from the hardware estimate (12 bits)
  * refined by one second-order step, r1 = r0 * (1 + e/2 + 3e^2/8) with
  * e = 1 - s*r0^2, whose truncation error O(e^3) ~ 1e-11 is far below float
@@ -108,10 +108,10 @@ FN_DEFINE_REDUCTIONS(double, f64)
  * portable formula. When k >= FLT_MIN and a >= 0 (the usual case), s >= k, so
  * only an infinite or NaN s can occur, and it makes the fast result NaN: the
  * loop just ORs a NaN mask and redoes the NaN values afterwards. Otherwise
- * every vector is checked. A partial vector at the end is padded, so
- * every element gets the same arithmetic wherever it sits in a row.
- * (Non-temporal stores of out were tried: with the prefetches they were
- * slower, at one thread and at two.) */
+ * every vector is checked. The last partial vector is padded, so every
+ * element gets the same arithmetic wherever it sits in a row. (Non-temporal
+ * stores were tried: with the prefetches they were slower, at one thread
+ * and at two.) */
 static inline float fn_pow075_portable(float s, int plus_one) {
     float root = sqrtf(s);
     return 1.0f / (root * sqrtf(root) * (plus_one ? s : 1.0f));
@@ -124,65 +124,99 @@ static inline int fn_pow075_s_is_normal(double k, double a) {
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #include <float.h>
-#include <stdint.h>
 
-static inline __m256 fn_pow075_8(__m256 s, int plus_one) {
+/* m values (all 8 when m >= 8; zeros after them) */
+static inline __m256 fn_load8(const float* p, ptrdiff_t m) {
+    if (m >= 8) return _mm256_loadu_ps(p);
+    float b[8] = {0};
+    for (ptrdiff_t j = 0; j < m; j++) b[j] = p[j];
+    return _mm256_loadu_ps(b);
+}
+
+static inline __m256d fn_load4d(const double* p, ptrdiff_t m) {
+    if (m >= 4) return _mm256_loadu_pd(p);
+    double b[4] = {0};
+    for (ptrdiff_t j = 0; j < m; j++) b[j] = p[j];
+    return _mm256_loadu_pd(b);
+}
+
+static inline void fn_store8(float* p, __m256 v, ptrdiff_t m) {
+    if (m >= 8) {
+        _mm256_storeu_ps(p, v);
+        return;
+    }
+    float b[8];
+    _mm256_storeu_ps(b, v);
+    for (ptrdiff_t j = 0; j < m; j++) p[j] = b[j];
+}
+
+static inline void fn_store4d(double* p, __m256d v, ptrdiff_t m) {
+    if (m >= 4) {
+        _mm256_storeu_pd(p, v);
+        return;
+    }
+    double b[4];
+    _mm256_storeu_pd(b, v);
+    for (ptrdiff_t j = 0; j < m; j++) p[j] = b[j];
+}
+
+/* s^-0.75 (and s^-1.75 when p175) of 8 values; checked: see above */
+static inline __m256 fn_pow075_8(__m256 s, int checked, __m256* p175) {
     __m256 r0 = _mm256_rsqrt_ps(s);
     __m256 e = _mm256_fnmadd_ps(_mm256_mul_ps(s, r0), r0, _mm256_set1_ps(1.0f));
     __m256 poly = _mm256_fmadd_ps(e, _mm256_set1_ps(0.375f), _mm256_set1_ps(0.5f));
     __m256 r = _mm256_fmadd_ps(_mm256_mul_ps(r0, e), poly, r0);
     __m256 out = _mm256_mul_ps(r, _mm256_sqrt_ps(r));
-    return plus_one ? _mm256_mul_ps(out, _mm256_mul_ps(r, r)) : out;
-}
-
-/* lanes of s that are not normal numbers take the portable formula */
-static inline __m256 fn_pow075_8_checked(__m256 s, int plus_one) {
-    __m256 out = fn_pow075_8(s, plus_one);
-    __m256 bad = _mm256_or_ps(_mm256_cmp_ps(s, _mm256_set1_ps(FLT_MIN), _CMP_NGE_UQ),
-                              _mm256_cmp_ps(s, _mm256_set1_ps(FLT_MAX), _CMP_GT_OQ));
-    if (_mm256_movemask_ps(bad)) {
-        float sv[8], ov[8];
-        _mm256_storeu_ps(sv, s);
-        _mm256_storeu_ps(ov, out);
-        for (int j = 0; j < 8; j++)
-            if (!(sv[j] >= FLT_MIN && sv[j] <= FLT_MAX)) ov[j] = fn_pow075_portable(sv[j], plus_one);
-        out = _mm256_loadu_ps(ov);
+    if (p175) *p175 = _mm256_mul_ps(out, _mm256_mul_ps(r, r));
+    if (checked) {
+        __m256 bad = _mm256_or_ps(_mm256_cmp_ps(s, _mm256_set1_ps(FLT_MIN), _CMP_NGE_UQ),
+                                  _mm256_cmp_ps(s, _mm256_set1_ps(FLT_MAX), _CMP_GT_OQ));
+        if (_mm256_movemask_ps(bad)) {
+            float sv[8], ov[8], o1[8];
+            _mm256_storeu_ps(sv, s);
+            _mm256_storeu_ps(ov, out);
+            if (p175) _mm256_storeu_ps(o1, *p175);
+            for (int j = 0; j < 8; j++) {
+                if (sv[j] >= FLT_MIN && sv[j] <= FLT_MAX) continue;
+                ov[j] = fn_pow075_portable(sv[j], 0);
+                o1[j] = fn_pow075_portable(sv[j], 1);
+            }
+            out = _mm256_loadu_ps(ov);
+            if (p175) *p175 = _mm256_loadu_ps(o1);
+        }
     }
     return out;
 }
 
-/* prefix += grow^2 and s for 8 positions, with float64 or float32 window sums */
-static inline __m256 fn_lrn_scale8_f64(const double* suffix, double* prefix, const float* grow,
-                                       double k, double a) {
-    __m256d kv = _mm256_set1_pd(k), av = _mm256_set1_pd(a);
-    __m256d plo = _mm256_loadu_pd(prefix), phi = _mm256_loadu_pd(prefix + 4);
-    if (grow) {
-        __m256d glo = _mm256_cvtps_pd(_mm_loadu_ps(grow)), ghi = _mm256_cvtps_pd(_mm_loadu_ps(grow + 4));
-        plo = _mm256_fmadd_pd(glo, glo, plo);
-        phi = _mm256_fmadd_pd(ghi, ghi, phi);
-        _mm256_storeu_pd(prefix, plo);
-        _mm256_storeu_pd(prefix + 4, phi);
-    }
-    __m256d lo = _mm256_fmadd_pd(av, _mm256_add_pd(_mm256_loadu_pd(suffix), plo), kv);
-    __m256d hi = _mm256_fmadd_pd(av, _mm256_add_pd(_mm256_loadu_pd(suffix + 4), phi), kv);
-    return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
-}
-
+/* prefix += grow^2, then s, for the m (<= 8) positions from here */
 static inline __m256 fn_lrn_scale8_f32(const float* suffix, float* prefix, const float* grow,
-                                       double k, double a) {
-    __m256 p = _mm256_loadu_ps(prefix);
+                                       ptrdiff_t m, double k, double a) {
+    __m256 p = fn_load8(prefix, m);
     if (grow) {
-        __m256 g = _mm256_loadu_ps(grow);
+        __m256 g = fn_load8(grow, m);
         p = _mm256_fmadd_ps(g, g, p);
-        _mm256_storeu_ps(prefix, p);
+        fn_store8(prefix, p, m);
     }
-    return _mm256_fmadd_ps(_mm256_set1_ps((float)a), _mm256_add_ps(_mm256_loadu_ps(suffix), p),
+    return _mm256_fmadd_ps(_mm256_set1_ps((float)a), _mm256_add_ps(fn_load8(suffix, m), p),
                            _mm256_set1_ps((float)k));
 }
 
-static inline float fn_lrn_scale1_f64(const double* suffix, const double* prefix, double k,
-                                      double a) {
-    return (float)fma(a, *suffix + *prefix, k);
+static inline __m256 fn_lrn_scale8_f64(const double* suffix, double* prefix, const float* grow,
+                                       ptrdiff_t m, double k, double a) {
+    __m256d kv = _mm256_set1_pd(k), av = _mm256_set1_pd(a);
+    __m256d plo = fn_load4d(prefix, m), phi = fn_load4d(prefix + 4, m - 4);
+    if (grow) {
+        __m256 g = fn_load8(grow, m);
+        __m256d glo = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
+        __m256d ghi = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+        plo = _mm256_fmadd_pd(glo, glo, plo);
+        phi = _mm256_fmadd_pd(ghi, ghi, phi);
+        fn_store4d(prefix, plo, m);
+        fn_store4d(prefix + 4, phi, m - 4);
+    }
+    __m256d lo = _mm256_fmadd_pd(av, _mm256_add_pd(fn_load4d(suffix, m), plo), kv);
+    __m256d hi = _mm256_fmadd_pd(av, _mm256_add_pd(fn_load4d(suffix + 4, m - 4), phi), kv);
+    return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
 }
 
 static inline float fn_lrn_scale1_f32(const float* suffix, const float* prefix, double k,
@@ -190,86 +224,99 @@ static inline float fn_lrn_scale1_f32(const float* suffix, const float* prefix, 
     return fmaf((float)a, *suffix + *prefix, (float)k);
 }
 
-#define FN_DEFINE_LRN_POW075(T, SUFFIX)                                                  \
-    /* 8 values from i on; `partial` < 8 of them go through padded copies */              \
-    static inline __m256 fn_lrn_pow075_8_##SUFFIX(const T* suffix, T* prefix,           \
-                                                  const float* grow, const float* mul,  \
-                                                  ptrdiff_t i, ptrdiff_t partial,       \
-                                                  double k, double a, int plus_one,     \
-                                                  int checked) {                        \
-        T sp[8] = {0}, pp[8] = {0};                                                      \
-        float gp[8] = {0}, mp[8] = {0};                                                  \
-        __m256 s, v;                                                                     \
-        if (partial) {                                                                   \
-            for (ptrdiff_t j = 0; j < partial; j++) {                                    \
-                sp[j] = suffix[i + j];                                                   \
-                pp[j] = prefix[i + j];                                                   \
-                if (grow) gp[j] = grow[i + j];                                           \
-                if (mul) mp[j] = mul[i + j];                                             \
-            }                                                                            \
-            s = fn_lrn_scale8_##SUFFIX(sp, pp, grow ? gp : NULL, k, a);                  \
-            for (ptrdiff_t j = 0; j < partial; j++) prefix[i + j] = pp[j];               \
-        } else {                                                                         \
-            s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, k, a); \
+static inline float fn_lrn_scale1_f64(const double* suffix, const double* prefix, double k,
+                                      double a) {
+    return (float)fma(a, *suffix + *prefix, k);
+}
+
+static inline int fn_any_nan(__m256 v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
+
+#define FN_PREFETCH_SPREAD(p, i)                                                         \
+    if ((p) && ((i) & 15) == 0) __builtin_prefetch((p) + (i), 0, 3)
+
+#define FN_DEFINE_LRN075(T, SUFFIX)                                                      \
+    static inline void fn_lrn_forward075_##SUFFIX(const T* suffix, T* prefix,           \
+                                                  const float* grow, const float* x,    \
+                                                  float* y, ptrdiff_t n, double k,      \
+                                                  double a, const float* prefetch) {    \
+        int checked = !fn_pow075_s_is_normal(k, a), nan_seen = 0;                        \
+        for (ptrdiff_t i = 0; i < n; i += 8) {                                           \
+            ptrdiff_t m = n - i;                                                         \
+            FN_PREFETCH_SPREAD(prefetch, i);                                             \
+            __m256 s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
+                                              m, k, a);                                  \
+            __m256 v = _mm256_mul_ps(fn_load8(x + i, m), fn_pow075_8(s, checked, NULL));  \
+            nan_seen |= fn_any_nan(v);                                                   \
+            fn_store8(y + i, v, m);                                                      \
         }                                                                                \
-        v = checked ? fn_pow075_8_checked(s, plus_one) : fn_pow075_8(s, plus_one);       \
-        if (mul) v = _mm256_mul_ps(v, partial ? _mm256_loadu_ps(mp) : _mm256_loadu_ps(mul + i)); \
-        return v;                                                                        \
+        if (nan_seen && !checked) /* an infinite or NaN s, or a NaN x */                \
+            for (ptrdiff_t j = 0; j < n; j++)                                            \
+                if (isnan(y[j]))                                                         \
+                    y[j] = x[j] * fn_pow075_portable(                                    \
+                        fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a), 0);        \
     }                                                                                    \
-    static inline void fn_lrn_pow075_part_##SUFFIX(const T* suffix, T* prefix,          \
-                                                   const float* grow, const float* mul, \
-                                                   float* out, ptrdiff_t i, ptrdiff_t m, \
-                                                   double k, double a, int plus_one) {  \
-        float ov[8];                                                                     \
-        _mm256_storeu_ps(ov, fn_lrn_pow075_8_##SUFFIX(suffix, prefix, grow, mul, i, m, k, a, \
-                                                      plus_one, 1));                     \
-        for (ptrdiff_t j = 0; j < m; j++) out[i + j] = ov[j];                            \
-    }                                                                                    \
-    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, T* prefix, const float* grow, \
-                                              const float* mul, float* out, ptrdiff_t n, \
-                                              double k, double a, int plus_one,         \
-                                              const float* prefetch) {                  \
-        int checked = !fn_pow075_s_is_normal(k, a);                                      \
-        __m256 nan_seen = _mm256_setzero_ps();                                           \
-        ptrdiff_t i = 0, j;                                                              \
-        for (; i + 8 <= n; i += 8) {                                                     \
-            if (prefetch && (i & 15) == 0) __builtin_prefetch(prefetch + i, 0, 3);       \
-            __m256 v = fn_lrn_pow075_8_##SUFFIX(suffix, prefix, grow, mul, i, 0, k, a,   \
-                                                plus_one, checked);                      \
-            nan_seen = _mm256_or_ps(nan_seen, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));        \
-            _mm256_storeu_ps(out + i, v);                                                \
+    static inline void fn_lrn_backward075_##SUFFIX(const T* suffix, T* prefix,          \
+                                                   const float* grow, const float* x,   \
+                                                   const float* dy, float* dx, float* t, \
+                                                   ptrdiff_t n, double k, double a,     \
+                                                   const float* prefetch,               \
+                                                   const float* prefetch2) {            \
+        int checked = !fn_pow075_s_is_normal(k, a), nan_seen = 0;                        \
+        for (ptrdiff_t i = 0; i < n; i += 8) {                                           \
+            ptrdiff_t m = n - i;                                                         \
+            FN_PREFETCH_SPREAD(prefetch, i);                                             \
+            FN_PREFETCH_SPREAD(prefetch2, i + 8);                                        \
+            __m256 s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
+                                              m, k, a);                                  \
+            __m256 p175, g = fn_load8(dy + i, m);                                        \
+            __m256 d = _mm256_mul_ps(g, fn_pow075_8(s, checked, &p175));                  \
+            __m256 tv = _mm256_mul_ps(_mm256_mul_ps(g, fn_load8(x + i, m)), p175);       \
+            nan_seen |= fn_any_nan(d) | fn_any_nan(tv);                                  \
+            fn_store8(dx + i, d, m);                                                     \
+            fn_store8(t + i, tv, m);                                                     \
         }                                                                                \
-        if (i < n) fn_lrn_pow075_part_##SUFFIX(suffix, prefix, grow, mul, out, i, n - i, k, a, \
-                                               plus_one);                                \
-        if (prefetch)                                                                    \
-            for (j = i; j < n; j += 16) __builtin_prefetch(prefetch + j, 0, 3);          \
-        if (!checked && _mm256_movemask_ps(nan_seen)) {                                  \
-            /* an infinite or NaN s (or a NaN multiplier): the portable formula */      \
-            for (j = 0; j < n; j++)                                                      \
-                if (isnan(out[j]))                                                       \
-                    out[j] = (mul ? mul[j] : 1.0f) * fn_pow075_portable(                 \
-                        fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a), plus_one); \
-        }                                                                                \
+        if (nan_seen && !checked)                                                        \
+            for (ptrdiff_t j = 0; j < n; j++)                                            \
+                if (isnan(dx[j]) || isnan(t[j])) {                                       \
+                    float sj = fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a);     \
+                    dx[j] = dy[j] * fn_pow075_portable(sj, 0);                           \
+                    t[j] = dy[j] * x[j] * fn_pow075_portable(sj, 1);                     \
+                }                                                                        \
     }
 #else
-#define FN_DEFINE_LRN_POW075(T, SUFFIX)                                                  \
-    static inline void fn_lrn_pow075_##SUFFIX(const T* suffix, T* prefix, const float* grow, \
-                                              const float* mul, float* out, ptrdiff_t n, \
-                                              double k, double a, int plus_one,         \
-                                              const float* prefetch) {                  \
-        T kt = (T)k, at = (T)a;                                                          \
+#define FN_DEFINE_LRN075(T, SUFFIX)                                                      \
+    static inline float fn_lrn_scale1_##SUFFIX(const T* suffix, T* prefix, const float* grow, \
+                                               ptrdiff_t i, double k, double a) {       \
+        if (grow) prefix[i] = prefix[i] + (T)grow[i] * (T)grow[i];                       \
+        return (float)((T)k + (T)a * (suffix[i] + prefix[i]));                           \
+    }                                                                                    \
+    static inline void fn_lrn_forward075_##SUFFIX(const T* suffix, T* prefix,           \
+                                                  const float* grow, const float* x,    \
+                                                  float* y, ptrdiff_t n, double k,      \
+                                                  double a, const float* prefetch) {    \
         (void)prefetch;                                                                  \
+        for (ptrdiff_t i = 0; i < n; i++)                                                \
+            y[i] = x[i] * fn_pow075_portable(fn_lrn_scale1_##SUFFIX(suffix, prefix, grow, i, k, a), 0); \
+    }                                                                                    \
+    static inline void fn_lrn_backward075_##SUFFIX(const T* suffix, T* prefix,          \
+                                                   const float* grow, const float* x,   \
+                                                   const float* dy, float* dx, float* t, \
+                                                   ptrdiff_t n, double k, double a,     \
+                                                   const float* prefetch,               \
+                                                   const float* prefetch2) {            \
+        (void)prefetch;                                                                  \
+        (void)prefetch2;                                                                 \
         for (ptrdiff_t i = 0; i < n; i++) {                                              \
-            if (grow) prefix[i] = prefix[i] + (T)grow[i] * (T)grow[i];                   \
-            out[i] = (mul ? mul[i] : 1.0f) *                                             \
-                     fn_pow075_portable((float)(kt + at * (suffix[i] + prefix[i])), plus_one); \
+            float s = fn_lrn_scale1_##SUFFIX(suffix, prefix, grow, i, k, a);             \
+            dx[i] = dy[i] * fn_pow075_portable(s, 0);                                    \
+            t[i] = dy[i] * x[i] * fn_pow075_portable(s, 1);                              \
         }                                                                                \
     }
 #endif
 
-FN_DEFINE_LRN_POW075(double, f64)
-FN_DEFINE_LRN_POW075(float, f32)
+FN_DEFINE_LRN075(double, f64)
+FN_DEFINE_LRN075(float, f32)
 
-#undef FN_DEFINE_LRN_POW075
+#undef FN_DEFINE_LRN075
 
 #endif /* FASTNORM_SIMD_H */

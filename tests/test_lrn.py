@@ -195,6 +195,9 @@ def test_zero_infinite_and_nan_scales_like_torch(k, beta, dtype, torch):
     y = local_response_norm(x, 3, 1e-4, beta, k)
     y_t = torch.nn.functional.local_response_norm(torch.tensor(x), 3, 1e-4, beta, k).numpy()
     np.testing.assert_allclose(y, y_t, rtol=1e-5, atol=0, equal_nan=True)
+    if k > 0:  # an overflowing window (s = inf) has zero gradient, not inf * 0 = NaN
+        dx = local_response_norm_backward(np.ones_like(x), x, 3, 1e-4, beta, k)
+        assert np.isfinite(dx[1, :, 5]).all()
 
 
 def test_large_input_like_small_ones():
