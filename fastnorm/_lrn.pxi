@@ -28,9 +28,17 @@
 # never depends on how positions are grouped into tasks, nor on the thread count.
 # Positions are processed in rows of `width` values so that inner loops
 # vectorize along them:
-#   * channels-first (N, C, S), S > 1: channel c of a task is x[n, c, s0:s0+width];
+#   * channels-first (N, C, S), S > 1: channel c of a task is x[n, c, s0:s0+width],
+#     ideally a whole channel plane, so that a task streams through memory;
 #   * channels-last rows (R, C, 1): a tile of `width` rows is transposed into
 #     a (C, width) scratch, processed like channels-first, and transposed back.
+#
+# Speed of the common case (float32, beta = 0.75): the power and the outputs
+# come from fused AVX2 primitives (fn_lrn_forward075_*, fn_lrn_backward075_* in
+# _simd.h: rsqrt estimate + correction, a few ulp). The x^2 window leaves the
+# growth of its prefix to them (window_next's `grow`), so that a channel's
+# first reads from memory overlap their arithmetic, and they prefetch the rows
+# needed at the next step. Other dtypes and betas use the plain loops below.
 #
 # Public entry points (inputs validated in Python; no GIL, never raise):
 #   lrn_forward   IN x                 OUT y
