@@ -338,30 +338,44 @@ cdef void rows_affine_backward(const floating* x, const floating* dy, floating* 
 
 # --------------------------------------------------------- coefficients
 
-cdef inline void normalize_coefficients(double m2, double count, double weight, double bias,
-                                        double eps, double* var, double* scale,
-                                        double* shift) noexcept nogil:
-    """Biased variance, and y = (x - mean) * scale + shift from it."""
-    var[0] = m2 / count
-    scale[0] = weight / sqrt(var[0] + eps)
-    shift[0] = bias
+# Coefficients are returned as structs, not through pointers: inside prange,
+# Cython makes a variable thread-private only when it is assigned directly.
+cdef struct Normalization:
+    double var      # biased variance
+    double scale    # y = (x - mean) * scale + shift
+    double shift
 
 
-cdef inline void backward_coefficients(double sum_dy, double sum_dy_xmu, double count,
-                                       double invstd, double weight, bint training,
-                                       double* k_dy, double* k_x, double* k_0) noexcept nogil:
-    """dx = k_dy*dy + k_x*(x - mean) + k_0.
+cdef struct BackwardCoefficients:
+    double k_dy     # dx = k_dy * dy + k_x * (x - mean) + k_0
+    double k_x
+    double k_0
 
-    Training differentiates through the batch mean and variance:
+
+cdef inline Normalization normalize_coefficients(double m2, double count, double weight,
+                                                 double bias, double eps) noexcept nogil:
+    cdef Normalization n
+    n.var = m2 / count
+    n.scale = weight / sqrt(n.var + eps)
+    n.shift = bias
+    return n
+
+
+cdef inline BackwardCoefficients backward_coefficients(double sum_dy, double sum_dy_xmu,
+                                                       double count, double invstd, double weight,
+                                                       bint training) noexcept nogil:
+    """Training differentiates through the batch mean and variance:
       dx = w*invstd * (dy - mean(dy) - (x-mean)*invstd^2 * mean(dy*(x-mean)));
     eval treats the (running) statistics as constants: dx = w*invstd*dy."""
-    k_dy[0] = weight * invstd
+    cdef BackwardCoefficients k
+    k.k_dy = weight * invstd
     if training and count > 0:
-        k_x[0] = -weight * invstd * invstd * invstd * sum_dy_xmu / count
-        k_0[0] = -weight * invstd * sum_dy / count
+        k.k_x = -weight * invstd * invstd * invstd * sum_dy_xmu / count
+        k.k_0 = -weight * invstd * sum_dy / count
     else:
-        k_x[0] = 0.0
-        k_0[0] = 0.0
+        k.k_x = 0.0
+        k.k_0 = 0.0
+    return k
 
 
 cdef extern from "<math.h>" nogil:
@@ -427,26 +441,28 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, g
     cdef SegmentPlan sp = segment_plan(N, C, S)
     cdef Moments m
-    cdef double scale, shift
+    cdef Normalization norm
     cdef double[::1] m2, scales, shifts
     if S > 1 and fuse_per_channel(&sp, sizeof(floating), n_threads):
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):
                 m = segment_channel_moments(&x[0, 0, 0], &sp, c)
+                norm = normalize_coefficients(m.m2, m.count, weight[c], bias[c], eps)
                 mean[c] = m.mean
-                normalize_coefficients(m.m2, m.count, weight[c], bias[c], eps,
-                                       &var[c], &scale, &shift)
+                var[c] = norm.var
                 for g in range(sp.n_stripes):
                     segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, c, g, m.mean,
-                                          scale, shift)
+                                          norm.scale, norm.shift)
         return
     m2 = np.empty(C)
     scales = np.empty(C)
     shifts = np.empty(C)
     channel_moments(x, mean, m2, n_threads)
     for c in range(C):
-        normalize_coefficients(m2[c], <double>(N * S), weight[c], bias[c], eps,
-                               &var[c], &scales[c], &shifts[c])
+        norm = normalize_coefficients(m2[c], <double>(N * S), weight[c], bias[c], eps)
+        var[c] = norm.var
+        scales[c] = norm.scale
+        shifts[c] = norm.shift
     channel_normalize(x, mean, scales, shifts, y, n_threads)
 
 
@@ -491,9 +507,12 @@ def channel_backward_coefficients(const double[::1] sum_dy, const double[::1] su
     """Coefficients of dx = k_dy*dy + k_x*(x - mean) + k_0 per channel (see
     backward_coefficients). count is the number of values per channel."""
     cdef Py_ssize_t c
+    cdef BackwardCoefficients k
     for c in range(sum_dy.shape[0]):
-        backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c], training,
-                              &k_dy[c], &k_x[c], &k_0[c])
+        k = backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c], training)
+        k_dy[c] = k.k_dy
+        k_x[c] = k.k_x
+        k_0[c] = k.k_0
 
 
 def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
@@ -533,7 +552,8 @@ def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, g
     cdef SegmentPlan sp = segment_plan(N, C, S)
-    cdef double k_dy, k_x, k_0, stripe_dy, stripe_dy_xmu, count = <double>(N * S)
+    cdef BackwardCoefficients k
+    cdef double stripe_dy, stripe_dy_xmu, count = <double>(N * S)
     cdef double[::1] kd, kx, k0
     if S > 1 and fuse_per_channel(&sp, 2 * sizeof(floating), n_threads):
         with nogil:
@@ -548,11 +568,11 @@ def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
                                              &stripe_dy, &stripe_dy_xmu)
                     sum_dy[c] += stripe_dy
                     sum_dy_xmu[c] += stripe_dy_xmu
-                backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c],
-                                      training, &k_dy, &k_x, &k_0)
+                k = backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c],
+                                          training)
                 for g in range(sp.n_stripes):
                     segment_stripe_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &sp, c, g,
-                                            mean[c], k_dy, k_x, k_0)
+                                            mean[c], k.k_dy, k.k_x, k.k_0)
         return
     kd = np.empty(C)
     kx = np.empty(C)

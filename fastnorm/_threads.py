@@ -2,7 +2,9 @@
 
 The count is the calling thread's OpenMP limit (omp_get_max_threads, which
 follows OMP_NUM_THREADS and threadpoolctl's limits), capped by
-set_num_threads(). In a child created by os.fork() kernels run serially:
+set_num_threads(). set_num_threads(n) also sets the calling thread's OpenMP
+limit to n (so n may exceed the core count), and a later threadpoolctl limit
+lowers it again: the smaller of the two wins. In a child created by os.fork() kernels run serially:
 libgomp cannot start a new team in a forked child of a process whose team
 already ran, and would hang.
 """
@@ -36,6 +38,16 @@ def get_num_threads():
     if _user_limit is not None and _user_limit < limit:
         return _user_limit
     return limit
+
+
+_initial_openmp_limit = kernels.openmp_max_threads()
+
+
+def _reset_num_threads():
+    """Forget set_num_threads() (as at import); used by the tests."""
+    global _user_limit
+    _user_limit = None
+    kernels.openmp_set_num_threads(_initial_openmp_limit)
 
 
 def _after_fork_in_child():
