@@ -25,7 +25,8 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 from fastnorm._common cimport (
-    MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, run_affine,
+    MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, cols_centered_sums, cols_grad_sums,
+    cols_sum, run_affine,
     run_affine_backward, run_grad_sums, split_hi_lo, stripe_bounds,
 )
 
@@ -204,8 +205,7 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
     cdef double* unit_shift
     cdef double* unit_d
     cdef double* unit_dd
-    cdef double count, n, d, delta
-    cdef const floating* row
+    cdef double count, n, delta
     cdef Moments acc, part
     for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
         g = task // p.n_blocks
@@ -222,24 +222,15 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         for u in range(first, stop):
             r0 = u * p.unit_rows
             nrows = min(p.R, r0 + p.unit_rows) - r0
-            # pass 1: the unit's mean per channel
+            # pass 1: the unit's mean per channel; pass 2 (the unit is in cache): centered sums
             for c in range(nc):
                 unit_shift[c] = 0.0
                 unit_d[c] = 0.0
                 unit_dd[c] = 0.0
-            for r in range(r0, r0 + nrows):
-                row = x + r * p.C + c0
-                for c in range(nc):
-                    unit_shift[c] += row[c]
+            cols_sum(x + r0 * p.C + c0, nrows, p.C, nc, unit_shift)
             for c in range(nc):
                 unit_shift[c] = unit_shift[c] / nrows
-            # pass 2 (the unit is in cache): centered sums
-            for r in range(r0, r0 + nrows):
-                row = x + r * p.C + c0
-                for c in range(nc):
-                    d = row[c] - unit_shift[c]
-                    unit_d[c] += d
-                    unit_dd[c] += d * d
+            cols_centered_sums(x + r0 * p.C + c0, nrows, p.C, nc, unit_shift, unit_d, unit_dd)
             # Chan merge of the unit into the stripe, all channels at once
             n = count + nrows
             for c in range(nc):
@@ -273,12 +264,9 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p, cons
                          double* sum_dy, double* sum_dy_xmu, double[:, :, ::1] scratch,
                          int n_threads) noexcept nogil:
     """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: (tasks, 2, block)."""
-    cdef Py_ssize_t task, g, b, u, first, stop, r, c, c0, nc
+    cdef Py_ssize_t task, g, b, u, first, stop, r0, c, c0, nc
     cdef double* part_g
     cdef double* part_gx
-    cdef double gv
-    cdef const floating* xrow
-    cdef const floating* grow
     for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
         g = task // p.n_blocks
         b = task % p.n_blocks
@@ -290,13 +278,11 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p, cons
             part_g[c] = 0.0
             part_gx[c] = 0.0
         stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
-        for r in range(first * p.unit_rows, min(p.R, stop * p.unit_rows)):
-            xrow = x + r * p.C + c0
-            grow = dy + r * p.C + c0
-            for c in range(nc):
-                gv = grow[c]
-                part_g[c] += gv
-                part_gx[c] += gv * (xrow[c] - mean[c0 + c])
+        for u in range(first, stop):
+            # unit by unit: a unit's rows stay in cache while its channel blocks are summed
+            r0 = u * p.unit_rows
+            cols_grad_sums(x + r0 * p.C + c0, dy + r0 * p.C + c0, min(p.R, r0 + p.unit_rows) - r0,
+                           p.C, nc, mean + c0, part_g, part_gx)
     for c in range(p.C):
         b = c // p.block
         sum_dy[c] = 0.0
