@@ -8,10 +8,10 @@ lowers it again: the smaller of the two wins. In a child created by os.fork() ke
 libgomp cannot start a new team in a forked child of a process whose team
 already ran, and would hang.
 """
-import operator
 import os
 
 from ._kernels import kernels
+from ._validation import check_count
 
 _user_limit = None
 _in_forked_child = False
@@ -20,12 +20,7 @@ _in_forked_child = False
 def set_num_threads(n):
     """Use at most n OpenMP threads in fastnorm's kernels (n >= 1)."""
     global _user_limit
-    try:
-        n = operator.index(n)
-    except TypeError:
-        raise TypeError(f"set_num_threads expects an int, got {type(n).__name__}") from None
-    if n < 1:
-        raise ValueError(f"set_num_threads expects n >= 1, got {n}")
+    n = check_count("n", n)
     _user_limit = n
     kernels.openmp_set_num_threads(n)
 

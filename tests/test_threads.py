@@ -29,7 +29,7 @@ def test_set_and_get_num_threads():
         assert fn.get_num_threads() == (3 if fn._kernels.OPENMP_ENABLED else 1)
     with num_threads(1):
         assert fn.get_num_threads() == 1
-    with pytest.raises(ValueError, match="n >= 1"):
+    with pytest.raises(ValueError, match="n must be at least 1"):
         fn.set_num_threads(0)
     with pytest.raises(TypeError, match="int"):
         fn.set_num_threads(1.5)
