@@ -183,15 +183,22 @@ class Runner:
                 "gbps": gbps, "bandwidth_fraction": gbps / self.ceiling[n_threads]}
 
     def run(self, case_list, thread_counts):
+        """Records of every case at every thread count; thread settings restored afterwards."""
         total = len(case_list) * len(thread_counts)
         records, done, start = [], 0, time.perf_counter()
-        for case in case_list:
-            for n in thread_counts:
-                record = self.measure(case, n)
-                done += 1
-                if record is not None:
-                    records.append(record)
-                    progress(done, total, record, time.perf_counter() - start)
+        initial = (self.fastnorm.get_num_threads(), self.torch.get_num_threads())
+        try:
+            for case in case_list:
+                for n in thread_counts:
+                    record = self.measure(case, n)
+                    done += 1
+                    if record is not None:
+                        records.append(record)
+                        progress(done, total, record, time.perf_counter() - start)
+        finally:
+            self.fastnorm.set_num_threads(initial[0])
+            self.torch.set_num_threads(initial[1])
+            self._data_key = self._data = None
         return records
 
 
