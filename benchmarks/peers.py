@@ -175,7 +175,8 @@ ONNX_OPS = {
 
 
 class OnnxRuntimePeer(Peer):
-    """Forward only (ONNX Runtime is an inference engine), NCHW-contiguous input only."""
+    """Forward only (ONNX Runtime is an inference engine), NCHW-contiguous input only.
+    Its thread pool does not spin between runs, so it leaves the cores to the others."""
 
     name = "onnxruntime"
 
@@ -227,6 +228,8 @@ class OnnxRuntimePeer(Peer):
         options.intra_op_num_threads = n_threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
+        # no busy-waiting of ORT's pool after a run: it would steal cores from the next candidate
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(self._model(case).SerializeToString(), options,
                                            providers=["CPUExecutionProvider"])

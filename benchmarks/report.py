@@ -158,7 +158,8 @@ def terminal_report(run):
 METHOD = (
     "Each case times fastnorm and its peers interleaved (every round runs each once, in rotated "
     "order) and reports medians; ratios are peer time / fastnorm time (> 1: fastnorm faster). "
-    "fastnorm and torch run at the same thread count. GB/s counts the one-pass minimum traffic "
+    "fastnorm and torch run at the same thread count; NumPy, single-threaded, is timed at the "
+    "first thread count and reused for the others. GB/s counts the one-pass minimum traffic "
     "(forward: read x + write y; backward: read x, dy + write dx; fwd+bwd: both), and % BW "
     "divides it by the copy bandwidth measured in the same run. torch forward runs under "
     "no_grad/inference_mode; torch backward is autograd (`torch.autograd.grad` of input and "
@@ -191,6 +192,7 @@ def write_chart(run, path):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     threads = run["meta"]["threads"]
@@ -206,6 +208,13 @@ def write_chart(run, path):
         ax.barh(positions, values, height=height, label=f"{n} thread{'s' if n > 1 else ''}")
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    ticks = [2.0 ** k for k in range(-4, 8)]
+    finite = [v for v in speedups.values() if v and v > 0]
+    low, high = min(finite + [1.0]) / 1.3, max(finite + [1.0]) * 1.3
+    ax.set_xlim(low, high)
+    ax.set_xticks([t for t in ticks if low <= t <= high])
+    ax.set_xticklabels([f"{t:g}×" for t in ticks if low <= t <= high])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yticks(range(len(labels)))
     ax.set_yticklabels(labels, fontsize=7)
     ax.invert_yaxis()

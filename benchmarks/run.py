@@ -134,6 +134,7 @@ class Runner:
         self.llc = bandwidth.last_level_cache_bytes()
         self.notes = []
         self._data_key, self._data = None, None
+        self._unthreaded = {}  # (case, peer name) -> Timing of peers that use one thread
 
     def set_threads(self, n):
         self.fastnorm.set_num_threads(n)
@@ -152,25 +153,37 @@ class Runner:
         return self._data
 
     def measure(self, case, n_threads):
-        """One record: every peer timed on the case at n_threads."""
+        """One record: every peer timed on the case at n_threads. A peer that does not
+        use threads (NumPy) is timed at the first thread count only and reused."""
         effective = self.set_threads(n_threads)
         x, dy = self.data(case)
-        callables, skipped = {}, {}
+        callables, skipped, reused = {}, {}, {}
         for peer in self.peers:
-            reason = peer.skip_reason(case)
-            if reason is None:
-                try:
-                    callables[peer.name] = peer.build(case, x, dy, n_threads)
-                except Exception as error:  # a peer that cannot run this case must not stop the run
-                    reason = str(error) if isinstance(error, peers.PeerUnavailable) else \
-                        f"{peer.name} failed: {type(error).__name__}: {error}"
+            if (case, peer.name) in self._unthreaded:
+                reused[peer.name] = self._unthreaded[case, peer.name]
+                continue
+            reason = peer.skip_reason(case) or self._build(peer, case, x, dy, n_threads, callables)
             if reason is not None:
                 skipped[peer.name] = reason
         if "fastnorm" not in callables or "torch" not in callables:
             self.notes.append(f"{case.label} {n_threads} thr not measured: {skipped}")
             return None
         timings = timing.measure(callables, self.settings)
-        return self.record(case, n_threads, effective, timings, skipped)
+        for peer in self.peers:
+            if not peer.threaded and peer.name in timings:
+                self._unthreaded[case, peer.name] = timings[peer.name]
+        return self.record(case, n_threads, effective, {**timings, **reused}, skipped)
+
+    @staticmethod
+    def _build(peer, case, x, dy, n_threads, callables):
+        """Add the peer's callable for the case; return why not if it cannot run it."""
+        try:
+            callables[peer.name] = peer.build(case, x, dy, n_threads)
+        except peers.PeerUnavailable as error:
+            return str(error)
+        except Exception as error:  # a peer that cannot run this case must not stop the run
+            return f"{peer.name} failed: {type(error).__name__}: {error}"
+        return None
 
     def record(self, case, n_threads, effective, timings, skipped):
         ours = timings["fastnorm"].median
@@ -245,6 +258,10 @@ def main(argv=None):
 
     started = datetime.datetime.now().isoformat(timespec="seconds")
     env = environment()
+    busy = _busy_note(env["loadavg_start"])
+    if busy:
+        notes.append(busy)
+        log(f"  note: {busy}")
     log(f"measuring memory bandwidth ({mib} MiB arrays) ...")
     first = measure_ceiling(thread_counts, mib, repeats)
     ceiling = {n: first[n]["copy"] for n in thread_counts}
@@ -295,6 +312,14 @@ def _skip_notes(case_list, peer_list, fastnorm_peer):
         if peer.available():
             notes.append(f"{peer.name} skipped: {peer.available()}")
     return notes
+
+
+def _busy_note(loadavg):
+    cpus = available_cpus()
+    if loadavg and loadavg[0] > 0.5 * cpus:
+        return (f"the machine was busy at the start (load average {loadavg[0]:.2f} on {cpus} CPUs): "
+                "timings are noisy, those with several threads most")
+    return None
 
 
 def write_outputs(run, out_dir):
