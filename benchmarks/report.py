@@ -134,7 +134,7 @@ def header_lines(run):
         f"Versions: fastnorm {v['fastnorm']} ({v['fastnorm_kernels']}), torch {v['torch']}, "
         f"numpy {v['numpy']}, onnxruntime {v.get('onnxruntime') or 'not installed'}, "
         f"Python {v['python']}",
-        f"Mode: {m['mode']}, threads {', '.join(map(str, m['threads']))} (fastnorm and torch set "
+        f"Mode: {m['mode']}{', fastnorm forwards into preallocated out=' if m.get('fastnorm_preallocated_out') else ''}, threads {', '.join(map(str, m['threads']))} (fastnorm and torch set "
         f"alike; NumPy is single-threaded), {m['started']}",
         f"Memory bandwidth (same run, torch STREAM-like on {m['bandwidth_array_mib']} MiB arrays): "
         f"{bandwidth}",
@@ -161,7 +161,9 @@ METHOD = (
     "fastnorm and torch run at the same thread count; NumPy, single-threaded, is timed at the "
     "first thread count and reused for the others. GB/s counts the one-pass minimum traffic "
     "(forward: read x + write y; backward: read x, dy + write dx; fwd+bwd: both), and % BW "
-    "divides it by the copy bandwidth measured in the same run. torch forward runs under "
+    "divides it by the copy bandwidth measured in the same run (forwards allocate their output, "
+    "as a user's call does; for tensors above glibc's 32 MiB mmap threshold that includes "
+    "page-faulting fresh memory: `--fastnorm-out` excludes it for fastnorm). torch forward runs under "
     "no_grad/inference_mode; torch backward is autograd (`torch.autograd.grad` of input and "
     "parameters with a retained graph). For layers without running statistics `train` is the "
     "forward.")

@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--peers", type=_csv(str, ("numpy", "onnxruntime")), default=["numpy", "onnxruntime"],
                    help="peers besides torch (default numpy,onnxruntime; onnxruntime is skipped "
                         "with a note when not installed)")
+    p.add_argument("--fastnorm-out", action="store_true",
+                   help="fastnorm forwards write into a preallocated out= array (excludes the page "
+                        "faults of fresh output memory; torch still allocates)")
     p.add_argument("--budget", type=float, help="seconds of timing rounds per measurement")
     p.add_argument("--bandwidth-mib", type=int, help="STREAM array size in MiB (default 256)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy table")
@@ -234,13 +237,15 @@ def main(argv=None):
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     case_list = cases.select_cases(quick=mode != "full", layers=args.layers, dtypes=args.dtype,
                                    modes=args.modes, layouts=args.layouts, tiny_only=mode == "smoke")
+    if mode == "full" and not args.list:
+        log("full mode measures the whole matrix and takes a long while; --quick takes about a minute")
     if args.list:
         for case in case_list:
             print(case.label)
         return None
 
     fastnorm = import_fastnorm()
-    peer_list = peers.make_peers(fastnorm, ["torch", *args.peers])
+    peer_list = peers.make_peers(fastnorm, ["torch", *args.peers], args.fastnorm_out)
     thread_counts = args.threads or list(dict.fromkeys([1, available_cpus()]))
     settings = {"smoke": timing.SMOKE, "quick": timing.QUICK, "full": timing.FULL}[mode]
     if args.budget is not None:
@@ -288,6 +293,7 @@ def main(argv=None):
     run = {
         "meta": {"mode": mode, "started": started, "seconds": seconds, "command": sys.argv,
                  "threads": thread_counts, "peers": [p.name for p in peer_list],
+                 "fastnorm_preallocated_out": args.fastnorm_out,
                  "timing": settings.__dict__, "machine": machine_info(),
                  "versions": versions(fastnorm, torch_peer.torch), "environment": env,
                  "bandwidth": {str(n): b for n, b in best.items()},

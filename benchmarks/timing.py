@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 @dataclass(frozen=True)
 class Settings:
     budget: float = 1.0        # seconds of rounds per measurement (after warm-up)
-    min_rounds: int = 11
+    min_rounds: int = 5
     max_rounds: int = 2000
     min_sample: float = 0.002  # seconds a sample lasts at least
     warmup: float = 0.05       # seconds of warm-up calls per candidate (at least one call)
