@@ -264,6 +264,3 @@ def _normal(shape, dtype, rng, loc, scale):
         x += loc
     return x
 
-
-def unknown_layers(names):
-    return [n for n in names if n not in LAYER_NAMES]
