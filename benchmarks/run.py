@@ -111,7 +111,7 @@ def versions(fastnorm, torch):
     found = {"python": platform.python_version(), "numpy": numpy.__version__,
              "torch": torch.__version__, "fastnorm": fastnorm.__version__,
              "fastnorm_path": os.path.dirname(fastnorm.__file__),
-             "fastnorm_kernels": f"{fastnorm._ISA}, OpenMP "
+             "fastnorm_kernels": f"{fastnorm._kernels.ISA}, OpenMP "
                                  f"{'on' if fastnorm._kernels.OPENMP_ENABLED else 'off'}"}
     for name in ("onnxruntime", "onnx", "matplotlib"):
         try:
