@@ -70,7 +70,7 @@ import numpy as np
 from .._kernels import kernels
 from .._layout import deliver, input_view, kernel_view, output_for
 from .._threads import get_num_threads
-from .._validation import check_channels
+from .._validation import check_channels, check_float_array
 from ..comm import as_allreduce
 from .batch_norm import (
     _check_backward, _check_forward, _per_channel, _update_running, batch_norm_backward,
@@ -126,10 +126,9 @@ def native_sync_batch_norm(input, weight, bias, running_mean, running_var, train
     allreduce = as_allreduce(comm)
     guess = _known_channels(num_features, input, weight, bias, running_mean, running_var)
     with _joined_when_rejected(allreduce, guess):
+        _check_layer_channels(input, num_features)
         _check_forward(input, weight, bias, running_mean, running_var, True, momentum, eps, out,
                        check_batch_size=False)
-        if num_features is not None:
-            check_channels(input, num_features, "SyncBatchNorm")
         shift = _shift_for(shift, running_mean, input.shape[1])
     x = input
     channels = x.shape[1]
@@ -171,10 +170,9 @@ def sync_batch_norm_backward(grad_output, input, save_mean, save_invstd, count, 
     allreduce = as_allreduce(comm)
     guess = num_features if num_features is not None else getattr(save_mean, "size", None)
     with _joined_when_rejected(allreduce, guess):
+        _check_layer_channels(input, num_features)
         _check_backward(grad_output, input, save_mean, save_invstd, weight)
         count = _check_count(count)
-        if num_features is not None:
-            check_channels(input, num_features, "SyncBatchNorm")
     x = input
     channels = x.shape[1]
     mean = np.ascontiguousarray(save_mean, np.float64)
@@ -316,6 +314,14 @@ def _known_channels(num_features, input, *per_channel):
     if isinstance(input, np.ndarray) and input.ndim >= 2:
         return input.shape[1]
     return None
+
+
+def _check_layer_channels(x, num_features):
+    """The layer's channel count first: the clearest message when it is wrong."""
+    if num_features is not None:
+        check_float_array(x, "input")
+        if x.ndim >= 2:
+            check_channels(x, num_features, "SyncBatchNorm")
 
 
 def _check_count(count):
