@@ -11,6 +11,7 @@ rank-sum of weight/bias gradients with BatchNorm on the concatenated batch.
 """
 import functools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -526,3 +527,19 @@ def test_torch_distributed_gloo_two_processes():
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 0, out
         assert "ok:" in out, out
+
+
+@pytest.mark.mpi
+def test_example_agrees_with_one_process():
+    pytest.importorskip("mpi4py")
+    if MPIEXEC is None:
+        pytest.skip("mpiexec not found")
+    cmd = [MPIEXEC, "-n", "3", sys.executable, "-m", "mpi4py",
+           os.path.join(ROOT, "examples", "sync_batchnorm_mpi.py")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=worker_env(),
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert summary.startswith("max |difference|"), proc.stdout
+    found = dict(re.findall(r"(losses|running_mean|running_var|w1) ([0-9.]+e[+-][0-9]+)", summary))
+    assert len(found) == 4 and max(float(v) for v in found.values()) < 1e-5, summary
