@@ -246,6 +246,27 @@ def test_nan_poisons_its_channel_for_one_step_only():
         np.testing.assert_allclose(second, expected[3 * rank:3 * rank + 3], atol=1e-12)
 
 
+def test_out_argument_in_the_synchronized_path():
+    world = ThreadWorld(2)
+    x = np.random.default_rng(14).standard_normal((6, 3, 4)).astype(np.float32)
+    parts = [x[:2], x[2:]]
+    layers = [fn.SyncBatchNorm(3, comm=world.comm(r)) for r in range(2)]
+    outs = [np.empty_like(p) for p in parts]
+    results = raise_first_error(world.run(lambda r: layers[r](parts[r], out=outs[r])))
+    expected = fn.BatchNorm1d(3)(x)
+    for r in range(2):
+        assert results[r] is outs[r]
+        np.testing.assert_allclose(outs[r], expected[:2] if r == 0 else expected[2:], atol=2e-6)
+    # a bad out= on one rank is rejected there and everywhere, nothing changes
+    before = [snapshot(layer) for layer in layers]
+    bad = [np.empty_like(parts[0]), np.empty(3, np.float32)]
+    results = world.run(lambda r: layers[r](parts[r], out=bad[r]))
+    assert isinstance(results[1], ValueError) and "out" in str(results[1])
+    assert isinstance(results[0], ValueError) and "rejected" in str(results[0])
+    for layer, state in zip(layers, before):
+        assert_unchanged(layer, state)
+
+
 # ---------------------------------------------- global decisions and errors
 
 def test_global_count_one_raises_the_same_error_on_every_rank():
