@@ -10,6 +10,8 @@ from . import _kernels
 from ._module import NormLayer, StateDictError
 from ._threads import get_num_threads, set_num_threads
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from . import comm
+from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -17,6 +19,7 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NormLayer", "StateDictError", "functional",
     "get_num_threads", "set_num_threads", "show_config",
 ]
+__all__ += ["SyncBatchNorm", "comm"]
 
 
 def show_config():

@@ -76,13 +76,8 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
     it is None). grad_input has the input's layout.
     """
     x = input
-    check_float_array(x, "input")
-    check_grad_output(grad_output, x)
+    _check_backward(grad_output, x, save_mean, save_invstd, weight)
     channels = x.shape[1]
-    check_vector(x, weight, "weight", channels)
-    for name, stat in (("save_mean", save_mean), ("save_invstd", save_invstd)):
-        if not isinstance(stat, np.ndarray) or stat.shape != (channels,):
-            raise ValueError(f"{name} must be an array of shape ({channels},)")
     view, channels_last = input_view(x)
     grad_view = kernel_view(grad_output, channels_last)
     grad_input, grad_input_view = output_for(x, channels_last)
@@ -100,7 +95,11 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
 
 # ------------------------------------------------------------------ helpers
 
-def _check_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, out):
+def _check_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, out,
+                   check_batch_size=True):
+    """Everything a forward needs, checked before any work. check_batch_size=False
+    leaves the "more than 1 value per channel" rule to the caller (SyncBatchNorm
+    applies it to the global batch)."""
     check_float_array(x, "input")
     if x.ndim < 2:
         raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {x.ndim}-D shape {x.shape}")
@@ -119,7 +118,7 @@ def _check_forward(x, weight, bias, running_mean, running_var, training, momentu
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if not buf.flags.writeable:
                 raise ValueError(f"{name} is read-only but training updates it in place")
-    if training and x.size == channels:
+    if check_batch_size and training and x.size == channels:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input of shape {x.shape}"
         )
@@ -128,6 +127,16 @@ def _check_forward(x, weight, bias, running_mean, running_var, training, momentu
     if training and running_mean is not None and not (0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     check_out(x, out)
+
+
+def _check_backward(grad_output, x, save_mean, save_invstd, weight):
+    check_float_array(x, "input")
+    check_grad_output(grad_output, x)
+    channels = x.shape[1]
+    check_vector(x, weight, "weight", channels)
+    for name, stat in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+        if not isinstance(stat, np.ndarray) or stat.shape != (channels,):
+            raise ValueError(f"{name} must be an array of shape ({channels},)")
 
 
 def _per_channel(param, channels, default):
