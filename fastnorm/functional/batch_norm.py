@@ -10,7 +10,7 @@ import numpy as np
 
 from .._kernels import kernels
 from .._layout import deliver, input_view, kernel_view, output_for
-from .._threads import get_num_threads
+from .._threads import threads_for
 from .._validation import (
     check_channels, check_float_array, check_grad_output, check_out, check_vector,
 )
@@ -48,7 +48,7 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
     target, y_view = output_for(x, channels_last, out)
     weight64 = _per_channel(weight, channels, 1.0)
     bias64 = _per_channel(bias, channels, 0.0)
-    n_threads = get_num_threads()
+    n_threads = threads_for(x.size)
     if training:
         mean = np.zeros(channels)
         var = np.ones(channels)
@@ -87,7 +87,7 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
         kernels.channel_backward(view, grad_view, np.ascontiguousarray(save_mean, np.float64),
                                  np.ascontiguousarray(save_invstd, np.float64),
                                  _per_channel(weight, channels, 1.0), bool(training),
-                                 grad_input_view, sum_dy, sum_dy_xmu, get_num_threads())
+                                 grad_input_view, sum_dy, sum_dy_xmu, threads_for(x.size))
     grad_weight = (sum_dy_xmu * save_invstd).astype(x.dtype)
     grad_bias = sum_dy.astype(x.dtype)
     return grad_input, grad_weight, grad_bias

@@ -69,7 +69,7 @@ import numpy as np
 
 from .._kernels import kernels
 from .._layout import deliver, input_view, kernel_view, output_for
-from .._threads import get_num_threads
+from .._threads import threads_for
 from .._validation import check_channels, check_float_array
 from ..comm import as_allreduce
 from .batch_norm import (
@@ -148,7 +148,7 @@ def native_sync_batch_norm(input, weight, bias, running_mean, running_var, train
     if local_count > 0:
         scale = _per_channel(weight, channels, 1.0) * invstd
         kernels.channel_normalize(view, mean, scale, _per_channel(bias, channels, 0.0), y_view,
-                                  get_num_threads())
+                                  threads_for(x.size))
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, count, momentum)
     return deliver(target, out), mean, invstd, count
@@ -183,7 +183,7 @@ def sync_batch_norm_backward(grad_output, input, save_mean, save_invstd, count, 
     local = np.zeros(2 * channels)  # [sum(dy) | sum(dy * (x - mean))] of this process
     if x.size > 0:
         kernels.channel_grad_sums(view, grad_view, mean, local[:channels], local[channels:],
-                                  get_num_threads())
+                                  threads_for(x.size))
     _, sums = _exchange(allreduce, BACKWARD, x, x.size // channels,
                         _fingerprint(mean, invstd, count), local)
     k_dy, k_x, k_0 = np.empty(channels), np.empty(channels), np.empty(channels)
@@ -191,7 +191,7 @@ def sync_batch_norm_backward(grad_output, input, save_mean, save_invstd, count, 
                                           _per_channel(weight, channels, 1.0), True, k_dy, k_x, k_0)
     if x.size > 0:
         kernels.channel_backward_apply(view, grad_view, mean, k_dy, k_x, k_0, grad_input_view,
-                                       get_num_threads())
+                                       threads_for(x.size))
     grad_weight = (local[channels:] * invstd).astype(x.dtype)
     grad_bias = local[:channels].astype(x.dtype)
     return grad_input, grad_weight, grad_bias
@@ -206,7 +206,7 @@ def _shifted_sums(view, count, shift):
         return np.zeros(2 * channels)
     mean = np.empty(channels)
     m2 = np.empty(channels)
-    kernels.channel_moments(view, mean, m2, get_num_threads())
+    kernels.channel_moments(view, mean, m2, threads_for(view.size))
     offset = mean - shift
     return np.concatenate([count * offset, m2 + count * offset * offset])
 
