@@ -12,7 +12,7 @@ from .._kernels import kernels
 from .._layout import deliver, input_view, kernel_view, output_for
 from .._threads import threads_for
 from .._validation import (
-    check_channels, check_float_array, check_grad_output, check_out, check_vector,
+    check_float_array, check_grad_output, check_out, check_vector,
 )
 
 __all__ = ["batch_norm", "native_batch_norm", "batch_norm_backward"]

@@ -62,7 +62,6 @@ Processes that disagree
   detected (eval makes no collective call): the training ones wait.
 """
 import contextlib
-import operator
 import zlib
 
 import numpy as np
@@ -70,7 +69,7 @@ import numpy as np
 from .._kernels import kernels
 from .._layout import deliver, input_view, kernel_view, output_for
 from .._threads import threads_for
-from .._validation import check_channels, check_float_array
+from .._validation import check_channels, check_count, check_float_array
 from ..comm import as_allreduce
 from .batch_norm import (
     _check_backward, _check_forward, _per_channel, _update_running, batch_norm_backward,
@@ -172,7 +171,7 @@ def sync_batch_norm_backward(grad_output, input, save_mean, save_invstd, count, 
     with _joined_when_rejected(allreduce, guess):
         _check_layer_channels(input, num_features)
         _check_backward(grad_output, input, save_mean, save_invstd, weight)
-        count = _check_count(count)
+        count = check_count("count", count, minimum=0)
     x = input
     channels = x.shape[1]
     mean = np.ascontiguousarray(save_mean, np.float64)
@@ -324,11 +323,3 @@ def _check_layer_channels(x, num_features):
             check_channels(x, num_features, "SyncBatchNorm")
 
 
-def _check_count(count):
-    try:
-        count = operator.index(count)
-    except TypeError:
-        raise TypeError(f"count must be an int, got {type(count).__name__}") from None
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    return count
