@@ -27,7 +27,7 @@ from cython.parallel cimport prange
 from fastnorm._common cimport (
     FN_COLUMN_ROWS, MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, cols_grad_sums,
     cols_moments, run_affine,
-    run_affine_backward, run_grad_sums, split_hi_lo, stripe_bounds,
+    run_affine_backward, run_grad_sums, split_hi_lo, stripe_start,
 )
 
 # A channel up to this size is normalized straight after its statistics,
@@ -109,7 +109,8 @@ cdef inline Moments segment_stripe_moments(const floating* x, SegmentPlan* p, Py
     acc.count = 0.0
     acc.mean = 0.0
     acc.m2 = 0.0
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         chan_merge(&acc, block_moments(x + offset, nrows, ncols, p.C * p.S))
@@ -159,7 +160,8 @@ cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPl
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
@@ -171,7 +173,8 @@ cdef inline void segment_stripe_grad_sums(const floating* x, const floating* dy,
                                           Py_ssize_t c, Py_ssize_t g, double mean,
                                           double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
@@ -185,7 +188,8 @@ cdef inline void segment_stripe_backward(const floating* x, const floating* dy, 
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
@@ -215,7 +219,8 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         part_m2 = &scratch[task, 1, 0]
         unit_mean = &scratch[task, 2, 0]
         unit_m2 = &scratch[task, 3, 0]
-        stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+        first = stripe_start(p.n_units, p.n_stripes, g)
+        stop = stripe_start(p.n_units, p.n_stripes, g + 1)
         # the stripe's first unit starts its partials; later units merge in (Chan)
         r0 = first * p.unit_rows
         count = min(p.R, r0 + p.unit_rows) - r0
@@ -239,7 +244,8 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         acc.mean = 0.0
         acc.m2 = 0.0
         for g in range(p.n_stripes):
-            stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+            first = stripe_start(p.n_units, p.n_stripes, g)
+            stop = stripe_start(p.n_units, p.n_stripes, g + 1)
             part.count = <double>(min(p.R, stop * p.unit_rows) - first * p.unit_rows)
             part.mean = scratch[g * p.n_blocks + b, 0, c - b * p.block]
             part.m2 = scratch[g * p.n_blocks + b, 1, c - b * p.block]
@@ -266,7 +272,8 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
         for c in range(nc):
             part_g[c] = 0.0
             part_gx[c] = 0.0
-        stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+        first = stripe_start(p.n_units, p.n_stripes, g)
+        stop = stripe_start(p.n_units, p.n_stripes, g + 1)
         for u in range(first, stop):
             # unit by unit: short working-precision sums, handed over in float64
             r0 = u * p.unit_rows

@@ -164,8 +164,12 @@ cdef inline void run_affine_backward(const floating* x, const floating* dy, floa
         dx[i] = k_dy * dy[i] + k_x * ((x[i] - mean_hi) - mean_lo) + k_0
 
 
-cdef inline void stripe_bounds(Py_ssize_t n_units, Py_ssize_t n_stripes, Py_ssize_t g,
-                               Py_ssize_t* first, Py_ssize_t* stop) noexcept nogil:
-    """Units [first, stop) of stripe g: an even split fixed by the shape."""
-    first[0] = g * n_units // n_stripes
-    stop[0] = (g + 1) * n_units // n_stripes
+cdef inline Py_ssize_t stripe_start(Py_ssize_t n_units, Py_ssize_t n_stripes,
+                                     Py_ssize_t g) noexcept nogil:
+    """First unit of stripe g: stripe g is units [stripe_start(g), stripe_start(g + 1)),
+    an even split fixed by the shape.
+
+    (A value, not out-parameters: inside prange, Cython makes a variable private
+    to each thread only when the loop body assigns it directly. Never hand the
+    address of a loop-local variable to a helper there: it would be shared.)"""
+    return g * n_units // n_stripes
