@@ -220,7 +220,7 @@ def test_bitwise_identical_for_any_thread_count(shape, layout, monkeypatch):
     x = make_input(shape, np.float32, layout, seed=2, mean=5.0)
     dy = make_input(shape, np.float32, layout, seed=3)
     results = []
-    for n in (1, 2, 3):
+    for n in (1, 2, 3, 2, 3):  # repeated: a data race shows up as a run-to-run difference
         with num_threads(n):
             layer = fn.BatchNorm1d(shape[1]) if len(shape) <= 3 else fn.BatchNorm2d(shape[1])
             y = layer(x)
