@@ -89,6 +89,10 @@ cdef inline RowPlan row_plan(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
     p.block = min(C, <Py_ssize_t>CHANNEL_BLOCK)
     p.n_blocks = (C + p.block - 1) // p.block
     p.unit_rows = max(1, min(<Py_ssize_t>FN_COLUMN_ROWS, UNIT_ELEMS // p.block))
+    if C >= 512:
+        # Rows whose stride is a multiple of 4 KiB (and near ones) compete for the
+        # same L1 sets: keep a unit's rows within the cache's associativity (8).
+        p.unit_rows = min(p.unit_rows, <Py_ssize_t>8)
     p.n_units = (R + p.unit_rows - 1) // p.unit_rows
     p.n_stripes = min(p.n_units, <Py_ssize_t>MAX_STRIPES)
     return p

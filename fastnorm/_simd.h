@@ -122,7 +122,7 @@ typedef double fn_vec_f64 __attribute__((vector_size(FN_VBYTES)));
                                                 ptrdiff_t stride, ptrdiff_t nc,           \
                                                 double* mean, double* m2) {               \
         const ptrdiff_t vl = FN_VL_##SUFFIX;                                              \
-        const double n = (double)nrows;                                                   \
+        const double inv_n = 1.0 / (double)nrows; /* multiply: divisions would dominate */ \
         ptrdiff_t c = 0;                                                                  \
         for (; c + 2 * vl <= nc; c += 2 * vl) {                                           \
             fn_v_##SUFFIX sum[2][2] = {{{0}}}, shift[2], d[2][2] = {{{0}}}, q[2][2] = {{{0}}}; \
@@ -131,7 +131,7 @@ typedef double fn_vec_f64 __attribute__((vector_size(FN_VBYTES)));
                     for (int h = 0; h < 2; h++)                                           \
                         sum[k][h] += fn_load_##SUFFIX(x + (r + k) * stride + c + h * vl); \
             for (int h = 0; h < 2; h++)                                                   \
-                shift[h] = (sum[0][h] + sum[1][h]) / (T)nrows;                           \
+                shift[h] = (sum[0][h] + sum[1][h]) * (T)inv_n;                           \
             for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
                 for (int k = 0; k < 2 && r + k < nrows; k++)                              \
                     for (int h = 0; h < 2; h++) {                                         \
@@ -144,22 +144,22 @@ typedef double fn_vec_f64 __attribute__((vector_size(FN_VBYTES)));
                 for (ptrdiff_t j = 0; j < vl; j++) {                                      \
                     double sd = (double)d[0][h][j] + (double)d[1][h][j];                  \
                     double sq = (double)q[0][h][j] + (double)q[1][h][j];                  \
-                    double centered = sq - sd * sd / n;                                   \
-                    mean[c + h * vl + j] = (double)shift[h][j] + sd / n;                  \
+                    double centered = sq - sd * (sd * inv_n);                             \
+                    mean[c + h * vl + j] = (double)shift[h][j] + sd * inv_n;              \
                     m2[c + h * vl + j] = centered > 0 ? centered : 0;                     \
                 }                                                                         \
         }                                                                                 \
         for (; c < nc; c++) {                                                             \
             double total = 0, sd = 0, sq = 0, shift_c;                                    \
             for (ptrdiff_t r = 0; r < nrows; r++) total += (double)x[r * stride + c];     \
-            shift_c = total / n;                                                          \
+            shift_c = total * inv_n;                                                      \
             for (ptrdiff_t r = 0; r < nrows; r++) {                                       \
                 double v = (double)x[r * stride + c] - shift_c;                           \
                 sd += v;                                                                  \
                 sq += v * v;                                                              \
             }                                                                             \
-            mean[c] = shift_c + sd / n;                                                   \
-            m2[c] = sq - sd * sd / n > 0 ? sq - sd * sd / n : 0;                          \
+            mean[c] = shift_c + sd * inv_n;                                               \
+            m2[c] = sq - sd * (sd * inv_n) > 0 ? sq - sd * (sd * inv_n) : 0;              \
         }                                                                                 \
     }                                                                                     \
     /* sum_g[c] += sum_r g, sum_gd[c] += sum_r g*((x - mean_hi[c]) - mean_lo[c]) */        \
