@@ -6,11 +6,12 @@
     dx = bn.backward(dy)      # bn.grads holds {"weight": ..., "bias": ...}
 """
 from . import functional
-from ._kernels import ISA as _ISA
-from ._kernels import kernels as _kernels
+from . import _kernels
 from ._module import NormLayer, StateDictError
 from ._threads import get_num_threads, set_num_threads
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from . import comm
+from .sync_batchnorm import SyncBatchNorm
 from .lrn import LocalResponseNorm
 
 __version__ = "0.1.0"
@@ -19,6 +20,10 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NormLayer", "StateDictError", "functional",
     "get_num_threads", "set_num_threads", "show_config",
 ]
+__all__ += ["SyncBatchNorm", "comm"]
+from .fold import fold_batchnorm
+from .interop import from_torch
+__all__ += ["fold_batchnorm", "from_torch"]
 __all__ += ["LocalResponseNorm"]
 
 
@@ -32,7 +37,7 @@ def show_config():
     lines = [
         f"fastnorm {__version__}",
         f"  OpenMP:          {'enabled' if openmp else 'disabled (single-threaded build)'}",
-        f"  kernel variant:  {_ISA} (compiled: {', '.join(BUILD_CONFIG.get('variants', {})) or 'unknown'})",
+        f"  kernel variant:  {_kernels.ISA} (compiled: {', '.join(BUILD_CONFIG.get('variants', {})) or 'unknown'})",
         f"  compile flags:   {' '.join(BUILD_CONFIG.get('compile_args', [])) or 'unknown'}",
         f"  threads:         {get_num_threads()}",
     ]

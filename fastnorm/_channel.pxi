@@ -14,19 +14,27 @@
 # Public entry points (the Python layer validates everything first; these
 # trust their inputs, never raise, and run without the GIL):
 #   channel_moments         IN x               OUT mean, m2 (float64, per channel)
-#   channel_normalize       IN x, mean, scale, shift   OUT y = (x - mean)*scale + shift
+#   channel_normalize       IN x, mean, scale, shift   OUT y = act((x - mean)*scale + shift)
 #   channel_forward_train   both of the above, fused per channel when it fits in cache
+#   channel_act_grad        IN x, dy, mean, scale, shift   OUT g = dy * act'((x - mean)*scale + shift)
 #   channel_grad_sums       IN x, dy, mean     OUT sum(dy), sum(dy * (x - mean))
 #   channel_backward_apply  IN x, dy, mean, k_dy, k_x, k_0   OUT dx = k_dy*dy + k_x*(x-mean) + k_0
 #   channel_backward        grad sums, coefficients and apply, fused per channel when it fits
+#
+# act is a fused activation's code (_activations.pxd; 0 = none). Backward with
+# an activation first turns dy into g = dy * act'(z), z recomputed from x and
+# written where dx goes, then runs the usual sums and dx formula on g in place.
 
 import numpy as np
 from cython cimport floating
 from cython.parallel cimport prange
 
 from fastnorm._common cimport (
-    MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, run_affine,
-    run_affine_backward, run_grad_sums, split_hi_lo, stripe_bounds,
+    FN_COLUMN_ROWS, MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, cols_grad_sums,
+    cols_moments, run_affine_backward, run_grad_sums, split_hi_lo, stripe_start,
+)
+from fastnorm._activations cimport (
+    ACT_NONE, run_act_grad, run_activate, run_affine_act, run_affine_act_grad,
 )
 
 # A channel up to this size is normalized straight after its statistics,
@@ -35,7 +43,7 @@ cdef Py_ssize_t FUSE_CHANNEL_BYTES = 1 << 20
 
 # In the rows strategy, channels are processed in blocks of this many.
 cdef enum:
-    CHANNEL_BLOCK = 1024
+    CHANNEL_BLOCK = 256
 
 
 # ---------------------------------------------------------------- planning
@@ -87,7 +95,11 @@ cdef inline RowPlan row_plan(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
     p.C = C
     p.block = min(C, <Py_ssize_t>CHANNEL_BLOCK)
     p.n_blocks = (C + p.block - 1) // p.block
-    p.unit_rows = max(1, UNIT_ELEMS // p.block)
+    p.unit_rows = max(1, min(<Py_ssize_t>FN_COLUMN_ROWS, UNIT_ELEMS // p.block))
+    if C >= 512:
+        # Rows whose stride is a multiple of 4 KiB (and near ones) compete for the
+        # same L1 sets: keep a unit's rows within the cache's associativity (8).
+        p.unit_rows = min(p.unit_rows, <Py_ssize_t>8)
     p.n_units = (R + p.unit_rows - 1) // p.unit_rows
     p.n_stripes = min(p.n_units, <Py_ssize_t>MAX_STRIPES)
     return p
@@ -108,7 +120,8 @@ cdef inline Moments segment_stripe_moments(const floating* x, SegmentPlan* p, Py
     acc.count = 0.0
     acc.mean = 0.0
     acc.m2 = 0.0
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         chan_merge(&acc, block_moments(x + offset, nrows, ncols, p.C * p.S))
@@ -154,23 +167,31 @@ cdef void segment_moments_split(const floating* x, SegmentPlan* p, double* mean,
 
 cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPlan* p,
                                        Py_ssize_t c, Py_ssize_t g, double mean, double scale,
-                                       double shift) noexcept nogil:
-    cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols
+                                       double shift, int act, const floating* dy) noexcept nogil:
+    """y = act(z), z = (x - mean) * scale + shift; or, given dy, y = dy * act'(z)."""
+    cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
-            run_affine(x + offset + r * p.C * p.S, y + offset + r * p.C * p.S, ncols,
-                       mean_hi, mean_lo, <floating>scale, <floating>shift)
+            at = offset + r * p.C * p.S
+            if dy == NULL:
+                run_affine_act(x + at, y + at, ncols, mean_hi, mean_lo, <floating>scale,
+                               <floating>shift, act)
+            else:
+                run_affine_act_grad(x + at, dy + at, y + at, ncols, mean_hi, mean_lo,
+                                    <floating>scale, <floating>shift, act)
 
 
 cdef inline void segment_stripe_grad_sums(const floating* x, const floating* dy, SegmentPlan* p,
                                           Py_ssize_t c, Py_ssize_t g, double mean,
                                           double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
@@ -184,7 +205,8 @@ cdef inline void segment_stripe_backward(const floating* x, const floating* dy, 
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
@@ -197,15 +219,13 @@ cdef inline void segment_stripe_backward(const floating* x, const floating* dy, 
 
 cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
                        double[:, :, ::1] scratch, int n_threads) noexcept nogil:
-    """Per-channel statistics of (R, C) rows. scratch: (tasks, 5, block) float64."""
-    cdef Py_ssize_t task, g, b, u, first, stop, r, c, c0, nc, r0, nrows
+    """Per-channel statistics of (R, C) rows. scratch: (tasks, 4, block) float64."""
+    cdef Py_ssize_t task, g, b, u, first, stop, c, c0, nc, r0
     cdef double* part_mean
     cdef double* part_m2
-    cdef double* unit_shift
-    cdef double* unit_d
-    cdef double* unit_dd
-    cdef double count, n, d, delta
-    cdef const floating* row
+    cdef double* unit_mean
+    cdef double* unit_m2
+    cdef double count, nrows, n, delta, w_unit, w_cross
     cdef Moments acc, part
     for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
         g = task // p.n_blocks
@@ -214,44 +234,25 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         nc = min(p.C, c0 + p.block) - c0
         part_mean = &scratch[task, 0, 0]
         part_m2 = &scratch[task, 1, 0]
-        unit_shift = &scratch[task, 2, 0]
-        unit_d = &scratch[task, 3, 0]
-        unit_dd = &scratch[task, 4, 0]
-        count = 0.0
-        stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
-        for u in range(first, stop):
+        unit_mean = &scratch[task, 2, 0]
+        unit_m2 = &scratch[task, 3, 0]
+        first = stripe_start(p.n_units, p.n_stripes, g)
+        stop = stripe_start(p.n_units, p.n_stripes, g + 1)
+        # the stripe's first unit starts its partials; later units merge in (Chan)
+        r0 = first * p.unit_rows
+        count = min(p.R, r0 + p.unit_rows) - r0
+        cols_moments(x + r0 * p.C + c0, <Py_ssize_t>count, p.C, nc, part_mean, part_m2)
+        for u in range(first + 1, stop):
             r0 = u * p.unit_rows
             nrows = min(p.R, r0 + p.unit_rows) - r0
-            # pass 1: the unit's mean per channel
-            for c in range(nc):
-                unit_shift[c] = 0.0
-                unit_d[c] = 0.0
-                unit_dd[c] = 0.0
-            for r in range(r0, r0 + nrows):
-                row = x + r * p.C + c0
-                for c in range(nc):
-                    unit_shift[c] += row[c]
-            for c in range(nc):
-                unit_shift[c] = unit_shift[c] / nrows
-            # pass 2 (the unit is in cache): centered sums
-            for r in range(r0, r0 + nrows):
-                row = x + r * p.C + c0
-                for c in range(nc):
-                    d = row[c] - unit_shift[c]
-                    unit_d[c] += d
-                    unit_dd[c] += d * d
-            # Chan merge of the unit into the stripe, all channels at once
+            cols_moments(x + r0 * p.C + c0, <Py_ssize_t>nrows, p.C, nc, unit_mean, unit_m2)
             n = count + nrows
+            w_unit = nrows / n
+            w_cross = count * nrows / n
             for c in range(nc):
-                unit_shift[c] = unit_shift[c] + unit_d[c] / nrows      # unit mean
-                unit_dd[c] = unit_dd[c] - unit_d[c] * unit_d[c] / nrows  # unit m2
-                if count == 0.0:
-                    part_mean[c] = unit_shift[c]
-                    part_m2[c] = unit_dd[c]
-                else:
-                    delta = unit_shift[c] - part_mean[c]
-                    part_mean[c] = part_mean[c] + delta * (nrows / n)
-                    part_m2[c] = part_m2[c] + unit_dd[c] + delta * delta * (count * nrows / n)
+                delta = unit_mean[c] - part_mean[c]
+                part_mean[c] = part_mean[c] + delta * w_unit
+                part_m2[c] = part_m2[c] + unit_m2[c] + delta * delta * w_cross
             count = n
     # fold stripes in order, per channel
     for c in range(p.C):
@@ -260,7 +261,8 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         acc.mean = 0.0
         acc.m2 = 0.0
         for g in range(p.n_stripes):
-            stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+            first = stripe_start(p.n_units, p.n_stripes, g)
+            stop = stripe_start(p.n_units, p.n_stripes, g + 1)
             part.count = <double>(min(p.R, stop * p.unit_rows) - first * p.unit_rows)
             part.mean = scratch[g * p.n_blocks + b, 0, c - b * p.block]
             part.m2 = scratch[g * p.n_blocks + b, 1, c - b * p.block]
@@ -269,16 +271,14 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         m2[c] = acc.m2 if acc.m2 > 0.0 else 0.0
 
 
-cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p, const double* mean,
-                         double* sum_dy, double* sum_dy_xmu, double[:, :, ::1] scratch,
+cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
+                         const floating* mean_hi, const floating* mean_lo, double* sum_dy,
+                         double* sum_dy_xmu, double[:, :, ::1] scratch,
                          int n_threads) noexcept nogil:
     """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: (tasks, 2, block)."""
-    cdef Py_ssize_t task, g, b, u, first, stop, r, c, c0, nc
+    cdef Py_ssize_t task, g, b, u, first, stop, r0, c, c0, nc
     cdef double* part_g
     cdef double* part_gx
-    cdef double gv
-    cdef const floating* xrow
-    cdef const floating* grow
     for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
         g = task // p.n_blocks
         b = task % p.n_blocks
@@ -289,14 +289,13 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p, cons
         for c in range(nc):
             part_g[c] = 0.0
             part_gx[c] = 0.0
-        stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
-        for r in range(first * p.unit_rows, min(p.R, stop * p.unit_rows)):
-            xrow = x + r * p.C + c0
-            grow = dy + r * p.C + c0
-            for c in range(nc):
-                gv = grow[c]
-                part_g[c] += gv
-                part_gx[c] += gv * (xrow[c] - mean[c0 + c])
+        first = stripe_start(p.n_units, p.n_stripes, g)
+        stop = stripe_start(p.n_units, p.n_stripes, g + 1)
+        for u in range(first, stop):
+            # unit by unit: short working-precision sums, handed over in float64
+            r0 = u * p.unit_rows
+            cols_grad_sums(x + r0 * p.C + c0, dy + r0 * p.C + c0, min(p.R, r0 + p.unit_rows) - r0,
+                           p.C, nc, mean_hi + c0, mean_lo + c0, part_g, part_gx)
     for c in range(p.C):
         b = c // p.block
         sum_dy[c] = 0.0
@@ -308,7 +307,9 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p, cons
 
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* mean_hi, const floating* mean_lo, const floating* scale,
-                      const floating* shift, int n_threads) noexcept nogil:
+                      const floating* shift, int act, const floating* dy,
+                      int n_threads) noexcept nogil:
+    """y = act(z), z = (x - mean[c]) * scale[c] + shift[c]; or, given dy, y = dy * act'(z)."""
     cdef Py_ssize_t r, c
     cdef const floating* xrow
     cdef floating* yrow
@@ -317,6 +318,10 @@ cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
         yrow = y + r * C
         for c in range(C):
             yrow[c] = ((xrow[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+        if dy == NULL:
+            run_activate(yrow, C, act)
+        else:
+            run_act_grad(yrow, dy + r * C, yrow, C, act)
 
 
 cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,
@@ -338,30 +343,44 @@ cdef void rows_affine_backward(const floating* x, const floating* dy, floating* 
 
 # --------------------------------------------------------- coefficients
 
-cdef inline void normalize_coefficients(double m2, double count, double weight, double bias,
-                                        double eps, double* var, double* scale,
-                                        double* shift) noexcept nogil:
-    """Biased variance, and y = (x - mean) * scale + shift from it."""
-    var[0] = m2 / count
-    scale[0] = weight / sqrt(var[0] + eps)
-    shift[0] = bias
+# Coefficients are returned as structs, not through pointers: inside prange,
+# Cython makes a variable thread-private only when it is assigned directly.
+cdef struct Normalization:
+    double var      # biased variance
+    double scale    # y = (x - mean) * scale + shift
+    double shift
 
 
-cdef inline void backward_coefficients(double sum_dy, double sum_dy_xmu, double count,
-                                       double invstd, double weight, bint training,
-                                       double* k_dy, double* k_x, double* k_0) noexcept nogil:
-    """dx = k_dy*dy + k_x*(x - mean) + k_0.
+cdef struct BackwardCoefficients:
+    double k_dy     # dx = k_dy * dy + k_x * (x - mean) + k_0
+    double k_x
+    double k_0
 
-    Training differentiates through the batch mean and variance:
+
+cdef inline Normalization normalize_coefficients(double m2, double count, double weight,
+                                                 double bias, double eps) noexcept nogil:
+    cdef Normalization n
+    n.var = m2 / count
+    n.scale = weight / sqrt(n.var + eps)
+    n.shift = bias
+    return n
+
+
+cdef inline BackwardCoefficients backward_coefficients(double sum_dy, double sum_dy_xmu,
+                                                       double count, double invstd, double weight,
+                                                       bint training) noexcept nogil:
+    """Training differentiates through the batch mean and variance:
       dx = w*invstd * (dy - mean(dy) - (x-mean)*invstd^2 * mean(dy*(x-mean)));
     eval treats the (running) statistics as constants: dx = w*invstd*dy."""
-    k_dy[0] = weight * invstd
+    cdef BackwardCoefficients k
+    k.k_dy = weight * invstd
     if training and count > 0:
-        k_x[0] = -weight * invstd * invstd * invstd * sum_dy_xmu / count
-        k_0[0] = -weight * invstd * sum_dy / count
+        k.k_x = -weight * invstd * invstd * invstd * sum_dy_xmu / count
+        k.k_0 = -weight * invstd * sum_dy / count
     else:
-        k_x[0] = 0.0
-        k_0[0] = 0.0
+        k.k_x = 0.0
+        k.k_0 = 0.0
+    return k
 
 
 cdef extern from "<math.h>" nogil:
@@ -383,7 +402,7 @@ def channel_moments(const floating[:, :, ::1] x, double[::1] mean, double[::1] m
     cdef double[::1] flat
     if S == 1:
         rp = row_plan(N, C)
-        scratch = np.empty((rp.n_stripes * rp.n_blocks, 5, rp.block))
+        scratch = np.empty((rp.n_stripes * rp.n_blocks, 4, rp.block))
         with nogil:
             rows_moments(&x[0, 0, 0], &rp, &mean[0], &m2[0], scratch, n_threads)
     else:
@@ -394,11 +413,30 @@ def channel_moments(const floating[:, :, ::1] x, double[::1] mean, double[::1] m
 
 
 def channel_normalize(const floating[:, :, ::1] x, const double[::1] mean, const double[::1] scale,
-                      const double[::1] shift, floating[:, :, ::1] y, int n_threads):
-    """y = (x - mean[c]) * scale[c] + shift[c], with the mean subtracted in full precision.
+                      const double[::1] shift, floating[:, :, ::1] y, int n_threads, int act=0):
+    """y = act((x - mean[c]) * scale[c] + shift[c]), the mean subtracted in full precision.
 
-    IN  x: (N, C, S); mean, scale, shift: (C,) float64.  OUT y: like x.
+    IN  x: (N, C, S); mean, scale, shift: (C,) float64; act: activation code.
+    OUT y: like x.
     """
+    _channel_elementwise(x, NULL, mean, scale, shift, act, y, n_threads)
+
+
+def channel_act_grad(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
+                     const double[::1] mean, const double[::1] scale, const double[::1] shift,
+                     int act, floating[:, :, ::1] g, int n_threads):
+    """g = dy * act'(z), z = (x - mean[c]) * scale[c] + shift[c] recomputed from x: the
+    gradient with respect to z of a forward that applied act (act != 0).
+
+    IN  x, dy: (N, C, S); mean, scale, shift: (C,) float64.  OUT g: like x (may be dy).
+    """
+    _channel_elementwise(x, &dy[0, 0, 0], mean, scale, shift, act, g, n_threads)
+
+
+cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
+                          const double[::1] mean, const double[::1] scale,
+                          const double[::1] shift, int act, floating[:, :, ::1] y, int n_threads):
+    """y = act(z) without dy (NULL), y = dy * act'(z) with it (dy laid out like x)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task
     cdef SegmentPlan sp
     cdef floating[::1] mean_hi, mean_lo, scale_w, shift_w
@@ -406,20 +444,21 @@ def channel_normalize(const floating[:, :, ::1] x, const double[::1] mean, const
         mean_hi, mean_lo, scale_w, shift_w = _working_copies(x, mean, scale, shift)
         with nogil:
             rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, &mean_hi[0], &mean_lo[0],
-                        &scale_w[0], &shift_w[0], n_threads)
+                        &scale_w[0], &shift_w[0], act, dy, n_threads)
     else:
         sp = segment_plan(N, C, S)
         with nogil:
             for task in prange(C * sp.n_stripes, num_threads=n_threads, schedule="static"):
                 segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, task // sp.n_stripes,
                                       task % sp.n_stripes, mean[task // sp.n_stripes],
-                                      scale[task // sp.n_stripes], shift[task // sp.n_stripes])
+                                      scale[task // sp.n_stripes], shift[task // sp.n_stripes],
+                                      act, dy)
 
 
 def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
                           const double[::1] bias, double eps, floating[:, :, ::1] y,
-                          double[::1] mean, double[::1] var, int n_threads):
-    """Batch statistics and normalization in one call.
+                          double[::1] mean, double[::1] var, int n_threads, int act=0):
+    """Batch statistics and normalization (then activation act) in one call.
 
     IN  x: (N, C, S), N*S > 0; weight, bias: (C,) float64 (ones/zeros without affine).
     OUT y: like x; mean, var: (C,) float64 batch mean and biased variance.
@@ -427,27 +466,29 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, g
     cdef SegmentPlan sp = segment_plan(N, C, S)
     cdef Moments m
-    cdef double scale, shift
+    cdef Normalization norm
     cdef double[::1] m2, scales, shifts
     if S > 1 and fuse_per_channel(&sp, sizeof(floating), n_threads):
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):
                 m = segment_channel_moments(&x[0, 0, 0], &sp, c)
+                norm = normalize_coefficients(m.m2, m.count, weight[c], bias[c], eps)
                 mean[c] = m.mean
-                normalize_coefficients(m.m2, m.count, weight[c], bias[c], eps,
-                                       &var[c], &scale, &shift)
+                var[c] = norm.var
                 for g in range(sp.n_stripes):
                     segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, c, g, m.mean,
-                                          scale, shift)
+                                          norm.scale, norm.shift, act, NULL)
         return
     m2 = np.empty(C)
     scales = np.empty(C)
     shifts = np.empty(C)
     channel_moments(x, mean, m2, n_threads)
     for c in range(C):
-        normalize_coefficients(m2[c], <double>(N * S), weight[c], bias[c], eps,
-                               &var[c], &scales[c], &shifts[c])
-    channel_normalize(x, mean, scales, shifts, y, n_threads)
+        norm = normalize_coefficients(m2[c], <double>(N * S), weight[c], bias[c], eps)
+        var[c] = norm.var
+        scales[c] = norm.scale
+        shifts[c] = norm.shift
+    channel_normalize(x, mean, scales, shifts, y, n_threads, act)
 
 
 def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
@@ -462,11 +503,13 @@ def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     cdef RowPlan rp
     cdef double[:, :, ::1] scratch
     cdef double[::1] flat
+    cdef floating[::1] mean_hi, mean_lo
     if S == 1:
         rp = row_plan(N, C)
         scratch = np.empty((rp.n_stripes * rp.n_blocks, 2, rp.block))
+        mean_hi, mean_lo = _working_copies(x, mean)
         with nogil:
-            rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &mean[0], &sum_dy[0],
+            rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &mean_hi[0], &mean_lo[0], &sum_dy[0],
                            &sum_dy_xmu[0], scratch, n_threads)
         return
     sp = segment_plan(N, C, S)
@@ -491,9 +534,12 @@ def channel_backward_coefficients(const double[::1] sum_dy, const double[::1] su
     """Coefficients of dx = k_dy*dy + k_x*(x - mean) + k_0 per channel (see
     backward_coefficients). count is the number of values per channel."""
     cdef Py_ssize_t c
+    cdef BackwardCoefficients k
     for c in range(sum_dy.shape[0]):
-        backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c], training,
-                              &k_dy[c], &k_x[c], &k_0[c])
+        k = backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c], training)
+        k_dy[c] = k.k_dy
+        k_x[c] = k.k_x
+        k_0[c] = k.k_0
 
 
 def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
@@ -524,39 +570,53 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
 def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
                      const double[::1] mean, const double[::1] invstd, const double[::1] weight,
                      bint training, floating[:, :, ::1] dx, double[::1] sum_dy,
-                     double[::1] sum_dy_xmu, int n_threads):
+                     double[::1] sum_dy_xmu, int n_threads, int act=0,
+                     const double[::1] bias=None):
     """Input gradient and the per-channel sums behind the weight/bias gradients.
 
     IN  x, dy: (N, C, S), N*S > 0; mean, invstd: (C,) statistics the forward
-        used (batch ones in training, running ones in eval); weight: (C,).
-    OUT dx: like x; sum_dy (= grad bias), sum_dy_xmu (* invstd = grad weight): (C,).
+        used (batch ones in training, running ones in eval); weight: (C,);
+        act: the forward's activation, with bias (C,) when act != 0.
+    OUT dx: like x; sum_dy (= grad bias), sum_dy_xmu (* invstd = grad weight): (C,),
+        sums of g = dy * act'(z) instead of dy with an activation.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, g
     cdef SegmentPlan sp = segment_plan(N, C, S)
-    cdef double k_dy, k_x, k_0, stripe_dy, stripe_dy_xmu, count = <double>(N * S)
+    cdef BackwardCoefficients k
+    cdef double stripe_dy, stripe_dy_xmu, count = <double>(N * S)
     cdef double[::1] kd, kx, k0
+    cdef const floating* grad      # dy, or g = dy * act'(z) stored in dx
     if S > 1 and fuse_per_channel(&sp, 2 * sizeof(floating), n_threads):
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):
+                grad = &dy[0, 0, 0]
+                if act != ACT_NONE:
+                    for g in range(sp.n_stripes):
+                        segment_stripe_affine(&x[0, 0, 0], &dx[0, 0, 0], &sp, c, g, mean[c],
+                                              weight[c] * invstd[c], bias[c], act, &dy[0, 0, 0])
+                    grad = &dx[0, 0, 0]
                 # per-stripe partial sums added in order, exactly as channel_grad_sums does
                 sum_dy[c] = 0.0
                 sum_dy_xmu[c] = 0.0
                 for g in range(sp.n_stripes):
                     stripe_dy = 0.0
                     stripe_dy_xmu = 0.0
-                    segment_stripe_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &sp, c, g, mean[c],
+                    segment_stripe_grad_sums(&x[0, 0, 0], grad, &sp, c, g, mean[c],
                                              &stripe_dy, &stripe_dy_xmu)
                     sum_dy[c] += stripe_dy
                     sum_dy_xmu[c] += stripe_dy_xmu
-                backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c],
-                                      training, &k_dy, &k_x, &k_0)
+                k = backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c],
+                                          training)
                 for g in range(sp.n_stripes):
-                    segment_stripe_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &sp, c, g,
-                                            mean[c], k_dy, k_x, k_0)
+                    segment_stripe_backward(&x[0, 0, 0], grad, &dx[0, 0, 0], &sp, c, g,
+                                            mean[c], k.k_dy, k.k_x, k.k_0)
         return
     kd = np.empty(C)
     kx = np.empty(C)
     k0 = np.empty(C)
+    if act != ACT_NONE:
+        channel_act_grad(x, dy, mean, np.multiply(weight, invstd), bias, act, dx, n_threads)
+        dy = dx  # g takes dy's place; dx is then computed from it in place
     channel_grad_sums(x, dy, mean, sum_dy, sum_dy_xmu, n_threads)
     channel_backward_coefficients(sum_dy, sum_dy_xmu, count, invstd, weight, training, kd, kx, k0)
     channel_backward_apply(x, dy, mean, kd, kx, k0, dx, n_threads)

@@ -23,3 +23,5 @@ if os.environ.get("FASTNORM_ISA", "").strip().lower() != "generic" and generic.c
         ISA = "avx2"
     except ImportError:  # pragma: no cover - built without the variant
         pass
+
+OPENMP_ENABLED = kernels.OPENMP_ENABLED

@@ -4,12 +4,11 @@ A layer holds its parameters and buffers as NumPy attributes with PyTorch's
 names, runs the functional API in forward(), and keeps what backward() needs
 from the last forward. It never calls a kernel itself.
 """
-import operator
 from typing import NamedTuple
 
 import numpy as np
 
-from ._validation import FLOAT_DTYPES
+from ._validation import FLOAT_DTYPES, check_count  # noqa: F401  (re-exported for layers)
 
 
 class StateDictError(ValueError, RuntimeError):
@@ -115,6 +114,14 @@ class NormLayer:
             np.copyto(current[name], value, casting="same_kind")
         return IncompatibleKeys(missing, unexpected)
 
+    # --------------------------------------------------------------- torch
+    def to_torch(self):
+        """The equivalent torch.nn module (needs torch): configuration, parameters,
+        buffers and mode; with a fused activation, Sequential(module, activation)."""
+        from .interop import to_torch
+
+        return to_torch(self)
+
     # ------------------------------------------------------------- display
     def extra_repr(self):
         return ""
@@ -130,17 +137,6 @@ def check_dtype(dtype):
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dtype}")
     return dtype
-
-
-def check_count(name, value):
-    """A positive integer argument (num_features, num_groups, size, ...)."""
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
-    return value
 
 
 def check_eps(eps):

@@ -22,6 +22,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <string.h>
 
 #define FN_BLOCK 128
 
@@ -86,6 +87,121 @@ FN_DEFINE_REDUCTIONS(float, f32)
 FN_DEFINE_REDUCTIONS(double, f64)
 
 #undef FN_DEFINE_REDUCTIONS
+
+/* Column kernels: `nrows` rows of `nc` contiguous channels, rows `stride`
+ * values apart (channels-last data), one result per channel.
+ *
+ * Each channel has its own accumulator, so vectorizing needs no reordering:
+ * the accumulators of a block of 2 vectors of channels live in registers for
+ * all the rows (explicit GCC/Clang vectors of the build's native width; with
+ * per-channel arrays in memory the loop would be bound by their loads and
+ * stores), two rows per step so that add latency does not bound the loop.
+ * Callers pass at most FN_COLUMN_ROWS rows, so each working-precision
+ * accumulator sums at most FN_COLUMN_ROWS / 2 terms before the result is
+ * handed over in float64.
+ */
+#define FN_COLUMN_ROWS 32
+#ifdef __AVX__
+#define FN_VBYTES 32
+#else
+#define FN_VBYTES 16
+#endif
+typedef float fn_vec_f32 __attribute__((vector_size(FN_VBYTES)));
+typedef double fn_vec_f64 __attribute__((vector_size(FN_VBYTES)));
+
+#define FN_DEFINE_COLUMN_KERNELS(T, SUFFIX)                                              \
+    typedef fn_vec_##SUFFIX fn_v_##SUFFIX;                                                \
+    enum { FN_VL_##SUFFIX = FN_VBYTES / sizeof(T) };                                      \
+    static inline __attribute__((always_inline)) fn_v_##SUFFIX fn_load_##SUFFIX(const T* p) { \
+        fn_v_##SUFFIX v;                                                                  \
+        memcpy(&v, p, sizeof v);                                                          \
+        return v;                                                                         \
+    }                                                                                     \
+    /* Exact per-channel moments of the rows: two passes (the rows stay in cache).      \
+     * mean[c], m2[c] = mean and sum of squared deviations, in float64. */               \
+    static inline void fn_cols_moments_##SUFFIX(const T* x, ptrdiff_t nrows,              \
+                                                ptrdiff_t stride, ptrdiff_t nc,           \
+                                                double* mean, double* m2) {               \
+        const ptrdiff_t vl = FN_VL_##SUFFIX;                                              \
+        const double inv_n = 1.0 / (double)nrows; /* multiply: divisions would dominate */ \
+        ptrdiff_t c = 0;                                                                  \
+        for (; c + 2 * vl <= nc; c += 2 * vl) {                                           \
+            fn_v_##SUFFIX sum[2][2] = {{{0}}}, shift[2], d[2][2] = {{{0}}}, q[2][2] = {{{0}}}; \
+            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
+                for (int k = 0; k < 2 && r + k < nrows; k++)                              \
+                    for (int h = 0; h < 2; h++)                                           \
+                        sum[k][h] += fn_load_##SUFFIX(x + (r + k) * stride + c + h * vl); \
+            for (int h = 0; h < 2; h++)                                                   \
+                shift[h] = (sum[0][h] + sum[1][h]) * (T)inv_n;                           \
+            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
+                for (int k = 0; k < 2 && r + k < nrows; k++)                              \
+                    for (int h = 0; h < 2; h++) {                                         \
+                        fn_v_##SUFFIX a =                                                 \
+                            fn_load_##SUFFIX(x + (r + k) * stride + c + h * vl) - shift[h]; \
+                        d[k][h] += a;                                                     \
+                        q[k][h] += a * a;                                                 \
+                    }                                                                     \
+            for (int h = 0; h < 2; h++)                                                   \
+                for (ptrdiff_t j = 0; j < vl; j++) {                                      \
+                    double sd = (double)d[0][h][j] + (double)d[1][h][j];                  \
+                    double sq = (double)q[0][h][j] + (double)q[1][h][j];                  \
+                    double centered = sq - sd * (sd * inv_n);                             \
+                    mean[c + h * vl + j] = (double)shift[h][j] + sd * inv_n;              \
+                    m2[c + h * vl + j] = centered > 0 ? centered : 0;                     \
+                }                                                                         \
+        }                                                                                 \
+        for (; c < nc; c++) {                                                             \
+            double total = 0, sd = 0, sq = 0, shift_c;                                    \
+            for (ptrdiff_t r = 0; r < nrows; r++) total += (double)x[r * stride + c];     \
+            shift_c = total * inv_n;                                                      \
+            for (ptrdiff_t r = 0; r < nrows; r++) {                                       \
+                double v = (double)x[r * stride + c] - shift_c;                           \
+                sd += v;                                                                  \
+                sq += v * v;                                                              \
+            }                                                                             \
+            mean[c] = shift_c + sd * inv_n;                                               \
+            m2[c] = sq - sd * (sd * inv_n) > 0 ? sq - sd * (sd * inv_n) : 0;              \
+        }                                                                                 \
+    }                                                                                     \
+    /* sum_g[c] += sum_r g, sum_gd[c] += sum_r g*((x - mean_hi[c]) - mean_lo[c]) */        \
+    static inline void fn_cols_grad_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t nrows,\
+                                                  ptrdiff_t stride, ptrdiff_t nc,         \
+                                                  const T* mean_hi, const T* mean_lo,     \
+                                                  double* sum_g, double* sum_gd) {        \
+        const ptrdiff_t vl = FN_VL_##SUFFIX;                                              \
+        ptrdiff_t c = 0;                                                                  \
+        for (; c + 2 * vl <= nc; c += 2 * vl) {                                           \
+            fn_v_##SUFFIX hi[2], lo[2], gs[2][2] = {{{0}}}, ps[2][2] = {{{0}}};           \
+            for (int h = 0; h < 2; h++) {                                                 \
+                hi[h] = fn_load_##SUFFIX(mean_hi + c + h * vl);                           \
+                lo[h] = fn_load_##SUFFIX(mean_lo + c + h * vl);                           \
+            }                                                                             \
+            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
+                for (int k = 0; k < 2 && r + k < nrows; k++)                              \
+                    for (int h = 0; h < 2; h++) {                                         \
+                        ptrdiff_t at = (r + k) * stride + c + h * vl;                     \
+                        fn_v_##SUFFIX gv = fn_load_##SUFFIX(g + at);                      \
+                        gs[k][h] += gv;                                                   \
+                        ps[k][h] += gv * ((fn_load_##SUFFIX(x + at) - hi[h]) - lo[h]);    \
+                    }                                                                     \
+            for (int h = 0; h < 2; h++)                                                   \
+                for (ptrdiff_t j = 0; j < vl; j++) {                                      \
+                    sum_g[c + h * vl + j] += (double)gs[0][h][j] + (double)gs[1][h][j];   \
+                    sum_gd[c + h * vl + j] += (double)ps[0][h][j] + (double)ps[1][h][j];  \
+                }                                                                         \
+        }                                                                                 \
+        for (; c < nc; c++)                                                               \
+            for (ptrdiff_t r = 0; r < nrows; r++) {                                       \
+                double gv = (double)g[r * stride + c];                                    \
+                sum_g[c] += gv;                                                           \
+                sum_gd[c] += gv * (double)((x[r * stride + c] - mean_hi[c]) - mean_lo[c]); \
+            }                                                                             \
+    }
+
+FN_DEFINE_COLUMN_KERNELS(float, f32)
+FN_DEFINE_COLUMN_KERNELS(double, f64)
+
+#undef FN_DEFINE_COLUMN_KERNELS
 
 /* LocalResponseNorm with beta = 0.75 in float32, one row of n positions:
  *   forward:   y = x * s^-0.75

@@ -4,9 +4,22 @@ Everything is checked here, in Python, before any kernel runs or any state
 changes; the kernels then trust their inputs. Messages say what was expected
 and what came.
 """
+import operator
+
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_count(name, value, minimum=1):
+    """An integer argument of at least `minimum` (num_features, num_groups, size, ...)."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
+    return value
 
 
 def check_float_array(x, name="input"):

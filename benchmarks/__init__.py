@@ -1,0 +1,1 @@
+"""fastnorm's benchmark suite: `python benchmarks/run.py --quick` (see run.py)."""
