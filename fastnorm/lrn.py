@@ -2,8 +2,8 @@
 from . import functional as F
 from ._layout import kernel_ready
 from ._module import NormLayer
-from ._validation import check_float_array
-from .functional.local_response_norm import check_coefficient, check_size
+from ._validation import check_count, check_float_array
+from .functional.local_response_norm import check_coefficient
 
 __all__ = ["LocalResponseNorm"]
 
@@ -21,7 +21,8 @@ class LocalResponseNorm(NormLayer):
 
     def __init__(self, size, alpha=1e-4, beta=0.75, k=1.0):
         super().__init__()
-        self.size = check_size(size)
+        del self.dtype  # no parameters, so no dtype: the input's dtype is used
+        self.size = check_count("size", size)
         self.alpha = check_coefficient("alpha", alpha)
         self.beta = check_coefficient("beta", beta)
         self.k = check_coefficient("k", k)

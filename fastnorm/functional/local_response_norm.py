@@ -8,14 +8,13 @@ Channels outside [0, C) count as zero (PyTorch's padding of size//2 before
 and (size-1)//2 after), and the sum is always divided by size.
 """
 import numbers
-import operator
 
 import numpy as np
 
 from .._kernels import kernels
 from .._layout import deliver, input_view, kernel_view, output_for
-from .._threads import get_num_threads
-from .._validation import check_float_array, check_grad_output, check_out
+from .._threads import threads_for
+from .._validation import check_count, check_float_array, check_grad_output, check_out
 
 __all__ = ["local_response_norm", "local_response_norm_backward"]
 
@@ -33,7 +32,7 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0, *, out=None):
     view, channels_last = input_view(x)
     target, y_view = output_for(x, channels_last, out)
     if x.size > 0:
-        kernels.lrn_forward(view, y_view, size, alpha, beta, k, get_num_threads())
+        kernels.lrn_forward(view, y_view, size, alpha, beta, k, threads_for(x.size))
     return deliver(target, out)
 
 
@@ -56,24 +55,11 @@ def local_response_norm_backward(grad_output, input, size, alpha=1e-4, beta=0.75
     grad_input, grad_input_view = output_for(x, channels_last)
     if x.size > 0:
         kernels.lrn_backward(view, grad_view, grad_input_view, size, alpha, beta, k,
-                             get_num_threads())
+                             threads_for(x.size))
     return grad_input
 
 
 # ------------------------------------------------------------------ helpers
-
-def check_size(size):
-    """The window size: an int >= 1 (shared with the LocalResponseNorm layer)."""
-    if isinstance(size, (bool, np.bool_)):
-        raise TypeError(f"size must be an int, got {type(size).__name__}")
-    try:
-        size = operator.index(size)
-    except TypeError:
-        raise TypeError(f"size must be an int, got {type(size).__name__}") from None
-    if size < 1:
-        raise ValueError(f"size must be at least 1 (the number of channels in the window), got {size}")
-    return size
-
 
 def check_coefficient(name, value):
     """alpha, beta or k: a real number."""
@@ -89,5 +75,5 @@ def _check_arguments(x, size, alpha, beta, k):
             f"local_response_norm expects an input of shape (N, C, *) with at least 3 "
             f"dimensions, got {x.ndim}-D shape {x.shape}"
         )
-    return (check_size(size), check_coefficient("alpha", alpha),
+    return (check_count("size", size), check_coefficient("alpha", alpha),
             check_coefficient("beta", beta), check_coefficient("k", k))
