@@ -345,7 +345,9 @@ static inline float fn_lrn_scale1_f64(const double* suffix, const double* prefix
     return (float)fma(a, *suffix + *prefix, k);
 }
 
-static inline int fn_any_nan(__m256 v) { return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)); }
+static inline int fn_any_nan(__m256 v) {
+    return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
 
 #define FN_PREFETCH_SPREAD(p, i)                                                         \
     if ((p) && ((i) & 15) == 0) __builtin_prefetch((p) + (i), 0, 3)
@@ -412,7 +414,8 @@ static inline int fn_any_nan(__m256 v) { return _mm256_movemask_ps(_mm256_cmp_ps
                                                   double a, const float* prefetch) {    \
         (void)prefetch;                                                                  \
         for (ptrdiff_t i = 0; i < n; i++)                                                \
-            y[i] = x[i] * fn_pow075_portable(fn_lrn_scale1_##SUFFIX(suffix, prefix, grow, i, k, a), 0); \
+            y[i] = x[i] * fn_pow075_portable(                                            \
+                fn_lrn_scale1_##SUFFIX(suffix, prefix, grow, i, k, a), 0);               \
     }                                                                                    \
     static inline void fn_lrn_backward075_##SUFFIX(const T* suffix, T* prefix,          \
                                                    const float* grow, const float* x,   \

@@ -11,7 +11,9 @@ __all__ = ["LocalResponseNorm"]
 class LocalResponseNorm(NormLayer):
     """Local response normalization over channels of (N, C, *) input (>= 3 dims):
 
-        y_c = x_c / (k + alpha / size * sum of x**2 over channels c - size//2 .. c + (size-1)//2)**beta
+        y_c = x_c / (k + alpha / size * sum_{c'} x_{c'}**2)**beta,
+
+    c' from c - size//2 to c + (size-1)//2 (zero-padded at the ends).
 
     No parameters: parameters() is empty, grads is {} after backward, and the
     state dict is {}. The input's layout (e.g. channels-last) is kept.
