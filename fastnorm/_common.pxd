@@ -67,6 +67,21 @@ cdef extern from "_simd.h" nogil:
     void fn_cols_grad_sums_f64(const double* x, const double* g, Py_ssize_t nrows,
                                Py_ssize_t stride, Py_ssize_t nc, const double* mean,
                                double* sum_g, double* sum_gd)
+    void fn_weighted_grad_sums_f32(const float* x, const float* g, const float* w, Py_ssize_t n,
+                                   float mean_hi, float mean_lo, double* sum_g, double* sum_gd)
+    void fn_weighted_grad_sums_f64(const double* x, const double* g, const double* w,
+                                   Py_ssize_t n, double mean_hi, double mean_lo, double* sum_g,
+                                   double* sum_gd)
+    void fn_row_affine_f32(const float* x, float* y, const float* w, const float* b, Py_ssize_t n,
+                           float mean_hi, float mean_lo, float scale)
+    void fn_row_affine_f64(const double* x, double* y, const double* w, const double* b,
+                           Py_ssize_t n, double mean_hi, double mean_lo, double scale)
+    void fn_row_backward_f32(const float* x, const float* g, const float* w, float* dx,
+                             Py_ssize_t n, float mean_hi, float mean_lo, float k_g, float k_d,
+                             float k_0, double scale, double* acc_w, double* acc_b)
+    void fn_row_backward_f64(const double* x, const double* g, const double* w, double* dx,
+                             Py_ssize_t n, double mean_hi, double mean_lo, double k_g,
+                             double k_d, double k_0, double scale, double* acc_w, double* acc_b)
 
 
 cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept nogil:
@@ -131,6 +146,36 @@ cdef inline void cols_grad_sums(const floating* x, const floating* dy, Py_ssize_
         fn_cols_grad_sums_f32(x, dy, nrows, stride, nc, mean, sum_dy, sum_dy_xmu)
     else:
         fn_cols_grad_sums_f64(x, dy, nrows, stride, nc, mean, sum_dy, sum_dy_xmu)
+cdef inline void run_weighted_grad_sums(const floating* x, const floating* dy, const floating* w,
+                                        Py_ssize_t n, floating mean_hi, floating mean_lo,
+                                        double* sum_g, double* sum_gd) noexcept nogil:
+    """Add sum(dy * w) and sum(dy * w * (x - mean)) over n contiguous values (centered)."""
+    if floating is float:
+        fn_weighted_grad_sums_f32(x, dy, w, n, mean_hi, mean_lo, sum_g, sum_gd)
+    else:
+        fn_weighted_grad_sums_f64(x, dy, w, n, mean_hi, mean_lo, sum_g, sum_gd)
+
+
+cdef inline void run_affine_weighted(const floating* x, floating* y, const floating* w,
+                                     const floating* b, Py_ssize_t n, floating mean_hi,
+                                     floating mean_lo, floating scale) noexcept nogil:
+    """y = ((x - mean_hi) - mean_lo) * scale * w + b, with w and b per element."""
+    if floating is float:
+        fn_row_affine_f32(x, y, w, b, n, mean_hi, mean_lo, scale)
+    else:
+        fn_row_affine_f64(x, y, w, b, n, mean_hi, mean_lo, scale)
+
+
+cdef inline void run_backward_weighted(const floating* x, const floating* dy, const floating* w,
+                                       floating* dx, Py_ssize_t n, floating mean_hi,
+                                       floating mean_lo, floating k_g, floating k_d,
+                                       floating k_0, double scale, double* acc_w,
+                                       double* acc_b) noexcept nogil:
+    """dx = k_g*w*dy + k_d*(x - mean) + k_0; acc_w += dy*(x - mean)*scale; acc_b += dy."""
+    if floating is float:
+        fn_row_backward_f32(x, dy, w, dx, n, mean_hi, mean_lo, k_g, k_d, k_0, scale, acc_w, acc_b)
+    else:
+        fn_row_backward_f64(x, dy, w, dx, n, mean_hi, mean_lo, k_g, k_d, k_0, scale, acc_w, acc_b)
 
 
 cdef inline Moments block_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t ncols,

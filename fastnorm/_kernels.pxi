@@ -35,3 +35,4 @@ def openmp_set_num_threads(int n):
 
 
 include "_channel.pxi"
+include "_rows.pxi"

@@ -80,7 +80,67 @@
         }                                                                                \
         *sum_g += total_g;                                                               \
         *sum_gd += total_gd;                                                             \
+    }                                                                                    \
+    /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d) with d = (x - mean_hi) - mean_lo:     \
+       the row sums of LayerNorm/RMSNorm backward (w per element) */                   \
+    static inline void fn_weighted_grad_sums_##SUFFIX(const T* x, const T* g,           \
+                                                      const T* w, ptrdiff_t n,          \
+                                                      T mean_hi, T mean_lo,             \
+                                                      double* sum_g, double* sum_gd) {  \
+        double total_g = 0, total_gd = 0;                                                \
+        for (ptrdiff_t b = 0; b < n; b += FN_BLOCK) {                                    \
+            const T* xb = x + b;                                                         \
+            const T* gb = g + b;                                                         \
+            const T* wb = w + b;                                                         \
+            ptrdiff_t m = n - b < FN_BLOCK ? n - b : FN_BLOCK;                           \
+            T s = 0, q = 0;                                                              \
+            _Pragma("omp simd simdlen(16) reduction(+: s, q)")                           \
+            for (ptrdiff_t i = 0; i < m; i++) {                                          \
+                T gw = gb[i] * wb[i];                                                    \
+                s += gw;                                                                 \
+                q += gw * ((xb[i] - mean_hi) - mean_lo);                                 \
+            }                                                                            \
+            total_g += (double)s;                                                        \
+            total_gd += (double)q;                                                       \
+        }                                                                                \
+        *sum_g += total_g;                                                               \
+        *sum_gd += total_gd;                                                             \
     }
+
+/* Elementwise steps with a parameter per element (LayerNorm/RMSNorm rows).
+ * Not reductions, but written here with restrict and `omp simd` so that they
+ * vectorize whatever the number of pointers (gcc gives up on alias checks). */
+#define FN_DEFINE_ELEMENTWISE(T, SUFFIX)                                               \
+    /* y = d * scale * w + b with d = (x - mean_hi) - mean_lo */                       \
+    static inline void fn_row_affine_##SUFFIX(const T* restrict x, T* restrict y,       \
+                                              const T* restrict w, const T* restrict b, \
+                                              ptrdiff_t n, T mean_hi, T mean_lo,        \
+                                              T scale) {                                \
+        _Pragma("omp simd")                                                              \
+        for (ptrdiff_t i = 0; i < n; i++)                                                \
+            y[i] = ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i];                   \
+    }                                                                                    \
+    /* dx = k_g * w * g + k_d * d + k_0, and the weight/bias gradient partials          \
+       acc_w += g * d * scale (float64), acc_b += g */                                  \
+    static inline void fn_row_backward_##SUFFIX(const T* restrict x, const T* restrict g, \
+                                                const T* restrict w, T* restrict dx,    \
+                                                ptrdiff_t n, T mean_hi, T mean_lo,      \
+                                                T k_g, T k_d, T k_0, double scale,      \
+                                                double* restrict acc_w,                 \
+                                                double* restrict acc_b) {               \
+        _Pragma("omp simd")                                                              \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            T d = (x[i] - mean_hi) - mean_lo;                                            \
+            dx[i] = k_g * w[i] * g[i] + k_d * d + k_0;                                   \
+            acc_w[i] += (double)g[i] * (double)d * scale;                                \
+            acc_b[i] += (double)g[i];                                                    \
+        }                                                                                \
+    }
+
+FN_DEFINE_ELEMENTWISE(float, f32)
+FN_DEFINE_ELEMENTWISE(double, f64)
+
+#undef FN_DEFINE_ELEMENTWISE
 
 FN_DEFINE_REDUCTIONS(float, f32)
 FN_DEFINE_REDUCTIONS(double, f64)
