@@ -396,6 +396,12 @@ cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx, 
                           coef[2 * r], coef[2 * r + 1], part, part + g.D)
 
 
+cdef inline void add_doubles(double* acc, const double* part, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        acc[i] += part[i]
+
+
 cdef void fold_param_grads(RowGeom* g, Py_ssize_t n_blocks, const double* rstd,
                            const double* sums, const double* acc, floating* grad_w,
                            floating* grad_b) noexcept nogil:
@@ -405,15 +411,14 @@ cdef void fold_param_grads(RowGeom* g, Py_ssize_t n_blocks, const double* rstd,
     cdef Py_ssize_t N
     cdef double tw, tb
     if not g.per_channel:
+        # block partials folded into block 0 in block order (vectorized loops)
+        for k in range(1, n_blocks):
+            add_doubles(acc, acc + 2 * g.D * k, 2 * g.D)
         for i in range(g.D):
-            tw = 0.0
-            tb = 0.0
-            for k in range(n_blocks):
-                tw += acc[2 * g.D * k + i]
-                tb += acc[2 * g.D * k + g.D + i]
-            grad_w[i] = <floating>tw
-            if grad_b != NULL:
-                grad_b[i] = <floating>tb
+            grad_w[i] = <floating>acc[i]
+        if grad_b != NULL:
+            for i in range(g.D):
+                grad_b[i] = <floating>acc[g.D + i]
         return
     N = g.R // g.G
     for r in range(g.G):              # channel (r, j) of group r
@@ -430,9 +435,13 @@ cdef void fold_param_grads(RowGeom* g, Py_ssize_t n_blocks, const double* rstd,
 
 # ---------------------------------------------------------- public API
 
+cdef inline void* data_or_null(object a):
+    """Data pointer of an array, or NULL for None."""
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
 cdef inline double* f64_ptr(object a):
-    """Data pointer of a float64 array, or NULL for None."""
-    return NULL if a is None else <double*>cnp.PyArray_DATA(<cnp.ndarray>a)
+    return <double*>data_or_null(a)
 
 
 def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t R,
@@ -452,22 +461,22 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
     cdef double* p_var = f64_ptr(var)
-    cdef double[::1] scratch, row_mean
+    cdef double* work
     n_threads = threads_for(g.R * g.D, n_threads)
     if split_by_unit(&g, n_threads):
-        scratch = np.empty(3 * g.R * g.n_units)
-        row_mean = np.empty(g.R)
+        scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
+        work = <double*>cnp.PyArray_DATA(scratch)
         if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
             with nogil:
                 forward_by_unit(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), &g,
                                 <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias),
-                                eps, p_mean, p_rstd, p_var, &scratch[0], &row_mean[0], n_threads)
+                                eps, p_mean, p_rstd, p_var, work, work + 3 * g.R * g.n_units, n_threads)
         else:
             with nogil:
                 forward_by_unit(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), &g,
                                 <double*>cnp.PyArray_DATA(weight),
                                 <double*>cnp.PyArray_DATA(bias), eps, p_mean, p_rstd, p_var,
-                                &scratch[0], &row_mean[0], n_threads)
+                                work, work + 3 * g.R * g.n_units, n_threads)
     elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         with nogil:
             forward_by_row(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), &g,
@@ -493,30 +502,37 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     """
     cdef RowGeom g = row_geom(R, runs, S, G, per_channel, centered)
     cdef Py_ssize_t n_blocks = g.R if per_channel else min(g.R, <Py_ssize_t>MAX_STRIPES)
-    cdef bint by_unit
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
-    cdef double[::1] sums, acc, unit_sums, coef
+    cdef void* p_grad_bias = data_or_null(grad_bias)
+    cdef Py_ssize_t n_sums, n_acc, n_unit_sums, n_coef
+    cdef bint by_unit
+    cdef double* work
     n_threads = threads_for(g.R * g.D, n_threads)
     by_unit = split_by_unit(&g, n_threads)
-    sums = np.empty(g.R * sums_per_row(&g) if per_channel else 2 * n_blocks)
-    acc = np.empty(1 if per_channel else 2 * g.D * n_blocks)
-    unit_sums = np.empty(2 * g.R * g.n_units if by_unit and not per_channel else 1)
-    coef = np.empty(2 * g.R if by_unit else 1)
+    # one float64 scratch array: row sums | block partials | unit sums | coefficients
+    n_sums = g.R * sums_per_row(&g) if per_channel else 2 * n_blocks
+    n_acc = 0 if per_channel else 2 * g.D * n_blocks
+    n_unit_sums = 2 * g.R * g.n_units if by_unit and not per_channel else 0
+    n_coef = 2 * g.R if by_unit else 0
+    scratch = np.empty(n_sums + n_acc + n_unit_sums + n_coef)
+    work = <double*>cnp.PyArray_DATA(scratch)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        _row_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
-                      <float*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
-                      <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd, &sums[0], &acc[0],
-                      &unit_sums[0], &coef[0], <float*>cnp.PyArray_DATA(grad_weight),
-                      NULL if grad_bias is None else <float*>cnp.PyArray_DATA(grad_bias),
-                      n_threads)
+        with nogil:
+            _row_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
+                          <float*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
+                          <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd, work, work + n_sums,
+                          work + n_sums + n_acc, work + n_sums + n_acc + n_unit_sums,
+                          <float*>cnp.PyArray_DATA(grad_weight), <float*>p_grad_bias,
+                          n_threads)
     else:
-        _row_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
-                      <double*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
-                      <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd, &sums[0], &acc[0],
-                      &unit_sums[0], &coef[0], <double*>cnp.PyArray_DATA(grad_weight),
-                      NULL if grad_bias is None else <double*>cnp.PyArray_DATA(grad_bias),
-                      n_threads)
+        with nogil:
+            _row_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
+                          <double*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
+                          <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd, work, work + n_sums,
+                          work + n_sums + n_acc, work + n_sums + n_acc + n_unit_sums,
+                          <double*>cnp.PyArray_DATA(grad_weight),
+                          <double*>p_grad_bias, n_threads)
 
 
 cdef void _row_backward(const floating* x, const floating* dy, floating* dx, RowGeom* g,
