@@ -180,9 +180,9 @@ cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, Row
 
 cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floating* dxrow,
                                RowGeom* g, Py_ssize_t r, Py_ssize_t u, const floating* w,
-                               double mean, double rstd, double k_d, double k_0,
+                               double mean, double rstd, double k_d, double c_0,
                                double* acc_w, double* acc_b) noexcept nogil:
-    """dx = rstd*w*dy + k_d*(x - mean) + k_0 over unit u of row r; elementwise
+    """dx = rstd*(w*dy + c_0) + k_d*(x - mean) over unit u of row r; elementwise
     mode also adds dy*xhat and dy to the row block's acc_w/acc_b (length D)."""
     cdef Py_ssize_t j0, nruns, s0, ncols, j, at, c0
     cdef floating mean_hi, mean_lo
@@ -191,19 +191,19 @@ cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floa
     at = j0 * g.S + s0
     if not g.per_channel:
         run_backward_weighted(xrow + at, dyrow + at, w + at, dxrow + at, ncols, mean_hi, mean_lo,
-                              <floating>rstd, <floating>k_d, <floating>k_0, rstd, acc_w + at,
+                              <floating>rstd, <floating>c_0, <floating>k_d, rstd, acc_w + at,
                               acc_b + at)
         return
     c0 = (r % g.G) * g.runs + j0
     for j in range(nruns):
         run_affine_backward(xrow + at + j * g.S, dyrow + at + j * g.S, dxrow + at + j * g.S,
                             ncols, mean_hi, mean_lo, <floating>(rstd * w[c0 + j]),
-                            <floating>k_d, <floating>k_0)
+                            <floating>k_d, <floating>(rstd * c_0))
 
 
 cdef inline void row_coefficients(RowGeom* g, Py_ssize_t r, const floating* w, double rstd,
-                                  double* sums, double* k_d, double* k_0) noexcept nogil:
-    """Fold a row's gradient sums into dx = rstd*w*dy + k_d*(x - mean) + k_0:
+                                  double* sums, double* k_d, double* c_0) noexcept nogil:
+    """Fold a row's gradient sums into dx = rstd*(w*dy + c_0) + k_d*(x - mean):
         dx = rstd * (g - sum(g)/D - (x-mean) * rstd^2 * sum(g*(x-mean))/D),  g = dy*w.
     Per-channel mode first folds each run's pieces into sums[2j:2j+2] (in
     piece order), then weights the runs in run order. No centering term for RMSNorm."""
@@ -225,7 +225,7 @@ cdef inline void row_coefficients(RowGeom* g, Py_ssize_t r, const floating* w, d
             sum_g += w[c0 + j] * run_dy
             sum_gd += w[c0 + j] * run_dyd
     k_d[0] = -rstd * rstd * rstd * sum_gd / g.D
-    k_0[0] = -rstd * sum_g / g.D if g.centered else 0.0
+    c_0[0] = -sum_g / g.D if g.centered else 0.0
 
 
 cdef inline Py_ssize_t sums_per_row(RowGeom* g) noexcept nogil:
@@ -298,12 +298,12 @@ cdef inline void backward_row(const floating* x, const floating* dy, floating* d
                               double* sums, double* acc_w, double* acc_b) noexcept nogil:
     """Gradient sums of row r (sums: sums_per_row zeros), then its dx in cache."""
     cdef Py_ssize_t u
-    cdef double k_d, k_0
+    cdef double k_d, c_0
     for u in range(g.n_units):
         unit_grad_sums(x + r * g.D, dy + r * g.D, g, u, w, mean, sums)
-    row_coefficients(g, r, w, rstd, sums, &k_d, &k_0)
+    row_coefficients(g, r, w, rstd, sums, &k_d, &c_0)
     for u in range(g.n_units):
-        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w, mean, rstd, k_d, k_0,
+        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w, mean, rstd, k_d, c_0,
                       acc_w, acc_b)
 
 

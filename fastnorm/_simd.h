@@ -129,18 +129,19 @@
         for (ptrdiff_t i = 0; i < n; i++)                                                \
             y[i] = ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i];                   \
     }                                                                                    \
-    /* dx = k_g * w * g + k_d * d + k_0, and the weight/bias gradient partials          \
-       acc_w += g * d * scale (float64), acc_b += g */                                  \
+    /* dx = (w * g + c_0) * k_g + k_d * d (c_0 = -mean(w*g) first, so that it cancels  \
+       before the large factor k_g = rstd multiplies), and the weight/bias gradient     \
+       partials acc_w += g * d * scale (float64), acc_b += g */                         \
     static inline void fn_row_backward_##SUFFIX(const T* restrict x, const T* restrict g, \
                                                 const T* restrict w, T* restrict dx,    \
                                                 ptrdiff_t n, T mean_hi, T mean_lo,      \
-                                                T k_g, T k_d, T k_0, double scale,      \
+                                                T k_g, T c_0, T k_d, double scale,      \
                                                 double* restrict acc_w,                 \
                                                 double* restrict acc_b) {               \
         _Pragma("omp simd")                                                              \
         for (ptrdiff_t i = 0; i < n; i++) {                                              \
             T d = (x[i] - mean_hi) - mean_lo;                                            \
-            dx[i] = k_g * w[i] * g[i] + k_d * d + k_0;                                   \
+            dx[i] = (w[i] * g[i] + c_0) * k_g + k_d * d;                                 \
             acc_w[i] += (double)g[i] * (double)d * scale;                                \
             acc_b[i] += (double)g[i];                                                    \
         }                                                                                \
