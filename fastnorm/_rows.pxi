@@ -38,9 +38,10 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 
 from fastnorm._common cimport (
-    MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, run_affine,
-    run_affine_backward, run_affine_weighted, run_backward_weighted, run_centered_sums,
-    run_grad_sums, run_weighted_grad_sums, split_hi_lo, stripe_bounds,
+    MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, fn_prefetch, fn_prefetch_write,
+    row_block_moments, row_grad_sums,
+    row_sum_squares, run_affine, run_affine_backward, run_affine_weighted, run_backward_weighted,
+    split_hi_lo, stripe_bounds,
 )
 
 cnp.import_array()
@@ -48,6 +49,9 @@ cnp.import_array()
 # Below this many values a call runs on the calling thread: waking a team
 # costs more than the work.
 cdef Py_ssize_t SERIAL_ELEMS = 1 << 15
+# Rows up to this size are prefetched a few rows ahead (outputs one row ahead).
+cdef Py_ssize_t PREFETCH_ROW_BYTES = 1 << 16
+cdef Py_ssize_t PREFETCH_AHEAD = 2
 
 
 # ---------------------------------------------------------------- geometry
@@ -105,13 +109,11 @@ cdef inline int threads_for(Py_ssize_t n_values, int n_threads) noexcept nogil:
 cdef inline Moments unit_moments(const floating* x, Py_ssize_t n, bint centered) noexcept nogil:
     """Moments of n contiguous values; uncentered (RMSNorm): mean 0, m2 = sum(x**2)."""
     cdef Moments m
-    cdef double sum_d = 0.0, sum_dd = 0.0
     if centered:
-        return block_moments(x, 1, n, n)
-    run_centered_sums(x, n, <floating>0.0, &sum_d, &sum_dd)
+        return row_block_moments(x, n)
     m.count = <double>n
     m.mean = 0.0
-    m.m2 = sum_dd
+    m.m2 = row_sum_squares(x, n)
     return m
 
 
@@ -165,17 +167,16 @@ cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, Row
     piece index j * units_per_run + (u % units_per_run)."""
     cdef Py_ssize_t j0, nruns, s0, ncols, j, at, slot
     cdef floating mean_hi, mean_lo
+    split_hi_lo(mean, &mean_hi, &mean_lo)
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
     at = j0 * g.S + s0
     if not g.per_channel:
-        split_hi_lo(mean, &mean_hi, &mean_lo)
-        run_weighted_grad_sums(xrow + at, dyrow + at, w + at, ncols, mean_hi, mean_lo,
-                               &sums[0], &sums[1])
+        row_grad_sums(xrow + at, dyrow + at, w + at, ncols, mean_hi, mean_lo, &sums[0], &sums[1])
         return
     for j in range(nruns):
         slot = (j0 + j) * g.units_per_run + u % g.units_per_run
-        run_grad_sums(xrow + at + j * g.S, dyrow + at + j * g.S, ncols, mean,
-                      &sums[2 * slot], &sums[2 * slot + 1])
+        row_grad_sums(xrow + at + j * g.S, dyrow + at + j * g.S, <const floating*>NULL, ncols,
+                      mean_hi, mean_lo, &sums[2 * slot], &sums[2 * slot + 1])
 
 
 cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floating* dxrow,
@@ -235,6 +236,17 @@ cdef inline Py_ssize_t sums_per_row(RowGeom* g) noexcept nogil:
 
 # ------------------------------------------------------------ forward
 
+cdef inline void prefetch_row(const floating* x, RowGeom* g, Py_ssize_t r) noexcept nogil:
+    """Start loading row r (when it exists and is short) while the current row is computed."""
+    if r < g.R and g.D * <Py_ssize_t>sizeof(floating) <= PREFETCH_ROW_BYTES:
+        fn_prefetch(x + r * g.D, g.D * sizeof(floating))
+
+
+cdef inline void prefetch_row_write(floating* y, RowGeom* g, Py_ssize_t r) noexcept nogil:
+    if r < g.R and g.D * <Py_ssize_t>sizeof(floating) <= PREFETCH_ROW_BYTES:
+        fn_prefetch_write(y + r * g.D, g.D * sizeof(floating))
+
+
 cdef inline void forward_row(const floating* x, floating* y, RowGeom* g, Py_ssize_t r,
                              const floating* w, const floating* b, double eps, double* mean,
                              double* rstd, double* var) noexcept nogil:
@@ -245,6 +257,8 @@ cdef inline void forward_row(const floating* x, floating* y, RowGeom* g, Py_ssiz
     acc.count = 0.0
     acc.mean = 0.0
     acc.m2 = 0.0
+    prefetch_row(x, g, r + PREFETCH_AHEAD)
+    prefetch_row_write(y, g, r + 1)
     for u in range(g.n_units):
         chan_merge(&acc, row_unit_moments(xrow, g, u))
     store_row_stats(acc, eps, r, mean, rstd, var)
@@ -299,6 +313,9 @@ cdef inline void backward_row(const floating* x, const floating* dy, floating* d
     """Gradient sums of row r (sums: sums_per_row zeros), then its dx in cache."""
     cdef Py_ssize_t u
     cdef double k_d, c_0
+    prefetch_row(x, g, r + PREFETCH_AHEAD)
+    prefetch_row(dy, g, r + PREFETCH_AHEAD)
+    prefetch_row_write(dx, g, r + 1)
     for u in range(g.n_units):
         unit_grad_sums(x + r * g.D, dy + r * g.D, g, u, w, mean, sums)
     row_coefficients(g, r, w, rstd, sums, &k_d, &c_0)
@@ -403,7 +420,7 @@ cdef inline void add_doubles(double* acc, const double* part, Py_ssize_t n) noex
 
 
 cdef void fold_param_grads(RowGeom* g, Py_ssize_t n_blocks, const double* rstd,
-                           const double* sums, const double* acc, floating* grad_w,
+                           const double* sums, double* acc, floating* grad_w,
                            floating* grad_b) noexcept nogil:
     """grad weight = sum of dy*xhat, grad bias = sum of dy, over rows in a fixed order.
     grad_b may be NULL (RMSNorm)."""

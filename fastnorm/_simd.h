@@ -89,32 +89,160 @@
         }                                                                                \
         *sum_g += total_g;                                                               \
         *sum_gd += total_gd;                                                             \
-    }                                                                                    \
-    /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d) with d = (x - mean_hi) - mean_lo:     \
-       the row sums of LayerNorm/RMSNorm backward (w per element) */                   \
-    FN_REDUCTION void fn_weighted_grad_sums_##SUFFIX(const T* x, const T* g,           \
-                                                      const T* w, ptrdiff_t n,          \
-                                                      T mean_hi, T mean_lo,             \
-                                                      double* sum_g, double* sum_gd) {  \
-        double total_g = 0, total_gd = 0;                                                \
-        for (ptrdiff_t b = 0; b < n; b += FN_BLOCK) {                                    \
-            const T* xb = x + b;                                                         \
-            const T* gb = g + b;                                                         \
-            const T* wb = w + b;                                                         \
-            ptrdiff_t m = n - b < FN_BLOCK ? n - b : FN_BLOCK;                           \
-            T s = 0, q = 0;                                                              \
-            _Pragma("omp simd simdlen(16) reduction(+: s, q)")                           \
-            for (ptrdiff_t i = 0; i < m; i++) {                                          \
-                T gw = gb[i] * wb[i];                                                    \
-                s += gw;                                                                 \
-                q += gw * ((xb[i] - mean_hi) - mean_lo);                                 \
-            }                                                                            \
-            total_g += (double)s;                                                        \
-            total_gd += (double)q;                                                       \
-        }                                                                                \
-        *sum_g += total_g;                                                               \
-        *sum_gd += total_gd;                                                             \
     }
+
+
+/* Row reductions (LayerNorm/RMSNorm/GroupNorm rows): contiguous runs reduced
+ * with four independent accumulators of explicit 32-byte vectors (GCC/Clang
+ * vector extensions), so the adds pipeline instead of waiting on one chain.
+ * Vector-extension arithmetic is elementwise, so the summation order is the
+ * same in every build (a narrower ISA just splits each vector op). float data
+ * is summed in float over blocks of FN_ROW_BLOCK values (at most 8 terms per
+ * lane), block sums in float64; double data in double throughout.
+ */
+#define FN_ROW_BLOCK 256
+
+typedef float fn_v8f __attribute__((vector_size(32)));
+typedef double fn_v8d __attribute__((vector_size(64)));
+typedef double fn_v4d __attribute__((vector_size(32)));
+
+/* Helpers as macros (statement expressions), not functions: a function
+ * returning a 32/64-byte vector changes the ABI warning-loudly in the
+ * baseline build. */
+#define fn_row_load_f32(p) ({ fn_v8f v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define fn_row_load_f64(p) ({ fn_v4d v_; memcpy(&v_, (p), sizeof v_); v_; })
+/* lanes of a working-precision vector, widened to float64 */
+#define fn_row_widen_f32(v) __builtin_convertvector((v), fn_v8d)
+#define fn_row_widen_f64(v) (v)
+#define fn_row_hsum8(v) \
+    ((((v)[0] + (v)[1]) + ((v)[2] + (v)[3])) + (((v)[4] + (v)[5]) + ((v)[6] + (v)[7])))
+#define fn_row_hsum4(v) (((v)[0] + (v)[1]) + ((v)[2] + (v)[3]))
+
+/* VT: 32-byte vector of T with NL lanes; WT: NL float64 lanes; HSUM: WT -> double */
+#define FN_DEFINE_ROW_REDUCTIONS(T, SUFFIX, VT, NL, WT, HSUM)                             \
+    /* sum(x) */                                                                             \
+    static inline double fn_row_sum_##SUFFIX(const T* x, ptrdiff_t n) {                     \
+        WT total = {0};                                                                      \
+        T tail = 0;                                                                          \
+        for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
+            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
+            const T* xb = x + b;                                                             \
+            VT a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                       \
+            for (; i + 4 * NL <= m; i += 4 * NL) {                                           \
+                a0 += fn_row_load_##SUFFIX(xb + i);                                          \
+                a1 += fn_row_load_##SUFFIX(xb + i + NL);                                     \
+                a2 += fn_row_load_##SUFFIX(xb + i + 2 * NL);                                 \
+                a3 += fn_row_load_##SUFFIX(xb + i + 3 * NL);                                 \
+            }                                                                                \
+            for (; i < m; i++) tail += xb[i];                                                \
+            total += fn_row_widen_##SUFFIX((a0 + a1) + (a2 + a3));                           \
+        }                                                                                    \
+        return HSUM(total) + (double)tail;                                                   \
+    }                                                                                        \
+    /* *sum_d += sum(d), *sum_dd += sum(d*d), d = (x - mean_hi) - mean_lo */                \
+    static inline void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,    \
+                                                     T mean_lo, double* sum_d,             \
+                                                     double* sum_dd) {                     \
+        WT total_d = {0}, total_dd = {0};                                                    \
+        T tail_d = 0, tail_dd = 0;                                                           \
+        for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
+            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
+            const T* xb = x + b;                                                             \
+            VT d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0}; \
+            for (; i + 4 * NL <= m; i += 4 * NL) {                                           \
+                VT u0 = (fn_row_load_##SUFFIX(xb + i) - mean_hi) - mean_lo;                  \
+                VT u1 = (fn_row_load_##SUFFIX(xb + i + NL) - mean_hi) - mean_lo;             \
+                VT u2 = (fn_row_load_##SUFFIX(xb + i + 2 * NL) - mean_hi) - mean_lo;         \
+                VT u3 = (fn_row_load_##SUFFIX(xb + i + 3 * NL) - mean_hi) - mean_lo;         \
+                d0 += u0;                                                                    \
+                d1 += u1;                                                                    \
+                d2 += u2;                                                                    \
+                d3 += u3;                                                                    \
+                q0 += u0 * u0;                                                               \
+                q1 += u1 * u1;                                                               \
+                q2 += u2 * u2;                                                               \
+                q3 += u3 * u3;                                                               \
+            }                                                                                \
+            for (; i < m; i++) {                                                             \
+                T d = (xb[i] - mean_hi) - mean_lo;                                           \
+                tail_d += d;                                                                 \
+                tail_dd += d * d;                                                            \
+            }                                                                                \
+            total_d += fn_row_widen_##SUFFIX((d0 + d1) + (d2 + d3));                         \
+            total_dd += fn_row_widen_##SUFFIX((q0 + q1) + (q2 + q3));                        \
+        }                                                                                    \
+        *sum_d += HSUM(total_d) + (double)tail_d;                                            \
+        *sum_dd += HSUM(total_dd) + (double)tail_dd;                                         \
+    }                                                                                        \
+    /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d), d = (x - mean_hi) - mean_lo;             \
+       w == NULL means w = 1 */                                                              \
+    static inline void fn_row_grad_sums_##SUFFIX(const T* x, const T* g, const T* w,        \
+                                                 ptrdiff_t n, T mean_hi, T mean_lo,         \
+                                                 double* sum_g, double* sum_gd) {           \
+        WT total_g = {0}, total_gd = {0};                                                    \
+        T tail_g = 0, tail_gd = 0;                                                           \
+        for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
+            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
+            const T* xb = x + b;                                                             \
+            const T* gb = g + b;                                                             \
+            VT s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0}; \
+            for (; i + 4 * NL <= m; i += 4 * NL) {                                           \
+                VT u0 = fn_row_load_##SUFFIX(gb + i);                                        \
+                VT u1 = fn_row_load_##SUFFIX(gb + i + NL);                                   \
+                VT u2 = fn_row_load_##SUFFIX(gb + i + 2 * NL);                               \
+                VT u3 = fn_row_load_##SUFFIX(gb + i + 3 * NL);                               \
+                if (w) {                                                                     \
+                    u0 *= fn_row_load_##SUFFIX(w + b + i);                                   \
+                    u1 *= fn_row_load_##SUFFIX(w + b + i + NL);                              \
+                    u2 *= fn_row_load_##SUFFIX(w + b + i + 2 * NL);                          \
+                    u3 *= fn_row_load_##SUFFIX(w + b + i + 3 * NL);                          \
+                }                                                                            \
+                s0 += u0;                                                                    \
+                s1 += u1;                                                                    \
+                s2 += u2;                                                                    \
+                s3 += u3;                                                                    \
+                p0 += u0 * ((fn_row_load_##SUFFIX(xb + i) - mean_hi) - mean_lo);             \
+                p1 += u1 * ((fn_row_load_##SUFFIX(xb + i + NL) - mean_hi) - mean_lo);        \
+                p2 += u2 * ((fn_row_load_##SUFFIX(xb + i + 2 * NL) - mean_hi) - mean_lo);    \
+                p3 += u3 * ((fn_row_load_##SUFFIX(xb + i + 3 * NL) - mean_hi) - mean_lo);    \
+            }                                                                                \
+            for (; i < m; i++) {                                                             \
+                T gw = w ? gb[i] * w[b + i] : gb[i];                                         \
+                tail_g += gw;                                                                \
+                tail_gd += gw * ((xb[i] - mean_hi) - mean_lo);                               \
+            }                                                                                \
+            total_g += fn_row_widen_##SUFFIX((s0 + s1) + (s2 + s3));                         \
+            total_gd += fn_row_widen_##SUFFIX((p0 + p1) + (p2 + p3));                        \
+        }                                                                                    \
+        *sum_g += HSUM(total_g) + (double)tail_g;                                            \
+        *sum_gd += HSUM(total_gd) + (double)tail_gd;                                         \
+    }
+
+FN_DEFINE_ROW_REDUCTIONS(float, f32, fn_v8f, 8, fn_v8d, fn_row_hsum8)
+FN_DEFINE_ROW_REDUCTIONS(double, f64, fn_v4d, 4, fn_v4d, fn_row_hsum4)
+
+#undef FN_DEFINE_ROW_REDUCTIONS
+
+/* Ask for `bytes` bytes at p to be brought into cache (the next row, while
+ * this one is computed: memory and arithmetic then overlap). */
+static inline void fn_prefetch(const void* p, ptrdiff_t bytes) {
+#if defined(__GNUC__)
+    for (ptrdiff_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char*)p + i, 0, 3);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
+
+/* The same for memory about to be written (fetched for ownership). */
+static inline void fn_prefetch_write(void* p, ptrdiff_t bytes) {
+#if defined(__GNUC__)
+    for (ptrdiff_t i = 0; i < bytes; i += 64) __builtin_prefetch((char*)p + i, 1, 3);
+#else
+    (void)p;
+    (void)bytes;
+#endif
+}
 
 /* Elementwise steps with a parameter per element (LayerNorm/RMSNorm rows).
  * Not reductions, but written here with restrict and `omp simd` so that they
