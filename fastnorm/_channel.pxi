@@ -218,6 +218,7 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         unit_d = &scratch[task, 3, 0]
         unit_dd = &scratch[task, 4, 0]
         count = 0.0
+        first = stop = 0  # assigned here so that prange makes them thread-private
         stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
         for u in range(first, stop):
             r0 = u * p.unit_rows
@@ -277,6 +278,7 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p, cons
         for c in range(nc):
             part_g[c] = 0.0
             part_gx[c] = 0.0
+        first = stop = 0  # assigned here so that prange makes them thread-private
         stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
         for u in range(first, stop):
             # unit by unit: a unit's rows stay in cache while its channel blocks are summed

@@ -85,10 +85,12 @@ cdef extern from "_simd.h" nogil:
                            Py_ssize_t n, double mean_hi, double mean_lo, double scale)
     void fn_row_backward_f32(const float* x, const float* g, const float* w, float* dx,
                              Py_ssize_t n, float mean_hi, float mean_lo, float k_g, float c_0,
-                             float k_d, double scale, double* acc_w, double* acc_b)
+                             float k_d, float* acc_w, float* acc_b)
     void fn_row_backward_f64(const double* x, const double* g, const double* w, double* dx,
                              Py_ssize_t n, double mean_hi, double mean_lo, double k_g,
-                             double c_0, double k_d, double scale, double* acc_w, double* acc_b)
+                             double c_0, double k_d, double* acc_w, double* acc_b)
+    void fn_flush_partials_f32(double* acc, float* part, Py_ssize_t n)
+    void fn_flush_partials_f64(double* acc, double* part, Py_ssize_t n)
 
 
 cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept nogil:
@@ -235,13 +237,21 @@ cdef inline void run_affine_weighted(const floating* x, floating* y, const float
 cdef inline void run_backward_weighted(const floating* x, const floating* dy, const floating* w,
                                        floating* dx, Py_ssize_t n, floating mean_hi,
                                        floating mean_lo, floating k_g, floating c_0,
-                                       floating k_d, double scale, double* acc_w,
-                                       double* acc_b) noexcept nogil:
-    """dx = (w*dy + c_0)*k_g + k_d*(x - mean); acc_w += dy*(x - mean)*scale; acc_b += dy."""
+                                       floating k_d, floating* acc_w,
+                                       floating* acc_b) noexcept nogil:
+    """dx = (w*dy + c_0)*k_g + k_d*(x - mean); acc_w += dy*(x - mean)*k_g; acc_b += dy."""
     if floating is float:
-        fn_row_backward_f32(x, dy, w, dx, n, mean_hi, mean_lo, k_g, c_0, k_d, scale, acc_w, acc_b)
+        fn_row_backward_f32(x, dy, w, dx, n, mean_hi, mean_lo, k_g, c_0, k_d, acc_w, acc_b)
     else:
-        fn_row_backward_f64(x, dy, w, dx, n, mean_hi, mean_lo, k_g, c_0, k_d, scale, acc_w, acc_b)
+        fn_row_backward_f64(x, dy, w, dx, n, mean_hi, mean_lo, k_g, c_0, k_d, acc_w, acc_b)
+
+
+cdef inline void flush_partials(double* acc, floating* part, Py_ssize_t n) noexcept nogil:
+    """acc += part; part = 0 (working-precision partials of a few rows into float64)."""
+    if floating is float:
+        fn_flush_partials_f32(acc, part, n)
+    else:
+        fn_flush_partials_f64(acc, part, n)
 
 
 cdef inline Moments block_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t ncols,

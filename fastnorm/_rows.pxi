@@ -39,7 +39,7 @@ from cython.parallel cimport prange
 
 from fastnorm._common cimport (
     MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, fn_prefetch, fn_prefetch_write,
-    row_block_moments, row_grad_sums,
+    flush_partials, row_block_moments, row_grad_sums,
     row_sum_squares, run_affine, run_affine_backward, run_affine_weighted, run_backward_weighted,
     split_hi_lo, stripe_bounds,
 )
@@ -49,6 +49,9 @@ cnp.import_array()
 # Below this many values a call runs on the calling thread: waking a team
 # costs more than the work.
 cdef Py_ssize_t SERIAL_ELEMS = 1 << 15
+# Elementwise weight/bias gradient partials are summed over this many rows in
+# working precision before going into float64 (fewer stores than float64 per row).
+cdef Py_ssize_t ROW_GROUP = 8
 # Rows up to this size are prefetched a few rows ahead (outputs one row ahead).
 cdef Py_ssize_t PREFETCH_ROW_BYTES = 1 << 16
 cdef Py_ssize_t PREFETCH_AHEAD = 2
@@ -182,7 +185,7 @@ cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, Row
 cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floating* dxrow,
                                RowGeom* g, Py_ssize_t r, Py_ssize_t u, const floating* w,
                                double mean, double rstd, double k_d, double c_0,
-                               double* acc_w, double* acc_b) noexcept nogil:
+                               floating* acc_w, floating* acc_b) noexcept nogil:
     """dx = rstd*(w*dy + c_0) + k_d*(x - mean) over unit u of row r; elementwise
     mode also adds dy*xhat and dy to the row block's acc_w/acc_b (length D)."""
     cdef Py_ssize_t j0, nruns, s0, ncols, j, at, c0
@@ -192,7 +195,7 @@ cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floa
     at = j0 * g.S + s0
     if not g.per_channel:
         run_backward_weighted(xrow + at, dyrow + at, w + at, dxrow + at, ncols, mean_hi, mean_lo,
-                              <floating>rstd, <floating>c_0, <floating>k_d, rstd, acc_w + at,
+                              <floating>rstd, <floating>c_0, <floating>k_d, acc_w + at,
                               acc_b + at)
         return
     c0 = (r % g.G) * g.runs + j0
@@ -309,7 +312,7 @@ cdef void forward_by_unit(const floating* x, floating* y, RowGeom* g, const floa
 
 cdef inline void backward_row(const floating* x, const floating* dy, floating* dx, RowGeom* g,
                               Py_ssize_t r, const floating* w, double mean, double rstd,
-                              double* sums, double* acc_w, double* acc_b) noexcept nogil:
+                              double* sums, floating* acc_w, floating* acc_b) noexcept nogil:
     """Gradient sums of row r (sums: sums_per_row zeros), then its dx in cache."""
     cdef Py_ssize_t u
     cdef double k_d, c_0
@@ -329,50 +332,71 @@ cdef inline double* block_acc(RowGeom* g, double* acc, Py_ssize_t k) noexcept no
     return acc if g.per_channel else acc + 2 * g.D * k
 
 
+cdef inline floating* block_wacc(RowGeom* g, floating* wacc, Py_ssize_t k) noexcept nogil:
+    """Row block k's working-precision partials of the current row group (2*D)."""
+    return wacc if g.per_channel else wacc + 2 * g.D * k
+
+
+cdef inline bint group_ends(Py_ssize_t r, Py_ssize_t first, Py_ssize_t stop) noexcept nogil:
+    """Rows of a block are summed in working precision in groups of ROW_GROUP
+    (counted from the block's first row), each group then added in float64."""
+    return (r - first) % ROW_GROUP == ROW_GROUP - 1 or r == stop - 1
+
+
+cdef inline void flush_columns(RowGeom* g, double* acc, floating* wacc, Py_ssize_t s0,
+                               Py_ssize_t n) noexcept nogil:
+    """Columns [s0, s0 + n) of both weight and bias partials into float64."""
+    flush_partials(acc + s0, wacc + s0, n)
+    flush_partials(acc + g.D + s0, wacc + g.D + s0, n)
+
+
 cdef inline void backward_block(const floating* x, const floating* dy, floating* dx, RowGeom* g,
                                 Py_ssize_t n_blocks, Py_ssize_t k, const floating* w,
                                 const double* mean, const double* rstd, double* sums,
-                                double* acc) noexcept nogil:
+                                double* acc, floating* wacc) noexcept nogil:
     """Rows of block k in order. Elementwise mode: acc (2*D) gets the block's
-    weight/bias partials. Per-channel mode: one block per row, sums hold the
-    row's per-run sums afterwards."""
+    weight/bias partials (through wacc, see group_ends). Per-channel mode: one
+    block per row, sums hold the row's per-run sums afterwards."""
     cdef Py_ssize_t first, stop, r, i, nsum = sums_per_row(g)
     cdef double* row_sums
     if not g.per_channel:
         for i in range(2 * g.D):
             acc[i] = 0.0
+            wacc[i] = 0
     stripe_bounds(g.R, n_blocks, k, &first, &stop)
     for r in range(first, stop):
         row_sums = sums + (r * nsum if g.per_channel else 2 * k)
         for i in range(nsum):
             row_sums[i] = 0.0
         backward_row(x, dy, dx, g, r, w, mean[r] if g.centered else 0.0, rstd[r], row_sums,
-                     acc, acc + g.D)
+                     wacc, wacc + g.D)
+        if not g.per_channel and group_ends(r, first, stop):
+            flush_columns(g, acc, wacc, 0, g.D)
 
 
 cdef void backward_by_row(const floating* x, const floating* dy, floating* dx, RowGeom* g,
                           Py_ssize_t n_blocks, const floating* w, const double* mean,
-                          const double* rstd, double* sums, double* acc,
+                          const double* rstd, double* sums, double* acc, floating* wacc,
                           int n_threads) noexcept nogil:
     cdef Py_ssize_t k
     if n_threads == 1:
         for k in range(n_blocks):
-            backward_block(x, dy, dx, g, n_blocks, k, w, mean, rstd, sums, block_acc(g, acc, k))
+            backward_block(x, dy, dx, g, n_blocks, k, w, mean, rstd, sums, block_acc(g, acc, k),
+                           block_wacc(g, wacc, k))
     else:
         for k in prange(n_blocks, num_threads=n_threads, schedule="static"):
-            backward_block(x, dy, dx, g, n_blocks, k, w, mean, rstd, sums, block_acc(g, acc, k))
+            backward_block(x, dy, dx, g, n_blocks, k, w, mean, rstd, sums, block_acc(g, acc, k),
+                           block_wacc(g, wacc, k))
 
 
 cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx, RowGeom* g,
                            Py_ssize_t n_blocks, const floating* w, const double* mean,
-                           const double* rstd, double* sums, double* acc, double* unit_sums,
-                           double* coef, int n_threads) noexcept nogil:
+                           const double* rstd, double* sums, double* acc, floating* wacc,
+                           double* unit_sums, double* coef, int n_threads) noexcept nogil:
     """unit_sums: R * n_units * 2 (elementwise mode only); coef: 2 * R."""
-    cdef Py_ssize_t task, r, u, k, i, first, stop, j0, nruns, s0, ncols
+    cdef Py_ssize_t task, r, u, i
     cdef Py_ssize_t nsum = sums_per_row(g)
-    cdef double m
     cdef double* target
-    cdef double* part
     # pass 1: gradient sums of every (row, unit); per-channel units write
     # their own run pieces, elementwise units their own slot
     target = sums if g.per_channel else unit_sums
@@ -398,19 +422,32 @@ cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx, 
     # pass 2: dx; elementwise tasks are (row block, unit) so that each block
     # accumulates its rows in order, as backward_block does
     for task in prange(n_blocks * g.n_units, num_threads=n_threads, schedule="static"):
-        k = task // g.n_units
-        u = task % g.n_units
-        part = block_acc(g, acc, k)
-        if not g.per_channel:
-            unit_extent(g, u, &j0, &nruns, &s0, &ncols)
-            for i in range(s0, s0 + ncols):
-                part[i] = 0.0
-                part[g.D + i] = 0.0
-        stripe_bounds(g.R, n_blocks, k, &first, &stop)
-        for r in range(first, stop):
-            m = mean[r] if g.centered else 0.0
-            backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w, m, rstd[r],
-                          coef[2 * r], coef[2 * r + 1], part, part + g.D)
+        backward_block_unit(x, dy, dx, g, n_blocks, task // g.n_units, task % g.n_units, w, mean,
+                            rstd, coef, block_acc(g, acc, task // g.n_units),
+                            block_wacc(g, wacc, task // g.n_units))
+
+
+cdef inline void backward_block_unit(const floating* x, const floating* dy, floating* dx,
+                                     RowGeom* g, Py_ssize_t n_blocks, Py_ssize_t k, Py_ssize_t u,
+                                     const floating* w, const double* mean, const double* rstd,
+                                     const double* coef, double* acc,
+                                     floating* wacc) noexcept nogil:
+    """Unit u of the rows of block k (a task of its own: its locals stay private)."""
+    cdef Py_ssize_t i, r, first, stop, j0, nruns, s0, ncols
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    if not g.per_channel:
+        for i in range(s0, s0 + ncols):
+            acc[i] = 0.0
+            acc[g.D + i] = 0.0
+            wacc[i] = 0
+            wacc[g.D + i] = 0
+    stripe_bounds(g.R, n_blocks, k, &first, &stop)
+    for r in range(first, stop):
+        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w,
+                      mean[r] if g.centered else 0.0, rstd[r], coef[2 * r], coef[2 * r + 1],
+                      wacc, wacc + g.D)
+        if not g.per_channel and group_ends(r, first, stop):
+            flush_columns(g, acc, wacc, s0, ncols)
 
 
 cdef inline void add_doubles(double* acc, const double* part, Py_ssize_t n) noexcept nogil:
@@ -525,6 +562,7 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     cdef Py_ssize_t n_sums, n_acc, n_unit_sums, n_coef
     cdef bint by_unit
     cdef double* work
+    cdef cnp.ndarray partials
     n_threads = threads_for(g.R * g.D, n_threads)
     by_unit = split_by_unit(&g, n_threads)
     # one float64 scratch array: row sums | block partials | unit sums | coefficients
@@ -534,12 +572,14 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     n_coef = 2 * g.R if by_unit else 0
     scratch = np.empty(n_sums + n_acc + n_unit_sums + n_coef)
     work = <double*>cnp.PyArray_DATA(scratch)
+    partials = np.empty(max(n_acc, 1), dtype=x.dtype)   # the current row group's, per block
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         with nogil:
             _row_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
                           <float*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
                           <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd, work, work + n_sums,
-                          work + n_sums + n_acc, work + n_sums + n_acc + n_unit_sums,
+                          <float*>cnp.PyArray_DATA(partials), work + n_sums + n_acc,
+                          work + n_sums + n_acc + n_unit_sums,
                           <float*>cnp.PyArray_DATA(grad_weight), <float*>p_grad_bias,
                           n_threads)
     else:
@@ -547,21 +587,22 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
             _row_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
                           <double*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
                           <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd, work, work + n_sums,
-                          work + n_sums + n_acc, work + n_sums + n_acc + n_unit_sums,
+                          <double*>cnp.PyArray_DATA(partials), work + n_sums + n_acc,
+                          work + n_sums + n_acc + n_unit_sums,
                           <double*>cnp.PyArray_DATA(grad_weight),
                           <double*>p_grad_bias, n_threads)
 
 
 cdef void _row_backward(const floating* x, const floating* dy, floating* dx, RowGeom* g,
                         Py_ssize_t n_blocks, bint by_unit, const floating* w, const double* mean,
-                        const double* rstd, double* sums, double* acc, double* unit_sums,
-                        double* coef, floating* grad_w, floating* grad_b,
+                        const double* rstd, double* sums, double* acc, floating* wacc,
+                        double* unit_sums, double* coef, floating* grad_w, floating* grad_b,
                         int n_threads) noexcept nogil:
     if by_unit:
-        backward_by_unit(x, dy, dx, g, n_blocks, w, mean, rstd, sums, acc, unit_sums, coef,
-                         n_threads)
+        backward_by_unit(x, dy, dx, g, n_blocks, w, mean, rstd, sums, acc, wacc, unit_sums,
+                         coef, n_threads)
     else:
-        backward_by_row(x, dy, dx, g, n_blocks, w, mean, rstd, sums, acc, n_threads)
+        backward_by_row(x, dy, dx, g, n_blocks, w, mean, rstd, sums, acc, wacc, n_threads)
     fold_param_grads(g, n_blocks, rstd, sums, acc, grad_w, grad_b)
 
 

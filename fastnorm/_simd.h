@@ -259,19 +259,27 @@ static inline void fn_prefetch_write(void* p, ptrdiff_t bytes) {
     }                                                                                    \
     /* dx = (w * g + c_0) * k_g + k_d * d (c_0 = -mean(w*g) first, so that it cancels  \
        before the large factor k_g = rstd multiplies), and the weight/bias gradient     \
-       partials acc_w += g * d * scale (float64), acc_b += g */                         \
+       partials of a few rows, in working precision: acc_w += g * d * k_g, acc_b += g */ \
     static inline void fn_row_backward_##SUFFIX(const T* restrict x, const T* restrict g, \
                                                 const T* restrict w, T* restrict dx,    \
                                                 ptrdiff_t n, T mean_hi, T mean_lo,      \
-                                                T k_g, T c_0, T k_d, double scale,      \
-                                                double* restrict acc_w,                 \
-                                                double* restrict acc_b) {               \
+                                                T k_g, T c_0, T k_d,                    \
+                                                T* restrict acc_w, T* restrict acc_b) { \
         _Pragma("omp simd")                                                              \
         for (ptrdiff_t i = 0; i < n; i++) {                                              \
             T d = (x[i] - mean_hi) - mean_lo;                                            \
             dx[i] = (w[i] * g[i] + c_0) * k_g + k_d * d;                                 \
-            acc_w[i] += (double)g[i] * (double)d * scale;                                \
-            acc_b[i] += (double)g[i];                                                    \
+            acc_w[i] += g[i] * (d * k_g);                                                \
+            acc_b[i] += g[i];                                                            \
+        }                                                                                \
+    }                                                                                    \
+    /* acc += part, part = 0: a few rows' working-precision partials into float64 */    \
+    static inline void fn_flush_partials_##SUFFIX(double* restrict acc, T* restrict part, \
+                                                  ptrdiff_t n) {                        \
+        _Pragma("omp simd")                                                              \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            acc[i] += (double)part[i];                                                   \
+            part[i] = 0;                                                                 \
         }                                                                                \
     }
 
