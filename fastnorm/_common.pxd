@@ -79,10 +79,13 @@ cdef extern from "_simd.h" nogil:
                               float mean_hi, float mean_lo, double* sum_g, double* sum_gd)
     void fn_row_grad_sums_f64(const double* x, const double* g, const double* w, Py_ssize_t n,
                               double mean_hi, double mean_lo, double* sum_g, double* sum_gd)
-    void fn_row_affine_f32(const float* x, float* y, const float* w, const float* b, Py_ssize_t n,
-                           float mean_hi, float mean_lo, float scale)
-    void fn_row_affine_f64(const double* x, double* y, const double* w, const double* b,
-                           Py_ssize_t n, double mean_hi, double mean_lo, double scale)
+    void fn_affine_out_f32(const float* x, float* y, const float* w, const float* b,
+                           Py_ssize_t n, float mean_hi, float mean_lo, float scale, float shift,
+                           int stream)
+    void fn_affine_out_f64(const double* x, double* y, const double* w, const double* b,
+                           Py_ssize_t n, double mean_hi, double mean_lo, double scale,
+                           double shift, int stream)
+    void fn_stream_fence()
     void fn_row_backward_f32(const float* x, const float* g, const float* w, float* dx,
                              Py_ssize_t n, float mean_hi, float mean_lo, float k_g, float c_0,
                              float k_d, float* acc_w, float* acc_b)
@@ -224,14 +227,17 @@ cdef inline void row_grad_sums(const floating* x, const floating* dy, const floa
         fn_row_grad_sums_f64(x, dy, w, n, mean_hi, mean_lo, sum_g, sum_gd)
 
 
-cdef inline void run_affine_weighted(const floating* x, floating* y, const floating* w,
-                                     const floating* b, Py_ssize_t n, floating mean_hi,
-                                     floating mean_lo, floating scale) noexcept nogil:
-    """y = ((x - mean_hi) - mean_lo) * scale * w + b, with w and b per element."""
+cdef inline void run_affine_out(const floating* x, floating* y, const floating* w,
+                                const floating* b, Py_ssize_t n, floating mean_hi,
+                                floating mean_lo, floating scale, floating shift,
+                                bint stream) noexcept nogil:
+    """y = ((x - mean_hi) - mean_lo) * scale * w + b (w, b per element), or
+    ((x - mean_hi) - mean_lo) * scale + shift when w is NULL; stream: non-temporal
+    stores (same values; see fn_affine_out in _simd.h)."""
     if floating is float:
-        fn_row_affine_f32(x, y, w, b, n, mean_hi, mean_lo, scale)
+        fn_affine_out_f32(x, y, w, b, n, mean_hi, mean_lo, scale, shift, stream)
     else:
-        fn_row_affine_f64(x, y, w, b, n, mean_hi, mean_lo, scale)
+        fn_affine_out_f64(x, y, w, b, n, mean_hi, mean_lo, scale, shift, stream)
 
 
 cdef inline void run_backward_weighted(const floating* x, const floating* dy, const floating* w,

@@ -39,8 +39,8 @@ from cython.parallel cimport prange
 
 from fastnorm._common cimport (
     MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, fn_prefetch, fn_prefetch_write,
-    flush_partials, row_block_moments, row_grad_sums,
-    row_sum_squares, run_affine, run_affine_backward, run_affine_weighted, run_backward_weighted,
+    flush_partials, fn_stream_fence, row_block_moments, row_grad_sums,
+    row_sum_squares, run_affine_backward, run_affine_out, run_backward_weighted,
     split_hi_lo, stripe_bounds,
 )
 
@@ -49,6 +49,10 @@ cnp.import_array()
 # Below this many values a call runs on the calling thread: waking a team
 # costs more than the work.
 cdef Py_ssize_t SERIAL_ELEMS = 1 << 15
+# Forward outputs of at least this size are written with non-temporal stores:
+# they would not stay in cache anyway, and the stores then skip reading each
+# output line first (a third of the traffic).
+cdef Py_ssize_t STREAM_BYTES = 16 << 20
 # Elementwise weight/bias gradient partials are summed over this many rows in
 # working precision before going into float64 (fewer stores than float64 per row).
 cdef Py_ssize_t ROW_GROUP = 8
@@ -64,6 +68,7 @@ cdef struct RowGeom:
     bint per_channel, centered
     # units: unit_runs whole runs of S values, or pieces of unit_cols values
     Py_ssize_t unit_runs, unit_cols, units_per_run, n_units
+    bint stream     # forward output written with non-temporal stores (large outputs)
 
 
 cdef inline RowGeom row_geom(Py_ssize_t R, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G,
@@ -85,6 +90,7 @@ cdef inline RowGeom row_geom(Py_ssize_t R, Py_ssize_t runs, Py_ssize_t S, Py_ssi
         g.unit_runs = max(1, UNIT_ELEMS // max(S, 1))
         g.units_per_run = 1
     g.n_units = ((runs + g.unit_runs - 1) // g.unit_runs) * g.units_per_run
+    g.stream = False
     return g
 
 
@@ -152,13 +158,14 @@ cdef inline void apply_unit(const floating* xrow, floating* yrow, RowGeom* g, Py
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
     at = j0 * g.S + s0
     if not g.per_channel:
-        run_affine_weighted(xrow + at, yrow + at, w + at, b + at, ncols, mean_hi, mean_lo,
-                            <floating>rstd)
+        run_affine_out(xrow + at, yrow + at, w + at, b + at, ncols, mean_hi, mean_lo,
+                       <floating>rstd, 0, g.stream)
         return
     c0 = (r % g.G) * g.runs + j0
     for j in range(nruns):
-        run_affine(xrow + at + j * g.S, yrow + at + j * g.S, ncols, mean_hi, mean_lo,
-                   <floating>(rstd * w[c0 + j]), b[c0 + j])
+        run_affine_out(xrow + at + j * g.S, yrow + at + j * g.S, <const floating*>NULL,
+                       <const floating*>NULL, ncols, mean_hi, mean_lo,
+                       <floating>(rstd * w[c0 + j]), b[c0 + j], g.stream)
 
 
 cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, RowGeom* g,
@@ -245,6 +252,33 @@ cdef inline void prefetch_row(const floating* x, RowGeom* g, Py_ssize_t r) noexc
         fn_prefetch(x + r * g.D, g.D * sizeof(floating))
 
 
+cdef inline Py_ssize_t next_unit_bytes(RowGeom* g, Py_ssize_t r, Py_ssize_t u,
+                                       Py_ssize_t itemsize, Py_ssize_t* start) noexcept nogil:
+    """Long rows (not prefetched whole): the values after unit u, up to a unit's worth."""
+    cdef Py_ssize_t j0, nruns, s0, ncols
+    if g.D * itemsize <= PREFETCH_ROW_BYTES:
+        return 0
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    start[0] = r * g.D + j0 * g.S + s0 + nruns * ncols
+    return min(<Py_ssize_t>UNIT_ELEMS, g.R * g.D - start[0]) * itemsize
+
+
+cdef inline void prefetch_next_unit(const floating* x, RowGeom* g, Py_ssize_t r,
+                                    Py_ssize_t u) noexcept nogil:
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t nbytes = next_unit_bytes(g, r, u, sizeof(floating), &start)
+    if nbytes > 0:
+        fn_prefetch(x + start, nbytes)
+
+
+cdef inline void prefetch_next_unit_write(floating* y, RowGeom* g, Py_ssize_t r,
+                                          Py_ssize_t u) noexcept nogil:
+    cdef Py_ssize_t start = 0
+    cdef Py_ssize_t nbytes = next_unit_bytes(g, r, u, sizeof(floating), &start)
+    if nbytes > 0:
+        fn_prefetch_write(y + start, nbytes)
+
+
 cdef inline void prefetch_row_write(floating* y, RowGeom* g, Py_ssize_t r) noexcept nogil:
     if r < g.R and g.D * <Py_ssize_t>sizeof(floating) <= PREFETCH_ROW_BYTES:
         fn_prefetch_write(y + r * g.D, g.D * sizeof(floating))
@@ -261,12 +295,18 @@ cdef inline void forward_row(const floating* x, floating* y, RowGeom* g, Py_ssiz
     acc.mean = 0.0
     acc.m2 = 0.0
     prefetch_row(x, g, r + PREFETCH_AHEAD)
-    prefetch_row_write(y, g, r + 1)
+    if not g.stream:
+        prefetch_row_write(y, g, r + 1)
     for u in range(g.n_units):
+        prefetch_next_unit(x, g, r, u)
         chan_merge(&acc, row_unit_moments(xrow, g, u))
     store_row_stats(acc, eps, r, mean, rstd, var)
     for u in range(g.n_units):
+        if not g.stream:
+            prefetch_next_unit_write(y, g, r, u)
         apply_unit(xrow, y + r * g.D, g, r, u, w, b, acc.mean, rstd[r])
+    if g.stream:
+        fn_stream_fence()
 
 
 cdef void forward_by_row(const floating* x, floating* y, RowGeom* g, const floating* w,
@@ -306,6 +346,8 @@ cdef void forward_by_unit(const floating* x, floating* y, RowGeom* g, const floa
     for task in prange(g.R * g.n_units, num_threads=n_threads, schedule="static"):
         r = task // g.n_units
         apply_unit(x + r * g.D, y + r * g.D, g, r, task % g.n_units, w, b, row_mean[r], rstd[r])
+        if g.stream:
+            fn_stream_fence()
 
 
 # ----------------------------------------------------------- backward
@@ -516,6 +558,7 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     cdef double* p_rstd = f64_ptr(rstd)
     cdef double* p_var = f64_ptr(var)
     cdef double* work
+    g.stream = g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
     n_threads = threads_for(g.R * g.D, n_threads)
     if split_by_unit(&g, n_threads):
         scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means

@@ -244,19 +244,95 @@ static inline void fn_prefetch_write(void* p, ptrdiff_t bytes) {
 #endif
 }
 
+/* Output of a normalization, y = ((x - mean_hi) - mean_lo) * scale * w + b with w, b
+ * per element, or y = ((x - mean_hi) - mean_lo) * scale + shift when w is NULL.
+ * stream != 0 writes with non-temporal stores (AVX2 builds): for outputs much
+ * larger than the caches, this saves reading every output line before writing
+ * it. The arithmetic is the same either way (a*b+c contracted to one fma in
+ * both), so the choice never changes a result. Call fn_stream_fence() before
+ * the output is read by another thread. */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FN_HAVE_STREAM 1
+#else
+#define FN_HAVE_STREAM 0
+#endif
+
+static inline void fn_stream_fence(void) {
+#if FN_HAVE_STREAM
+    _mm_sfence();
+#endif
+}
+
+#define FN_AFFINE_AT(i) \
+    (w ? ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i] : ((x[i] - mean_hi) - mean_lo) * scale + shift)
+
+static inline void fn_affine_out_f32(const float* restrict x, float* restrict y,
+                                     const float* restrict w, const float* restrict b,
+                                     ptrdiff_t n, float mean_hi, float mean_lo, float scale,
+                                     float shift, int stream) {
+    ptrdiff_t i = 0;
+#if FN_HAVE_STREAM
+    if (stream) {
+        for (; i < n && ((size_t)(y + i) & 31); i++) y[i] = FN_AFFINE_AT(i);
+        __m256 hi = _mm256_set1_ps(mean_hi), lo = _mm256_set1_ps(mean_lo);
+        __m256 sc = _mm256_set1_ps(scale), sh = _mm256_set1_ps(shift);
+        for (; i + 8 <= n; i += 8) {
+            __m256 d = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), hi), lo);
+            __m256 r = w ? _mm256_fmadd_ps(_mm256_mul_ps(d, sc), _mm256_loadu_ps(w + i),
+                                           _mm256_loadu_ps(b + i))
+                         : _mm256_fmadd_ps(d, sc, sh);
+            _mm256_stream_ps(y + i, r);
+        }
+    }
+#else
+    (void)stream;
+#endif
+    if (w) {
+        _Pragma("omp simd")
+        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];
+    } else {
+        _Pragma("omp simd")
+        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale + shift;
+    }
+}
+
+static inline void fn_affine_out_f64(const double* restrict x, double* restrict y,
+                                     const double* restrict w, const double* restrict b,
+                                     ptrdiff_t n, double mean_hi, double mean_lo, double scale,
+                                     double shift, int stream) {
+    ptrdiff_t i = 0;
+#if FN_HAVE_STREAM
+    if (stream) {
+        for (; i < n && ((size_t)(y + i) & 31); i++) y[i] = FN_AFFINE_AT(i);
+        __m256d hi = _mm256_set1_pd(mean_hi), lo = _mm256_set1_pd(mean_lo);
+        __m256d sc = _mm256_set1_pd(scale), sh = _mm256_set1_pd(shift);
+        for (; i + 4 <= n; i += 4) {
+            __m256d d = _mm256_sub_pd(_mm256_sub_pd(_mm256_loadu_pd(x + i), hi), lo);
+            __m256d r = w ? _mm256_fmadd_pd(_mm256_mul_pd(d, sc), _mm256_loadu_pd(w + i),
+                                            _mm256_loadu_pd(b + i))
+                          : _mm256_fmadd_pd(d, sc, sh);
+            _mm256_stream_pd(y + i, r);
+        }
+    }
+#else
+    (void)stream;
+#endif
+    if (w) {
+        _Pragma("omp simd")
+        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];
+    } else {
+        _Pragma("omp simd")
+        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale + shift;
+    }
+}
+
+#undef FN_AFFINE_AT
+
 /* Elementwise steps with a parameter per element (LayerNorm/RMSNorm rows).
  * Not reductions, but written here with restrict and `omp simd` so that they
  * vectorize whatever the number of pointers (gcc gives up on alias checks). */
 #define FN_DEFINE_ELEMENTWISE(T, SUFFIX)                                               \
-    /* y = d * scale * w + b with d = (x - mean_hi) - mean_lo */                       \
-    static inline void fn_row_affine_##SUFFIX(const T* restrict x, T* restrict y,       \
-                                              const T* restrict w, const T* restrict b, \
-                                              ptrdiff_t n, T mean_hi, T mean_lo,        \
-                                              T scale) {                                \
-        _Pragma("omp simd")                                                              \
-        for (ptrdiff_t i = 0; i < n; i++)                                                \
-            y[i] = ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i];                   \
-    }                                                                                    \
     /* dx = (w * g + c_0) * k_g + k_d * d (c_0 = -mean(w*g) first, so that it cancels  \
        before the large factor k_g = rstd multiplies), and the weight/bias gradient     \
        partials of a few rows, in working precision: acc_w += g * d * k_g, acc_b += g */ \
