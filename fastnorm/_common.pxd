@@ -67,8 +67,6 @@ cdef extern from "_simd.h" nogil:
     void fn_cols_grad_sums_f64(const double* x, const double* g, Py_ssize_t nrows,
                                Py_ssize_t stride, Py_ssize_t nc, const double* mean,
                                double* sum_g, double* sum_gd)
-    void fn_prefetch(const void* p, Py_ssize_t nbytes)
-    void fn_prefetch_write(void* p, Py_ssize_t nbytes)
     double fn_row_sum_f32(const float* x, Py_ssize_t n)
     double fn_row_sum_f64(const double* x, Py_ssize_t n)
     void fn_row_centered_sums_f32(const float* x, Py_ssize_t n, float mean_hi, float mean_lo,

@@ -38,8 +38,7 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 
 from fastnorm._common cimport (
-    MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, fn_prefetch, fn_prefetch_write,
-    flush_partials, fn_stream_fence, row_block_moments, row_grad_sums,
+    MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence, row_block_moments, row_grad_sums,
     row_sum_squares, run_affine_backward, run_affine_out, run_backward_weighted,
     split_hi_lo, stripe_bounds,
 )
@@ -56,9 +55,6 @@ cdef Py_ssize_t STREAM_BYTES = 16 << 20
 # Elementwise weight/bias gradient partials are summed over this many rows in
 # working precision before going into float64 (fewer stores than float64 per row).
 cdef Py_ssize_t ROW_GROUP = 8
-# Rows up to this size are prefetched a few rows ahead (outputs one row ahead).
-cdef Py_ssize_t PREFETCH_ROW_BYTES = 1 << 16
-cdef Py_ssize_t PREFETCH_AHEAD = 2
 
 
 # ---------------------------------------------------------------- geometry
@@ -246,44 +242,6 @@ cdef inline Py_ssize_t sums_per_row(RowGeom* g) noexcept nogil:
 
 # ------------------------------------------------------------ forward
 
-cdef inline void prefetch_row(const floating* x, RowGeom* g, Py_ssize_t r) noexcept nogil:
-    """Start loading row r (when it exists and is short) while the current row is computed."""
-    if r < g.R and g.D * <Py_ssize_t>sizeof(floating) <= PREFETCH_ROW_BYTES:
-        fn_prefetch(x + r * g.D, g.D * sizeof(floating))
-
-
-cdef inline Py_ssize_t next_unit_bytes(RowGeom* g, Py_ssize_t r, Py_ssize_t u,
-                                       Py_ssize_t itemsize, Py_ssize_t* start) noexcept nogil:
-    """Long rows (not prefetched whole): the values after unit u, up to a unit's worth."""
-    cdef Py_ssize_t j0, nruns, s0, ncols
-    if g.D * itemsize <= PREFETCH_ROW_BYTES:
-        return 0
-    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
-    start[0] = r * g.D + j0 * g.S + s0 + nruns * ncols
-    return min(<Py_ssize_t>UNIT_ELEMS, g.R * g.D - start[0]) * itemsize
-
-
-cdef inline void prefetch_next_unit(const floating* x, RowGeom* g, Py_ssize_t r,
-                                    Py_ssize_t u) noexcept nogil:
-    cdef Py_ssize_t start = 0
-    cdef Py_ssize_t nbytes = next_unit_bytes(g, r, u, sizeof(floating), &start)
-    if nbytes > 0:
-        fn_prefetch(x + start, nbytes)
-
-
-cdef inline void prefetch_next_unit_write(floating* y, RowGeom* g, Py_ssize_t r,
-                                          Py_ssize_t u) noexcept nogil:
-    cdef Py_ssize_t start = 0
-    cdef Py_ssize_t nbytes = next_unit_bytes(g, r, u, sizeof(floating), &start)
-    if nbytes > 0:
-        fn_prefetch_write(y + start, nbytes)
-
-
-cdef inline void prefetch_row_write(floating* y, RowGeom* g, Py_ssize_t r) noexcept nogil:
-    if r < g.R and g.D * <Py_ssize_t>sizeof(floating) <= PREFETCH_ROW_BYTES:
-        fn_prefetch_write(y + r * g.D, g.D * sizeof(floating))
-
-
 cdef inline void forward_row(const floating* x, floating* y, RowGeom* g, Py_ssize_t r,
                              const floating* w, const floating* b, double eps, double* mean,
                              double* rstd, double* var) noexcept nogil:
@@ -294,16 +252,10 @@ cdef inline void forward_row(const floating* x, floating* y, RowGeom* g, Py_ssiz
     acc.count = 0.0
     acc.mean = 0.0
     acc.m2 = 0.0
-    prefetch_row(x, g, r + PREFETCH_AHEAD)
-    if not g.stream:
-        prefetch_row_write(y, g, r + 1)
     for u in range(g.n_units):
-        prefetch_next_unit(x, g, r, u)
         chan_merge(&acc, row_unit_moments(xrow, g, u))
     store_row_stats(acc, eps, r, mean, rstd, var)
     for u in range(g.n_units):
-        if not g.stream:
-            prefetch_next_unit_write(y, g, r, u)
         apply_unit(xrow, y + r * g.D, g, r, u, w, b, acc.mean, rstd[r])
     if g.stream:
         fn_stream_fence()
@@ -358,9 +310,6 @@ cdef inline void backward_row(const floating* x, const floating* dy, floating* d
     """Gradient sums of row r (sums: sums_per_row zeros), then its dx in cache."""
     cdef Py_ssize_t u
     cdef double k_d, c_0
-    prefetch_row(x, g, r + PREFETCH_AHEAD)
-    prefetch_row(dy, g, r + PREFETCH_AHEAD)
-    prefetch_row_write(dx, g, r + 1)
     for u in range(g.n_units):
         unit_grad_sums(x + r * g.D, dy + r * g.D, g, u, w, mean, sums)
     row_coefficients(g, r, w, rstd, sums, &k_d, &c_0)

@@ -223,27 +223,6 @@ FN_DEFINE_ROW_REDUCTIONS(double, f64, fn_v4d, 4, fn_v4d, fn_row_hsum4)
 
 #undef FN_DEFINE_ROW_REDUCTIONS
 
-/* Ask for `bytes` bytes at p to be brought into cache (the next row, while
- * this one is computed: memory and arithmetic then overlap). */
-static inline void fn_prefetch(const void* p, ptrdiff_t bytes) {
-#if defined(__GNUC__)
-    for (ptrdiff_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char*)p + i, 0, 3);
-#else
-    (void)p;
-    (void)bytes;
-#endif
-}
-
-/* The same for memory about to be written (fetched for ownership). */
-static inline void fn_prefetch_write(void* p, ptrdiff_t bytes) {
-#if defined(__GNUC__)
-    for (ptrdiff_t i = 0; i < bytes; i += 64) __builtin_prefetch((char*)p + i, 1, 3);
-#else
-    (void)p;
-    (void)bytes;
-#endif
-}
-
 /* Output of a normalization, y = ((x - mean_hi) - mean_lo) * scale * w + b with w, b
  * per element, or y = ((x - mean_hi) - mean_lo) * scale + shift when w is NULL.
  * stream != 0 writes with non-temporal stores (AVX2 builds): for outputs much
