@@ -13,16 +13,20 @@
 # Units: a row is cut into contiguous units of at most UNIT_ELEMS values:
 #   S >= UNIT_ELEMS: a unit is a piece of UNIT_ELEMS values of one run;
 #   S <  UNIT_ELEMS: a unit is UNIT_ELEMS // S whole runs.
-# Every per-row result is folded over units in unit order, so it depends on
-# the shape only. Two strategies compute exactly the same arithmetic:
+# A unit's moments are exact (row_block_moments: float64 totals of centered
+# working-precision sums), units are merged with Chan's formula. Every per-row
+# result is folded over units in unit order, so it depends on the shape only.
+# Two strategies compute exactly the same arithmetic:
 #   * by row (many rows): a thread takes whole rows, statistics then the
 #     elementwise pass while the row is still in cache (read once, write once);
 #   * by unit (few long rows): every (row, unit) pair is a task; partial
 #     results are stored and folded in unit order, so no core idles.
+# Backward uses centered sums: sum(dy*w) and sum(dy*w*(x - mean)) per row.
 # Weight/bias gradients: elementwise mode sums dy*xhat and dy over the rows of
-# MAX_STRIPES row blocks fixed by the shape (partials per block, folded in
-# block order); per-channel mode keeps per-(row, run) sums and folds them over
-# the batch in order. Either way the result never depends on the thread count.
+# at most MAX_STRIPES row blocks fixed by the shape (working precision over
+# ROW_GROUP rows, then float64 partials per block, folded in block order);
+# per-channel mode keeps per-(row, run) float64 sums and folds them over the
+# batch in order. Either way the result never depends on the thread count.
 #
 # Public entry points take NumPy arrays rather than typed memoryviews:
 # acquiring a memoryview costs ~0.4 us per argument, which would dominate a
@@ -38,9 +42,9 @@ cimport numpy as cnp
 from cython.parallel cimport prange
 
 from fastnorm._common cimport (
-    MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence, row_block_moments, row_grad_sums,
-    row_sum_squares, run_affine_backward, run_affine_out, run_backward_weighted,
-    split_hi_lo, stripe_bounds,
+    MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence,
+    row_block_moments, row_grad_sums, row_sum_squares, run_affine_backward, run_affine_out,
+    run_backward_weighted, split_hi_lo, stripe_bounds,
 )
 
 cnp.import_array()

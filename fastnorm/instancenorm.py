@@ -3,8 +3,9 @@
 Statistics per (sample, channel) over the spatial positions. With
 track_running_stats=True, training also updates running statistics averaged
 over the batch (as PyTorch does) and eval mode normalizes with them. Unlike
-PyTorch, momentum=None keeps a cumulative average instead of never updating.
-Unbatched (C, *) input is accepted.
+PyTorch, momentum=None keeps a cumulative average instead of never updating,
+and num_batches_tracked counts the updates (PyTorch leaves it at 0 for
+InstanceNorm). Unbatched (C, *) input is accepted.
 """
 import numpy as np
 

@@ -37,7 +37,11 @@ def check_param(x, param, name, shape):
 
 
 def check_eps_value(eps):
-    if not eps >= 0:
+    try:
+        ok = eps >= 0
+    except TypeError:
+        ok = False
+    if not ok:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
 
 

@@ -161,9 +161,10 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False):
     """Checked input -> (output, mean, rstd, var or None), statistics (N, G)."""
     n, channels = x.shape[0], x.shape[1]
     spatial = prod(x.shape[2:])
-    mean = np.empty((n, num_groups))
-    rstd = np.empty((n, num_groups))
-    var = np.empty((n, num_groups)) if want_var else None
+    empty = np.full if x.size == 0 else _empty   # statistics of empty groups are NaN
+    mean = empty((n, num_groups), np.nan)
+    rstd = empty((n, num_groups), np.nan)
+    var = empty((n, num_groups), np.nan) if want_var else None
     weight = param_or(weight, channels, x.dtype, 1)
     bias = param_or(bias, channels, x.dtype, 0)
     threads = get_num_threads()
@@ -206,6 +207,10 @@ def groups_backward(grad_output, x, num_groups, weight, mean, rstd):
                              num_groups, True, True, mean, rstd, grad_input, grad_weight,
                              grad_bias, threads)
     return grad_input, grad_weight, grad_bias
+
+
+def _empty(shape, _fill):
+    return np.empty(shape)
 
 
 def _channels_last_view(x):

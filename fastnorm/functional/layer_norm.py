@@ -116,6 +116,10 @@ def rows_forward(x, shape, weight, bias, eps, centered, out):
         kernels.row_forward(x, param_or(weight, size, dtype, 1), param_or(bias, size, dtype, 0),
                             rows, 1, size, 1, False, centered, eps, y, mean, rstd, None,
                             get_num_threads())
+    else:  # no values: statistics of empty rows are undefined
+        rstd.fill(np.nan)
+        if mean is not None:
+            mean.fill(np.nan)
     if out is not None and y is not out:
         np.copyto(out, y)
         y = out
