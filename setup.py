@@ -5,6 +5,9 @@ Everything else about the package lives in pyproject.toml.
 Environment switches (all optional):
   FASTNORM_NO_OPENMP=1  build without OpenMP (kernels run single-threaded).
   FASTNORM_NATIVE=1     add -march=native (the wheel then only runs on this CPU).
+  FASTNORM_SANITIZE=1   AddressSanitizer + UndefinedBehaviorSanitizer build with Cython's
+                        bounds checks on, for hardening runs (Python must then be started
+                        with the ASan runtime preloaded: LD_PRELOAD=$(gcc -print-file-name=libasan.so)).
 
 The kernels are compiled twice on x86-64: a baseline build and an AVX2+FMA
 build; fastnorm/_kernels.py picks one at import time from the CPU's features.
@@ -84,6 +87,8 @@ def _is_x86_64():
 OPENMP = _openmp_flags()
 SIMD = _simd_flags()
 NATIVE = ["-march=native"] if _env_flag("FASTNORM_NATIVE") else []
+SANITIZE = _env_flag("FASTNORM_SANITIZE")
+SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] if SANITIZE else []
 
 # name of the kernel build -> extra compile flags for it
 VARIANTS = {"generic": []}
@@ -96,7 +101,7 @@ def _write_build_config():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastnorm", "_build_config.py")
     config = {
         "openmp": bool(OPENMP),
-        "compile_args": BASE_FLAGS + OPENMP + SIMD + NATIVE,
+        "compile_args": BASE_FLAGS + OPENMP + SIMD + NATIVE + SANITIZER_FLAGS,
         "variants": {name: flags for name, flags in VARIANTS.items()},
     }
     with open(path, "w") as f:
@@ -113,15 +118,15 @@ def _extensions():
                 [f"fastnorm/_ext_{name}.pyx"],
                 include_dirs=[np.get_include(), "fastnorm"],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-                extra_compile_args=BASE_FLAGS + OPENMP + SIMD + NATIVE + flags,
-                extra_link_args=OPENMP,
+                extra_compile_args=BASE_FLAGS + OPENMP + SIMD + NATIVE + flags + SANITIZER_FLAGS,
+                extra_link_args=OPENMP + SANITIZER_FLAGS,
             )
         )
     return cythonize(
         extensions,
         compiler_directives={
             "language_level": 3,
-            "boundscheck": False,
+            "boundscheck": SANITIZE,
             "wraparound": False,
             "cdivision": True,
             "initializedcheck": False,

@@ -8,6 +8,8 @@ runner times them exactly like fastnorm. They are for timing, not accuracy
 """
 import numpy as np
 
+from fastnorm import NormLayer
+
 __all__ = ["FLOORS"]
 
 
@@ -26,30 +28,11 @@ def _standardize_backward(g, xhat, invstd, axes, center=True):
     return invstd * (g - xhat * projection)
 
 
-class _FloorLayer:
-    """train/eval and calling, as in fastnorm's NormLayer."""
+class _FloorLayer(NormLayer):
+    """fastnorm's layer protocol (calling, train/eval, parameters); the maths below is NumPy."""
 
-    _parameter_names = ("weight", "bias")
-
-    def __init__(self, dtype):
-        self.dtype = np.dtype(dtype)
-        self.training = True
-        self.grads = {}
-
-    def __call__(self, x):
-        return self.forward(x)
-
-    def train(self, mode=True):
-        self.training = bool(mode)
-        return self
-
-    def eval(self):
-        return self.train(False)
-
-    def named_parameters(self):
-        for name in self._parameter_names:
-            if getattr(self, name, None) is not None:
-                yield name, getattr(self, name)
+    def forward(self, x):  # pragma: no cover - each floor layer defines its own
+        raise NotImplementedError
 
 
 class _AxisNorm(_FloorLayer):

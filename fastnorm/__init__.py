@@ -12,6 +12,8 @@ from ._threads import get_num_threads, set_num_threads
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
 from .normalization import GroupNorm, LayerNorm, RMSNorm
+from . import comm
+from .sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
@@ -20,6 +22,7 @@ __all__ = [
     "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
     "get_num_threads", "set_num_threads", "show_config",
 ]
+__all__ += ["SyncBatchNorm", "comm"]
 
 
 def show_config():

@@ -25,9 +25,9 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 from fastnorm._common cimport (
-    MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, cols_centered_sums, cols_grad_sums,
-    cols_sum, run_affine,
-    run_affine_backward, run_grad_sums, split_hi_lo, stripe_bounds,
+    FN_COLUMN_ROWS, MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, cols_grad_sums,
+    cols_moments, run_affine,
+    run_affine_backward, run_grad_sums, split_hi_lo, stripe_start,
 )
 
 # A channel up to this size is normalized straight after its statistics,
@@ -36,7 +36,7 @@ cdef Py_ssize_t FUSE_CHANNEL_BYTES = 1 << 20
 
 # In the rows strategy, channels are processed in blocks of this many.
 cdef enum:
-    CHANNEL_BLOCK = 1024
+    CHANNEL_BLOCK = 256
 
 
 # ---------------------------------------------------------------- planning
@@ -88,7 +88,11 @@ cdef inline RowPlan row_plan(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
     p.C = C
     p.block = min(C, <Py_ssize_t>CHANNEL_BLOCK)
     p.n_blocks = (C + p.block - 1) // p.block
-    p.unit_rows = max(1, UNIT_ELEMS // p.block)
+    p.unit_rows = max(1, min(<Py_ssize_t>FN_COLUMN_ROWS, UNIT_ELEMS // p.block))
+    if C >= 512:
+        # Rows whose stride is a multiple of 4 KiB (and near ones) compete for the
+        # same L1 sets: keep a unit's rows within the cache's associativity (8).
+        p.unit_rows = min(p.unit_rows, <Py_ssize_t>8)
     p.n_units = (R + p.unit_rows - 1) // p.unit_rows
     p.n_stripes = min(p.n_units, <Py_ssize_t>MAX_STRIPES)
     return p
@@ -109,7 +113,8 @@ cdef inline Moments segment_stripe_moments(const floating* x, SegmentPlan* p, Py
     acc.count = 0.0
     acc.mean = 0.0
     acc.m2 = 0.0
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         chan_merge(&acc, block_moments(x + offset, nrows, ncols, p.C * p.S))
@@ -159,7 +164,8 @@ cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPl
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
@@ -171,7 +177,8 @@ cdef inline void segment_stripe_grad_sums(const floating* x, const floating* dy,
                                           Py_ssize_t c, Py_ssize_t g, double mean,
                                           double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
@@ -185,7 +192,8 @@ cdef inline void segment_stripe_backward(const floating* x, const floating* dy, 
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
-    stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
@@ -198,14 +206,13 @@ cdef inline void segment_stripe_backward(const floating* x, const floating* dy, 
 
 cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
                        double[:, :, ::1] scratch, int n_threads) noexcept nogil:
-    """Per-channel statistics of (R, C) rows. scratch: (tasks, 5, block) float64."""
-    cdef Py_ssize_t task, g, b, u, first, stop, r, c, c0, nc, r0, nrows
+    """Per-channel statistics of (R, C) rows. scratch: (tasks, 4, block) float64."""
+    cdef Py_ssize_t task, g, b, u, first, stop, c, c0, nc, r0
     cdef double* part_mean
     cdef double* part_m2
-    cdef double* unit_shift
-    cdef double* unit_d
-    cdef double* unit_dd
-    cdef double count, n, delta
+    cdef double* unit_mean
+    cdef double* unit_m2
+    cdef double count, nrows, n, delta, w_unit, w_cross
     cdef Moments acc, part
     for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
         g = task // p.n_blocks
@@ -214,36 +221,25 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         nc = min(p.C, c0 + p.block) - c0
         part_mean = &scratch[task, 0, 0]
         part_m2 = &scratch[task, 1, 0]
-        unit_shift = &scratch[task, 2, 0]
-        unit_d = &scratch[task, 3, 0]
-        unit_dd = &scratch[task, 4, 0]
-        count = 0.0
-        first = stop = 0  # assigned here so that prange makes them thread-private
-        stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
-        for u in range(first, stop):
+        unit_mean = &scratch[task, 2, 0]
+        unit_m2 = &scratch[task, 3, 0]
+        first = stripe_start(p.n_units, p.n_stripes, g)
+        stop = stripe_start(p.n_units, p.n_stripes, g + 1)
+        # the stripe's first unit starts its partials; later units merge in (Chan)
+        r0 = first * p.unit_rows
+        count = min(p.R, r0 + p.unit_rows) - r0
+        cols_moments(x + r0 * p.C + c0, <Py_ssize_t>count, p.C, nc, part_mean, part_m2)
+        for u in range(first + 1, stop):
             r0 = u * p.unit_rows
             nrows = min(p.R, r0 + p.unit_rows) - r0
-            # pass 1: the unit's mean per channel; pass 2 (the unit is in cache): centered sums
-            for c in range(nc):
-                unit_shift[c] = 0.0
-                unit_d[c] = 0.0
-                unit_dd[c] = 0.0
-            cols_sum(x + r0 * p.C + c0, nrows, p.C, nc, unit_shift)
-            for c in range(nc):
-                unit_shift[c] = unit_shift[c] / nrows
-            cols_centered_sums(x + r0 * p.C + c0, nrows, p.C, nc, unit_shift, unit_d, unit_dd)
-            # Chan merge of the unit into the stripe, all channels at once
+            cols_moments(x + r0 * p.C + c0, <Py_ssize_t>nrows, p.C, nc, unit_mean, unit_m2)
             n = count + nrows
+            w_unit = nrows / n
+            w_cross = count * nrows / n
             for c in range(nc):
-                unit_shift[c] = unit_shift[c] + unit_d[c] / nrows      # unit mean
-                unit_dd[c] = unit_dd[c] - unit_d[c] * unit_d[c] / nrows  # unit m2
-                if count == 0.0:
-                    part_mean[c] = unit_shift[c]
-                    part_m2[c] = unit_dd[c]
-                else:
-                    delta = unit_shift[c] - part_mean[c]
-                    part_mean[c] = part_mean[c] + delta * (nrows / n)
-                    part_m2[c] = part_m2[c] + unit_dd[c] + delta * delta * (count * nrows / n)
+                delta = unit_mean[c] - part_mean[c]
+                part_mean[c] = part_mean[c] + delta * w_unit
+                part_m2[c] = part_m2[c] + unit_m2[c] + delta * delta * w_cross
             count = n
     # fold stripes in order, per channel
     for c in range(p.C):
@@ -252,7 +248,8 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         acc.mean = 0.0
         acc.m2 = 0.0
         for g in range(p.n_stripes):
-            stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+            first = stripe_start(p.n_units, p.n_stripes, g)
+            stop = stripe_start(p.n_units, p.n_stripes, g + 1)
             part.count = <double>(min(p.R, stop * p.unit_rows) - first * p.unit_rows)
             part.mean = scratch[g * p.n_blocks + b, 0, c - b * p.block]
             part.m2 = scratch[g * p.n_blocks + b, 1, c - b * p.block]
@@ -261,8 +258,9 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         m2[c] = acc.m2 if acc.m2 > 0.0 else 0.0
 
 
-cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p, const double* mean,
-                         double* sum_dy, double* sum_dy_xmu, double[:, :, ::1] scratch,
+cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
+                         const floating* mean_hi, const floating* mean_lo, double* sum_dy,
+                         double* sum_dy_xmu, double[:, :, ::1] scratch,
                          int n_threads) noexcept nogil:
     """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: (tasks, 2, block)."""
     cdef Py_ssize_t task, g, b, u, first, stop, r0, c, c0, nc
@@ -278,13 +276,13 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p, cons
         for c in range(nc):
             part_g[c] = 0.0
             part_gx[c] = 0.0
-        first = stop = 0  # assigned here so that prange makes them thread-private
-        stripe_bounds(p.n_units, p.n_stripes, g, &first, &stop)
+        first = stripe_start(p.n_units, p.n_stripes, g)
+        stop = stripe_start(p.n_units, p.n_stripes, g + 1)
         for u in range(first, stop):
-            # unit by unit: a unit's rows stay in cache while its channel blocks are summed
+            # unit by unit: short working-precision sums, handed over in float64
             r0 = u * p.unit_rows
             cols_grad_sums(x + r0 * p.C + c0, dy + r0 * p.C + c0, min(p.R, r0 + p.unit_rows) - r0,
-                           p.C, nc, mean + c0, part_g, part_gx)
+                           p.C, nc, mean_hi + c0, mean_lo + c0, part_g, part_gx)
     for c in range(p.C):
         b = c // p.block
         sum_dy[c] = 0.0
@@ -385,7 +383,7 @@ def channel_moments(const floating[:, :, ::1] x, double[::1] mean, double[::1] m
     cdef double[::1] flat
     if S == 1:
         rp = row_plan(N, C)
-        scratch = np.empty((rp.n_stripes * rp.n_blocks, 5, rp.block))
+        scratch = np.empty((rp.n_stripes * rp.n_blocks, 4, rp.block))
         with nogil:
             rows_moments(&x[0, 0, 0], &rp, &mean[0], &m2[0], scratch, n_threads)
     else:
@@ -466,11 +464,13 @@ def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     cdef RowPlan rp
     cdef double[:, :, ::1] scratch
     cdef double[::1] flat
+    cdef floating[::1] mean_hi, mean_lo
     if S == 1:
         rp = row_plan(N, C)
         scratch = np.empty((rp.n_stripes * rp.n_blocks, 2, rp.block))
+        mean_hi, mean_lo = _working_copies(x, mean)
         with nogil:
-            rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &mean[0], &sum_dy[0],
+            rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &mean_hi[0], &mean_lo[0], &sum_dy[0],
                            &sum_dy_xmu[0], scratch, n_threads)
         return
     sp = segment_plan(N, C, S)

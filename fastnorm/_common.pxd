@@ -52,21 +52,17 @@ cdef extern from "_simd.h" nogil:
                           float mean_lo, double* sum_g, double* sum_gd)
     void fn_grad_sums_f64(const double* x, const double* g, Py_ssize_t n, double mean_hi,
                           double mean_lo, double* sum_g, double* sum_gd)
-    void fn_cols_sum_f32(const float* x, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t nc,
-                         double* sum)
-    void fn_cols_sum_f64(const double* x, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t nc,
-                         double* sum)
-    void fn_cols_centered_sums_f32(const float* x, Py_ssize_t nrows, Py_ssize_t stride,
-                                   Py_ssize_t nc, const double* shift, double* sum_d,
-                                   double* sum_dd)
-    void fn_cols_centered_sums_f64(const double* x, Py_ssize_t nrows, Py_ssize_t stride,
-                                   Py_ssize_t nc, const double* shift, double* sum_d,
-                                   double* sum_dd)
+    enum: FN_COLUMN_ROWS
+    void fn_cols_moments_f32(const float* x, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t nc,
+                             double* mean, double* m2)
+    void fn_cols_moments_f64(const double* x, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t nc,
+                             double* mean, double* m2)
     void fn_cols_grad_sums_f32(const float* x, const float* g, Py_ssize_t nrows, Py_ssize_t stride,
-                               Py_ssize_t nc, const double* mean, double* sum_g, double* sum_gd)
-    void fn_cols_grad_sums_f64(const double* x, const double* g, Py_ssize_t nrows,
-                               Py_ssize_t stride, Py_ssize_t nc, const double* mean,
+                               Py_ssize_t nc, const float* mean_hi, const float* mean_lo,
                                double* sum_g, double* sum_gd)
+    void fn_cols_grad_sums_f64(const double* x, const double* g, Py_ssize_t nrows,
+                               Py_ssize_t stride, Py_ssize_t nc, const double* mean_hi,
+                               const double* mean_lo, double* sum_g, double* sum_gd)
     double fn_row_sum_f32(const float* x, Py_ssize_t n)
     double fn_row_sum_f64(const double* x, Py_ssize_t n)
     void fn_row_centered_sums_f32(const float* x, Py_ssize_t n, float mean_hi, float mean_lo,
@@ -129,33 +125,27 @@ cdef inline void run_grad_sums(const floating* x, const floating* dy, Py_ssize_t
         fn_grad_sums_f64(x, dy, n, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
 
 
-cdef inline void cols_sum(const floating* x, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t nc,
-                          double* sum) noexcept nogil:
-    """sum[c] += sum over rows of x[r, c], for nc channels of rows stride apart."""
+cdef inline void cols_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t stride,
+                              Py_ssize_t nc, double* mean, double* m2) noexcept nogil:
+    """Exact per-channel mean and m2 of at most FN_COLUMN_ROWS rows of nc channels."""
     if floating is float:
-        fn_cols_sum_f32(x, nrows, stride, nc, sum)
+        fn_cols_moments_f32(x, nrows, stride, nc, mean, m2)
     else:
-        fn_cols_sum_f64(x, nrows, stride, nc, sum)
-
-
-cdef inline void cols_centered_sums(const floating* x, Py_ssize_t nrows, Py_ssize_t stride,
-                                    Py_ssize_t nc, const double* shift, double* sum_d,
-                                    double* sum_dd) noexcept nogil:
-    """Per channel c: add sum(x - shift[c]) and sum((x - shift[c])**2) over the rows."""
-    if floating is float:
-        fn_cols_centered_sums_f32(x, nrows, stride, nc, shift, sum_d, sum_dd)
-    else:
-        fn_cols_centered_sums_f64(x, nrows, stride, nc, shift, sum_d, sum_dd)
+        fn_cols_moments_f64(x, nrows, stride, nc, mean, m2)
 
 
 cdef inline void cols_grad_sums(const floating* x, const floating* dy, Py_ssize_t nrows,
-                                Py_ssize_t stride, Py_ssize_t nc, const double* mean,
-                                double* sum_dy, double* sum_dy_xmu) noexcept nogil:
-    """Per channel c: add sum(dy) and sum(dy * (x - mean[c])) over the rows."""
+                                Py_ssize_t stride, Py_ssize_t nc, const floating* mean_hi,
+                                const floating* mean_lo, double* sum_dy,
+                                double* sum_dy_xmu) noexcept nogil:
+    """Per channel c, over at most FN_COLUMN_ROWS rows: add sum(dy) and
+    sum(dy * (x - mean[c])), the mean given as head + tail (split_hi_lo)."""
     if floating is float:
-        fn_cols_grad_sums_f32(x, dy, nrows, stride, nc, mean, sum_dy, sum_dy_xmu)
+        fn_cols_grad_sums_f32(x, dy, nrows, stride, nc, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
     else:
-        fn_cols_grad_sums_f64(x, dy, nrows, stride, nc, mean, sum_dy, sum_dy_xmu)
+        fn_cols_grad_sums_f64(x, dy, nrows, stride, nc, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
+
+
 cdef inline void row_centered_sums(const floating* x, Py_ssize_t n, floating shift,
                                    double* sum_d, double* sum_dd) noexcept nogil:
     """Add sum(x - shift) and sum((x - shift)**2) over n contiguous values."""
@@ -301,8 +291,12 @@ cdef inline void run_affine_backward(const floating* x, const floating* dy, floa
         dx[i] = k_dy * dy[i] + k_x * ((x[i] - mean_hi) - mean_lo) + k_0
 
 
-cdef inline void stripe_bounds(Py_ssize_t n_units, Py_ssize_t n_stripes, Py_ssize_t g,
-                               Py_ssize_t* first, Py_ssize_t* stop) noexcept nogil:
-    """Units [first, stop) of stripe g: an even split fixed by the shape."""
-    first[0] = g * n_units // n_stripes
-    stop[0] = (g + 1) * n_units // n_stripes
+cdef inline Py_ssize_t stripe_start(Py_ssize_t n_units, Py_ssize_t n_stripes,
+                                     Py_ssize_t g) noexcept nogil:
+    """First unit of stripe g: stripe g is units [stripe_start(g), stripe_start(g + 1)),
+    an even split fixed by the shape.
+
+    (A value, not out-parameters: inside prange, Cython makes a variable private
+    to each thread only when the loop body assigns it directly. Never hand the
+    address of a loop-local variable to a helper there: it would be shared.)"""
+    return g * n_units // n_stripes

@@ -44,14 +44,11 @@ from cython.parallel cimport prange
 from fastnorm._common cimport (
     MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence,
     row_block_moments, row_grad_sums, row_sum_squares, run_affine_backward, run_affine_out,
-    run_backward_weighted, split_hi_lo, stripe_bounds,
+    run_backward_weighted, split_hi_lo, stripe_start,
 )
 
 cnp.import_array()
 
-# Below this many values a call runs on the calling thread: waking a team
-# costs more than the work.
-cdef Py_ssize_t SERIAL_ELEMS = 1 << 15
 # Forward outputs of at least this size are written with non-temporal stores:
 # they would not stay in cache anyway, and the stores then skip reading each
 # output line first (a third of the traffic).
@@ -107,10 +104,6 @@ cdef inline void unit_extent(RowGeom* g, Py_ssize_t u, Py_ssize_t* j0, Py_ssize_
 cdef inline bint split_by_unit(RowGeom* g, int n_threads) noexcept nogil:
     """Few long rows: share each row between threads (same results either way)."""
     return n_threads > 1 and g.n_units > 1 and g.R < 4 * n_threads
-
-
-cdef inline int threads_for(Py_ssize_t n_values, int n_threads) noexcept nogil:
-    return 1 if n_values < SERIAL_ELEMS else n_threads
 
 
 # ------------------------------------------------------------- statistics
@@ -358,7 +351,8 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
         for i in range(2 * g.D):
             acc[i] = 0.0
             wacc[i] = 0
-    stripe_bounds(g.R, n_blocks, k, &first, &stop)
+    first = stripe_start(g.R, n_blocks, k)
+    stop = stripe_start(g.R, n_blocks, k + 1)
     for r in range(first, stop):
         row_sums = sums + (r * nsum if g.per_channel else 2 * k)
         for i in range(nsum):
@@ -436,7 +430,8 @@ cdef inline void backward_block_unit(const floating* x, const floating* dy, floa
             acc[g.D + i] = 0.0
             wacc[i] = 0
             wacc[g.D + i] = 0
-    stripe_bounds(g.R, n_blocks, k, &first, &stop)
+    first = stripe_start(g.R, n_blocks, k)
+    stop = stripe_start(g.R, n_blocks, k + 1)
     for r in range(first, stop):
         backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w,
                       mean[r] if g.centered else 0.0, rstd[r], coef[2 * r], coef[2 * r + 1],
@@ -512,7 +507,6 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     cdef double* p_var = f64_ptr(var)
     cdef double* work
     g.stream = g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
-    n_threads = threads_for(g.R * g.D, n_threads)
     if split_by_unit(&g, n_threads):
         scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
         work = <double*>cnp.PyArray_DATA(scratch)
@@ -559,7 +553,6 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     cdef bint by_unit
     cdef double* work
     cdef cnp.ndarray partials
-    n_threads = threads_for(g.R * g.D, n_threads)
     by_unit = split_by_unit(&g, n_threads)
     # one float64 scratch array: row sums | block partials | unit sums | coefficients
     n_sums = g.R * sums_per_row(&g) if per_channel else 2 * n_blocks
@@ -639,9 +632,9 @@ cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S,
 
 cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N,
                       Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
-                      const double* mean, const double* rstd, double* ch_mean, double* ch_dy,
-                      double* ch_dyd, double* acc, double[:, :, ::1] scratch, floating* vec,
-                      floating* grad_w, floating* grad_b, int n_threads) noexcept nogil:
+                      const double* mean, const double* rstd, double* ch_dy, double* ch_dyd,
+                      double* acc, double[:, :, ::1] scratch, floating* vec, floating* grad_w,
+                      floating* grad_b, int n_threads) noexcept nogil:
     """ch_*: C; acc: 2*C; vec: 5*C working-precision per-channel coefficients."""
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t n, grp, c, cg = C // G, D = cg * S
@@ -650,8 +643,8 @@ cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ss
         acc[c] = 0.0
     for n in range(N):
         for c in range(C):
-            ch_mean[c] = mean[n * G + c // cg]
-        rows_grad_sums(x + n * S * C, dy + n * S * C, &p, ch_mean, ch_dy, ch_dyd, scratch,
+            split_hi_lo(mean[n * G + c // cg], &vec[c], &vec[C + c])
+        rows_grad_sums(x + n * S * C, dy + n * S * C, &p, vec, vec + C, ch_dy, ch_dyd, scratch,
                        n_threads)
         for grp in range(G):
             r = rstd[n * G + grp]
@@ -665,7 +658,6 @@ cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ss
             k_d = -r * r * r * sum_gd / D
             k_0 = -r * sum_g / D
             for c in range(grp * cg, (grp + 1) * cg):
-                split_hi_lo(ch_mean[c], &vec[c], &vec[C + c])
                 vec[2 * C + c] = <floating>(r * w[c])
                 vec[3 * C + c] = <floating>k_d
                 vec[4 * C + c] = <floating>k_0
@@ -685,7 +677,7 @@ def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ss
     OUT y: (N, S, C); mean, rstd (and var unless None): (N*G,) float64 per (n, group).
     """
     cdef RowPlan p = row_plan(S, C)
-    cdef double[:, :, ::1] scratch = np.empty((p.n_stripes * p.n_blocks, 5, p.block))
+    cdef double[:, :, ::1] scratch = np.empty((p.n_stripes * p.n_blocks, 4, p.block))
     cdef double[::1] ch = np.empty(2 * C)
     cdef cnp.ndarray vec = np.empty(4 * C, dtype=x.dtype)
     cdef double* p_mean = f64_ptr(mean)
@@ -716,7 +708,7 @@ def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssi
     """
     cdef RowPlan p = row_plan(S, C)
     cdef double[:, :, ::1] scratch = np.empty((p.n_stripes * p.n_blocks, 2, p.block))
-    cdef double[::1] work = np.empty(5 * C)
+    cdef double[::1] work = np.empty(4 * C)
     cdef cnp.ndarray vec = np.empty(5 * C, dtype=x.dtype)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
@@ -725,7 +717,7 @@ def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssi
             cl_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
                         <float*>cnp.PyArray_DATA(dx), N, S, C, G,
                         <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd,
-                        &work[0], &work[C], &work[2 * C], &work[3 * C], scratch,
+                        &work[0], &work[C], &work[2 * C], scratch,
                         <float*>cnp.PyArray_DATA(vec), <float*>cnp.PyArray_DATA(grad_weight),
                         <float*>cnp.PyArray_DATA(grad_bias), n_threads)
     else:
@@ -733,6 +725,6 @@ def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssi
             cl_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
                         <double*>cnp.PyArray_DATA(dx), N, S, C, G,
                         <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd,
-                        &work[0], &work[C], &work[2 * C], &work[3 * C], scratch,
+                        &work[0], &work[C], &work[2 * C], scratch,
                         <double*>cnp.PyArray_DATA(vec), <double*>cnp.PyArray_DATA(grad_weight),
                         <double*>cnp.PyArray_DATA(grad_bias), n_threads)

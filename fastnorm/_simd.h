@@ -348,132 +348,119 @@ FN_DEFINE_REDUCTIONS(double, f64)
 
 #undef FN_DEFINE_REDUCTIONS
 
-/* Column sums over rows: `nrows` rows of `nc` contiguous channels, rows
- * `stride` values apart (channels-last data). Each channel has its own
- * accumulator, so vectorizing needs no reordering. The accumulators of a
- * block of FN_COLS channels live in registers for all the rows (explicit
- * GCC/Clang vectors of the build's native width), two rows per step so that
- * add latency does not bound the loop; per-channel arrays in memory would be
- * bound by their loads and stores. Accumulation is in float64; the even and
- * odd rows' partial sums are added at the end, in that order.
+/* Column kernels: `nrows` rows of `nc` contiguous channels, rows `stride`
+ * values apart (channels-last data), one result per channel.
+ *
+ * Each channel has its own accumulator, so vectorizing needs no reordering:
+ * the accumulators of a block of 2 vectors of channels live in registers for
+ * all the rows (explicit GCC/Clang vectors of the build's native width; with
+ * per-channel arrays in memory the loop would be bound by their loads and
+ * stores), two rows per step so that add latency does not bound the loop.
+ * Callers pass at most FN_COLUMN_ROWS rows, so each working-precision
+ * accumulator sums at most FN_COLUMN_ROWS / 2 terms before the result is
+ * handed over in float64.
  */
+#define FN_COLUMN_ROWS 32
 #ifdef __AVX__
-#define FN_VL 4
+#define FN_VBYTES 32
 #else
-#define FN_VL 2
+#define FN_VBYTES 16
 #endif
-#define FN_COLS (2 * FN_VL)
-typedef double fn_vd __attribute__((vector_size(8 * FN_VL)));
+typedef float fn_vec_f32 __attribute__((vector_size(FN_VBYTES)));
+typedef double fn_vec_f64 __attribute__((vector_size(FN_VBYTES)));
 
-static inline __attribute__((always_inline)) fn_vd fn_loadv_f32(const float* p) {
-    fn_vd v;
-    for (int j = 0; j < FN_VL; j++) v[j] = (double)p[j];
-    return v;
-}
-
-static inline __attribute__((always_inline)) fn_vd fn_loadv_f64(const double* p) {
-    fn_vd v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline __attribute__((always_inline)) void fn_addv(double* p, fn_vd even, fn_vd odd) {
-    fn_vd v = even + odd;
-    for (int j = 0; j < FN_VL; j++) p[j] += v[j];
-}
-
-#define FN_DEFINE_COLUMN_REDUCTIONS(T, SUFFIX)                                          \
-    /* sum[c] += sum_r x[r, c] */                                                         \
-    static inline void fn_cols_sum_##SUFFIX(const T* x, ptrdiff_t nrows, ptrdiff_t stride, \
-                                            ptrdiff_t nc, double* sum) {                  \
-        ptrdiff_t c = 0;                                                                  \
-        for (; c + FN_COLS <= nc; c += FN_COLS) {                                         \
-            fn_vd a[2] = {{0}}, b[2] = {{0}};                                             \
-            ptrdiff_t r = 0;                                                              \
-            for (; r + 2 <= nrows; r += 2)                                                \
-                for (int k = 0; k < 2; k++) {                                             \
-                    const T* row = x + (r + k) * stride + c;                              \
-                    a[k] += fn_loadv_##SUFFIX(row);                                       \
-                    b[k] += fn_loadv_##SUFFIX(row + FN_VL);                               \
-                }                                                                         \
-            if (r < nrows) {                                                              \
-                a[0] += fn_loadv_##SUFFIX(x + r * stride + c);                            \
-                b[0] += fn_loadv_##SUFFIX(x + r * stride + c + FN_VL);                    \
-            }                                                                             \
-            fn_addv(sum + c, a[0], a[1]);                                                 \
-            fn_addv(sum + c + FN_VL, b[0], b[1]);                                         \
-        }                                                                                 \
-        for (; c < nc; c++)                                                               \
-            for (ptrdiff_t r = 0; r < nrows; r++) sum[c] += (double)x[r * stride + c];    \
+#define FN_DEFINE_COLUMN_KERNELS(T, SUFFIX)                                              \
+    typedef fn_vec_##SUFFIX fn_v_##SUFFIX;                                                \
+    enum { FN_VL_##SUFFIX = FN_VBYTES / sizeof(T) };                                      \
+    static inline __attribute__((always_inline)) fn_v_##SUFFIX fn_load_##SUFFIX(const T* p) { \
+        fn_v_##SUFFIX v;                                                                  \
+        memcpy(&v, p, sizeof v);                                                          \
+        return v;                                                                         \
     }                                                                                     \
-    /* sum_d[c] += sum_r d, sum_dd[c] += sum_r d*d with d = x[r, c] - shift[c] */          \
-    static inline void fn_cols_centered_sums_##SUFFIX(const T* x, ptrdiff_t nrows,        \
-                                                      ptrdiff_t stride, ptrdiff_t nc,     \
-                                                      const double* shift, double* sum_d, \
-                                                      double* sum_dd) {                   \
+    /* Exact per-channel moments of the rows: two passes (the rows stay in cache).      \
+     * mean[c], m2[c] = mean and sum of squared deviations, in float64. */               \
+    static inline void fn_cols_moments_##SUFFIX(const T* x, ptrdiff_t nrows,              \
+                                                ptrdiff_t stride, ptrdiff_t nc,           \
+                                                double* mean, double* m2) {               \
+        const ptrdiff_t vl = FN_VL_##SUFFIX;                                              \
+        const double inv_n = 1.0 / (double)nrows; /* multiply: divisions would dominate */ \
         ptrdiff_t c = 0;                                                                  \
-        for (; c + FN_COLS <= nc; c += FN_COLS) {                                         \
-            fn_vd s0 = fn_loadv_f64(shift + c), s1 = fn_loadv_f64(shift + c + FN_VL);     \
-            fn_vd d0[2] = {{0}}, d1[2] = {{0}}, q0[2] = {{0}}, q1[2] = {{0}};             \
-            ptrdiff_t r = 0;                                                              \
-            for (; r < nrows; r += 2)                                                     \
-                for (int k = 0; k < 2 && r + k < nrows; k++) {                            \
-                    const T* row = x + (r + k) * stride + c;                              \
-                    fn_vd a = fn_loadv_##SUFFIX(row) - s0;                                \
-                    fn_vd b = fn_loadv_##SUFFIX(row + FN_VL) - s1;                        \
-                    d0[k] += a;                                                           \
-                    d1[k] += b;                                                           \
-                    q0[k] += a * a;                                                       \
-                    q1[k] += b * b;                                                       \
+        for (; c + 2 * vl <= nc; c += 2 * vl) {                                           \
+            fn_v_##SUFFIX sum[2][2] = {{{0}}}, shift[2], d[2][2] = {{{0}}}, q[2][2] = {{{0}}}; \
+            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
+                for (int k = 0; k < 2 && r + k < nrows; k++)                              \
+                    for (int h = 0; h < 2; h++)                                           \
+                        sum[k][h] += fn_load_##SUFFIX(x + (r + k) * stride + c + h * vl); \
+            for (int h = 0; h < 2; h++)                                                   \
+                shift[h] = (sum[0][h] + sum[1][h]) * (T)inv_n;                           \
+            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
+                for (int k = 0; k < 2 && r + k < nrows; k++)                              \
+                    for (int h = 0; h < 2; h++) {                                         \
+                        fn_v_##SUFFIX a =                                                 \
+                            fn_load_##SUFFIX(x + (r + k) * stride + c + h * vl) - shift[h]; \
+                        d[k][h] += a;                                                     \
+                        q[k][h] += a * a;                                                 \
+                    }                                                                     \
+            for (int h = 0; h < 2; h++)                                                   \
+                for (ptrdiff_t j = 0; j < vl; j++) {                                      \
+                    double sd = (double)d[0][h][j] + (double)d[1][h][j];                  \
+                    double sq = (double)q[0][h][j] + (double)q[1][h][j];                  \
+                    double centered = sq - sd * (sd * inv_n);                             \
+                    mean[c + h * vl + j] = (double)shift[h][j] + sd * inv_n;              \
+                    m2[c + h * vl + j] = centered > 0 ? centered : 0;                     \
                 }                                                                         \
-            fn_addv(sum_d + c, d0[0], d0[1]);                                             \
-            fn_addv(sum_d + c + FN_VL, d1[0], d1[1]);                                     \
-            fn_addv(sum_dd + c, q0[0], q0[1]);                                            \
-            fn_addv(sum_dd + c + FN_VL, q1[0], q1[1]);                                    \
         }                                                                                 \
-        for (; c < nc; c++)                                                               \
+        for (; c < nc; c++) {                                                             \
+            double total = 0, sd = 0, sq = 0, shift_c;                                    \
+            for (ptrdiff_t r = 0; r < nrows; r++) total += (double)x[r * stride + c];     \
+            shift_c = total * inv_n;                                                      \
             for (ptrdiff_t r = 0; r < nrows; r++) {                                       \
-                double d = (double)x[r * stride + c] - shift[c];                          \
-                sum_d[c] += d;                                                            \
-                sum_dd[c] += d * d;                                                       \
+                double v = (double)x[r * stride + c] - shift_c;                           \
+                sd += v;                                                                  \
+                sq += v * v;                                                              \
             }                                                                             \
+            mean[c] = shift_c + sd * inv_n;                                               \
+            m2[c] = sq - sd * (sd * inv_n) > 0 ? sq - sd * (sd * inv_n) : 0;              \
+        }                                                                                 \
     }                                                                                     \
-    /* sum_g[c] += sum_r g, sum_gd[c] += sum_r g*(x - mean[c]) */                          \
+    /* sum_g[c] += sum_r g, sum_gd[c] += sum_r g*((x - mean_hi[c]) - mean_lo[c]) */        \
     static inline void fn_cols_grad_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t nrows,\
                                                   ptrdiff_t stride, ptrdiff_t nc,         \
-                                                  const double* mean, double* sum_g,      \
-                                                  double* sum_gd) {                       \
+                                                  const T* mean_hi, const T* mean_lo,     \
+                                                  double* sum_g, double* sum_gd) {        \
+        const ptrdiff_t vl = FN_VL_##SUFFIX;                                              \
         ptrdiff_t c = 0;                                                                  \
-        for (; c + FN_COLS <= nc; c += FN_COLS) {                                         \
-            fn_vd m0 = fn_loadv_f64(mean + c), m1 = fn_loadv_f64(mean + c + FN_VL);       \
-            fn_vd g0[2] = {{0}}, g1[2] = {{0}}, p0[2] = {{0}}, p1[2] = {{0}};             \
-            ptrdiff_t r = 0;                                                              \
-            for (; r < nrows; r += 2)                                                     \
-                for (int k = 0; k < 2 && r + k < nrows; k++) {                            \
-                    ptrdiff_t at = (r + k) * stride + c;                                  \
-                    fn_vd ga = fn_loadv_##SUFFIX(g + at);                                 \
-                    fn_vd gb = fn_loadv_##SUFFIX(g + at + FN_VL);                         \
-                    g0[k] += ga;                                                          \
-                    g1[k] += gb;                                                          \
-                    p0[k] += ga * (fn_loadv_##SUFFIX(x + at) - m0);                       \
-                    p1[k] += gb * (fn_loadv_##SUFFIX(x + at + FN_VL) - m1);               \
+        for (; c + 2 * vl <= nc; c += 2 * vl) {                                           \
+            fn_v_##SUFFIX hi[2], lo[2], gs[2][2] = {{{0}}}, ps[2][2] = {{{0}}};           \
+            for (int h = 0; h < 2; h++) {                                                 \
+                hi[h] = fn_load_##SUFFIX(mean_hi + c + h * vl);                           \
+                lo[h] = fn_load_##SUFFIX(mean_lo + c + h * vl);                           \
+            }                                                                             \
+            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
+                for (int k = 0; k < 2 && r + k < nrows; k++)                              \
+                    for (int h = 0; h < 2; h++) {                                         \
+                        ptrdiff_t at = (r + k) * stride + c + h * vl;                     \
+                        fn_v_##SUFFIX gv = fn_load_##SUFFIX(g + at);                      \
+                        gs[k][h] += gv;                                                   \
+                        ps[k][h] += gv * ((fn_load_##SUFFIX(x + at) - hi[h]) - lo[h]);    \
+                    }                                                                     \
+            for (int h = 0; h < 2; h++)                                                   \
+                for (ptrdiff_t j = 0; j < vl; j++) {                                      \
+                    sum_g[c + h * vl + j] += (double)gs[0][h][j] + (double)gs[1][h][j];   \
+                    sum_gd[c + h * vl + j] += (double)ps[0][h][j] + (double)ps[1][h][j];  \
                 }                                                                         \
-            fn_addv(sum_g + c, g0[0], g0[1]);                                             \
-            fn_addv(sum_g + c + FN_VL, g1[0], g1[1]);                                     \
-            fn_addv(sum_gd + c, p0[0], p0[1]);                                            \
-            fn_addv(sum_gd + c + FN_VL, p1[0], p1[1]);                                    \
         }                                                                                 \
         for (; c < nc; c++)                                                               \
             for (ptrdiff_t r = 0; r < nrows; r++) {                                       \
                 double gv = (double)g[r * stride + c];                                    \
                 sum_g[c] += gv;                                                           \
-                sum_gd[c] += gv * ((double)x[r * stride + c] - mean[c]);                  \
+                sum_gd[c] += gv * (double)((x[r * stride + c] - mean_hi[c]) - mean_lo[c]); \
             }                                                                             \
     }
 
-FN_DEFINE_COLUMN_REDUCTIONS(float, f32)
-FN_DEFINE_COLUMN_REDUCTIONS(double, f64)
+FN_DEFINE_COLUMN_KERNELS(float, f32)
+FN_DEFINE_COLUMN_KERNELS(double, f64)
 
-#undef FN_DEFINE_COLUMN_REDUCTIONS
+#undef FN_DEFINE_COLUMN_KERNELS
 
 #endif /* FASTNORM_SIMD_H */

@@ -35,6 +35,16 @@ def get_num_threads():
     return limit
 
 
+# Below this many values per thread, waking threads costs more than they save.
+MIN_VALUES_PER_THREAD = 1 << 15
+
+
+def threads_for(n_values):
+    """Threads for a kernel call over n_values values: get_num_threads(), fewer for
+    small inputs. Results never depend on it (kernels are thread-count invariant)."""
+    return max(1, min(get_num_threads(), n_values // MIN_VALUES_PER_THREAD))
+
+
 _initial_openmp_limit = kernels.openmp_max_threads()
 
 

@@ -11,14 +11,14 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def check_count(name, value):
-    """A positive integer argument (num_features, num_groups, size, threads, ...)."""
+def check_count(name, value, minimum=1):
+    """An integer argument of at least `minimum` (num_features, num_groups, size, ...)."""
     try:
         value = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}")
     return value
 
 

@@ -123,11 +123,11 @@ def test_hard_data_far_from_zero(layout, dtype):
 
 
 @pytest.mark.parametrize("shape, groups, layout", [
-    ((4, 32, 8, 8), 8, "contiguous"),
-    ((1, 2, 3 * 4096 + 5), 1, "contiguous"),      # few long rows: split by unit
-    ((1, 6, 3, 4099), 3, "contiguous"),           # long runs
-    ((64, 8, 5, 5), 4, "contiguous"),             # many short rows
-    ((3, 24, 31, 17), 6, "channels_last"),
+    ((4, 32, 32, 32), 8, "contiguous"),           # >= 3 * 32768 values: 3 threads used
+    ((1, 2, 50003), 1, "contiguous"),             # few long rows: split by unit
+    ((1, 6, 3, 6007), 3, "contiguous"),           # runs longer than a unit
+    ((64, 8, 15, 15), 4, "contiguous"),           # many short rows
+    ((3, 24, 41, 37), 6, "channels_last"),
 ])
 def test_bitwise_identical_for_any_thread_count(shape, groups, layout):
     x = make_input(shape, np.float32, layout, seed=16, mean=2.0)

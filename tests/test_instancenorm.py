@@ -175,9 +175,9 @@ def test_hard_data_far_from_zero(layout):
 
 
 @pytest.mark.parametrize("shape, layout", [
-    ((8, 16, 12, 12), "contiguous"),
-    ((1, 2, 5 * 4096 + 3), "contiguous"),       # few long rows: split by unit
-    ((3, 24, 31, 17), "channels_last"),
+    ((8, 16, 28, 28), "contiguous"),            # >= 3 * 32768 values: 3 threads used
+    ((1, 2, 50003), "contiguous"),              # few long rows: split by unit
+    ((3, 24, 41, 37), "channels_last"),
 ])
 def test_bitwise_identical_for_any_thread_count(shape, layout):
     x = make_input(shape, np.float32, layout, seed=92, mean=2.0)

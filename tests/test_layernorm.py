@@ -120,7 +120,8 @@ def test_hard_data_far_from_zero(dtype):
     assert np.abs(layer.grads["bias"] - gb).max() <= 1e-5 * np.abs(gb).max() + 1e-5
 
 
-@pytest.mark.parametrize("shape", [(1, 1024), (37, 300), (3, 2 * 4096 + 7), (1, 9 * 4096 + 3),
+# at least 3 * 32768 values, so that 3 threads are really used (see threads_for)
+@pytest.mark.parametrize("shape", [(1, 1024), (400, 300), (3, 8 * 4096 + 7), (1, 25 * 4096 + 3),
                                    (70, 4097)])
 def test_bitwise_identical_for_any_thread_count(shape):
     """By-row and by-unit strategies, row blocks of the weight gradient: same bits."""

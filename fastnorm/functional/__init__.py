@@ -13,6 +13,7 @@ from .layer_norm import (
     layer_norm, layer_norm_backward, native_layer_norm, native_rms_norm, rms_norm,
     rms_norm_backward,
 )
+from .sync_batch_norm import native_sync_batch_norm, sync_batch_norm, sync_batch_norm_backward
 
 __all__ = [
     "batch_norm", "batch_norm_backward", "native_batch_norm",
@@ -20,4 +21,5 @@ __all__ = [
     "instance_norm", "instance_norm_backward", "native_instance_norm",
     "layer_norm", "layer_norm_backward", "native_layer_norm",
     "rms_norm", "rms_norm_backward", "native_rms_norm",
+    "native_sync_batch_norm", "sync_batch_norm", "sync_batch_norm_backward",
 ]

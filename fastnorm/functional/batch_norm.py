@@ -10,9 +10,9 @@ import numpy as np
 
 from .._kernels import kernels
 from .._layout import deliver, input_view, kernel_view, output_for
-from .._threads import get_num_threads
+from .._threads import threads_for
 from .._validation import (
-    check_channels, check_float_array, check_grad_output, check_out, check_vector,
+    check_float_array, check_grad_output, check_out, check_vector,
 )
 
 __all__ = ["batch_norm", "native_batch_norm", "batch_norm_backward"]
@@ -48,7 +48,7 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
     target, y_view = output_for(x, channels_last, out)
     weight64 = _per_channel(weight, channels, 1.0)
     bias64 = _per_channel(bias, channels, 0.0)
-    n_threads = get_num_threads()
+    n_threads = threads_for(x.size)
     if training:
         mean = np.zeros(channels)
         var = np.ones(channels)
@@ -76,13 +76,8 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
     it is None). grad_input has the input's layout.
     """
     x = input
-    check_float_array(x, "input")
-    check_grad_output(grad_output, x)
+    _check_backward(grad_output, x, save_mean, save_invstd, weight)
     channels = x.shape[1]
-    check_vector(x, weight, "weight", channels)
-    for name, stat in (("save_mean", save_mean), ("save_invstd", save_invstd)):
-        if not isinstance(stat, np.ndarray) or stat.shape != (channels,):
-            raise ValueError(f"{name} must be an array of shape ({channels},)")
     view, channels_last = input_view(x)
     grad_view = kernel_view(grad_output, channels_last)
     grad_input, grad_input_view = output_for(x, channels_last)
@@ -92,7 +87,7 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
         kernels.channel_backward(view, grad_view, np.ascontiguousarray(save_mean, np.float64),
                                  np.ascontiguousarray(save_invstd, np.float64),
                                  _per_channel(weight, channels, 1.0), bool(training),
-                                 grad_input_view, sum_dy, sum_dy_xmu, get_num_threads())
+                                 grad_input_view, sum_dy, sum_dy_xmu, threads_for(x.size))
     grad_weight = (sum_dy_xmu * save_invstd).astype(x.dtype)
     grad_bias = sum_dy.astype(x.dtype)
     return grad_input, grad_weight, grad_bias
@@ -100,7 +95,11 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
 
 # ------------------------------------------------------------------ helpers
 
-def _check_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, out):
+def _check_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, out,
+                   check_batch_size=True):
+    """Everything a forward needs, checked before any work. check_batch_size=False
+    leaves the "more than 1 value per channel" rule to the caller (SyncBatchNorm
+    applies it to the global batch)."""
     check_float_array(x, "input")
     if x.ndim < 2:
         raise ValueError(f"batch_norm expects an input of shape (N, C, *), got {x.ndim}-D shape {x.shape}")
@@ -119,7 +118,7 @@ def _check_forward(x, weight, bias, running_mean, running_var, training, momentu
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if not buf.flags.writeable:
                 raise ValueError(f"{name} is read-only but training updates it in place")
-    if training and x.size == channels:
+    if check_batch_size and training and x.size == channels:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input of shape {x.shape}"
         )
@@ -128,6 +127,16 @@ def _check_forward(x, weight, bias, running_mean, running_var, training, momentu
     if training and running_mean is not None and not (0.0 <= momentum <= 1.0):
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
     check_out(x, out)
+
+
+def _check_backward(grad_output, x, save_mean, save_invstd, weight):
+    check_float_array(x, "input")
+    check_grad_output(grad_output, x)
+    channels = x.shape[1]
+    check_vector(x, weight, "weight", channels)
+    for name, stat in (("save_mean", save_mean), ("save_invstd", save_invstd)):
+        if not isinstance(stat, np.ndarray) or stat.shape != (channels,):
+            raise ValueError(f"{name} must be an array of shape ({channels},)")
 
 
 def _per_channel(param, channels, default):

@@ -17,7 +17,7 @@ import numpy as np
 
 from .._kernels import kernels
 from .._layout import deliver, is_channels_last, kernel_view, output_for
-from .._threads import get_num_threads
+from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_out
 from ._rows import check_eps_value, check_param, check_stat, param_or, prod
 from .batch_norm import batch_norm_backward, native_batch_norm
@@ -167,7 +167,7 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False):
     var = empty((n, num_groups), np.nan) if want_var else None
     weight = param_or(weight, channels, x.dtype, 1)
     bias = param_or(bias, channels, x.dtype, 0)
-    threads = get_num_threads()
+    threads = threads_for(x.size)
     if is_channels_last(x):
         target, view = output_for(x, True, out)
         if x.size:
@@ -189,7 +189,7 @@ def groups_backward(grad_output, x, num_groups, weight, mean, rstd):
     weight = param_or(weight, channels, x.dtype, 1)
     grad_weight = np.zeros(channels, x.dtype)
     grad_bias = np.zeros(channels, x.dtype)
-    threads = get_num_threads()
+    threads = threads_for(x.size)
     if is_channels_last(x):
         grad_input, grad_view = output_for(x, True)
         if x.size:

@@ -12,7 +12,7 @@ input's leading dims (x.shape[:-len(normalized_shape)]).
 import numpy as np
 
 from .._kernels import kernels
-from .._threads import get_num_threads
+from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_out
 from ._rows import (
     as_shape, check_eps_value, check_param, check_stat, check_trailing, contiguous, param_or,
@@ -115,7 +115,7 @@ def rows_forward(x, shape, weight, bias, eps, centered, out):
         dtype = x.dtype
         kernels.row_forward(x, param_or(weight, size, dtype, 1), param_or(bias, size, dtype, 0),
                             rows, 1, size, 1, False, centered, eps, y, mean, rstd, None,
-                            get_num_threads())
+                            threads_for(x.size))
     else:  # no values: statistics of empty rows are undefined
         rstd.fill(np.nan)
         if mean is not None:
@@ -137,7 +137,7 @@ def rows_backward(grad_output, x, shape, weight, mean, rstd, centered):
     if x.size:
         kernels.row_backward(x, dy, param_or(weight, size, x.dtype, 1), x.size // size, 1, size,
                              1, False, centered, mean, rstd, grad_input, grad_weight, grad_bias,
-                             get_num_threads())
+                             threads_for(x.size))
     else:
         grad_weight[...] = 0
         if grad_bias is not None:
