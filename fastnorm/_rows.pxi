@@ -39,7 +39,7 @@
 #   groups_cl_backward     channels-last twin of row_backward for GroupNorm
 
 cimport numpy as cnp
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 
 from fastnorm._common cimport (
     MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence,
@@ -601,71 +601,116 @@ cdef void _row_backward(const floating* x, const floating* dy, floating* dx, Row
 # reduced per channel with the rows strategy of _channel.pxi (vectorized
 # along channels, thread-invariant), then the channels of a group are merged
 # in channel order. Output and gradient keep the (N, S, C) layout.
+# With at least as many samples as threads, threads take whole samples (one
+# parallel loop); otherwise each sample's kernels run in parallel. The
+# arithmetic is the same either way.
+
+cdef inline bint by_sample(Py_ssize_t N, int n_threads) noexcept nogil:
+    return n_threads > 1 and N >= n_threads
+
+
+cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize_t n,
+                            Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
+                            const floating* b, double eps, double* mean, double* rstd,
+                            double* var, double* ch, double[:, :, ::1] scratch, floating* vec,
+                            int n_threads) noexcept nogil:
+    """Sample n. ch: 2*C float64 (channel means, m2); vec: 4*C per-channel coefficients."""
+    cdef Py_ssize_t grp, c, cg = C // G
+    cdef Moments acc, part
+    rows_moments(x + n * S * C, p, ch, ch + C, scratch, n_threads)
+    for grp in range(G):
+        acc.count = 0.0
+        acc.mean = 0.0
+        acc.m2 = 0.0
+        for c in range(grp * cg, (grp + 1) * cg):
+            part.count = <double>S
+            part.mean = ch[c]
+            part.m2 = ch[C + c]
+            chan_merge(&acc, part)
+        store_row_stats(acc, eps, n * G + grp, mean, rstd, var)
+        for c in range(grp * cg, (grp + 1) * cg):
+            split_hi_lo(acc.mean, &vec[c], &vec[C + c])
+            vec[2 * C + c] = <floating>(rstd[n * G + grp] * w[c])
+            vec[3 * C + c] = b[c]
+    rows_affine(x + n * S * C, y + n * S * C, S, C, vec, vec + C, vec + 2 * C, vec + 3 * C,
+                n_threads)
+
 
 cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,
                      Py_ssize_t G, const floating* w, const floating* b, double eps,
-                     double* mean, double* rstd, double* var, double* ch_mean, double* ch_m2,
-                     double[:, :, ::1] scratch, floating* vec, int n_threads) noexcept nogil:
-    """ch_mean, ch_m2: C; vec: 4*C working-precision per-channel coefficients."""
+                     double* mean, double* rstd, double* var, double* ch,
+                     double[:, :, :, ::1] scratch, floating* vec, int n_threads) noexcept nogil:
+    """ch, scratch, vec: one set per thread (see groups_cl_forward)."""
     cdef RowPlan p = row_plan(S, C)
-    cdef Py_ssize_t n, grp, c, cg = C // G
-    cdef Moments acc, part
-    for n in range(N):
-        rows_moments(x + n * S * C, &p, ch_mean, ch_m2, scratch, n_threads)
-        for grp in range(G):
-            acc.count = 0.0
-            acc.mean = 0.0
-            acc.m2 = 0.0
-            for c in range(grp * cg, (grp + 1) * cg):
-                part.count = <double>S
-                part.mean = ch_mean[c]
-                part.m2 = ch_m2[c]
-                chan_merge(&acc, part)
-            store_row_stats(acc, eps, n * G + grp, mean, rstd, var)
-            for c in range(grp * cg, (grp + 1) * cg):
-                split_hi_lo(acc.mean, &vec[c], &vec[C + c])
-                vec[2 * C + c] = <floating>(rstd[n * G + grp] * w[c])
-                vec[3 * C + c] = b[c]
-        rows_affine(x + n * S * C, y + n * S * C, S, C, vec, vec + C, vec + 2 * C, vec + 3 * C,
-                    n_threads)
+    cdef Py_ssize_t n, t
+    if by_sample(N, n_threads):
+        for n in prange(N, num_threads=n_threads, schedule="static"):
+            t = threadid()
+            cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch + 2 * C * t,
+                              scratch[t], vec + 4 * C * t, 1)
+    else:
+        for n in range(N):
+            cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch, scratch[0],
+                              vec, n_threads)
+
+
+cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx, RowPlan* p,
+                             Py_ssize_t n, Py_ssize_t S, Py_ssize_t C, Py_ssize_t G,
+                             const floating* w, const double* mean, const double* rstd,
+                             double* sums, double[:, :, ::1] scratch, floating* vec,
+                             int n_threads) noexcept nogil:
+    """Sample n. sums: this sample's 2*C float64 (sum(dy), sum(dy*(x-mean)) per
+    channel, kept for the weight/bias gradients); vec: 5*C coefficients."""
+    cdef Py_ssize_t grp, c, cg = C // G, D = cg * S
+    cdef double sum_g, sum_gd, r, k_d, k_0
+    for c in range(C):
+        split_hi_lo(mean[n * G + c // cg], &vec[c], &vec[C + c])
+    rows_grad_sums(x + n * S * C, dy + n * S * C, p, vec, vec + C, sums, sums + C, scratch,
+                   n_threads)
+    for grp in range(G):
+        r = rstd[n * G + grp]
+        sum_g = 0.0
+        sum_gd = 0.0
+        for c in range(grp * cg, (grp + 1) * cg):
+            sum_g += w[c] * sums[c]
+            sum_gd += w[c] * sums[C + c]
+        k_d = -r * r * r * sum_gd / D
+        k_0 = -r * sum_g / D
+        for c in range(grp * cg, (grp + 1) * cg):
+            vec[2 * C + c] = <floating>(r * w[c])
+            vec[3 * C + c] = <floating>k_d
+            vec[4 * C + c] = <floating>k_0
+    rows_affine_backward(x + n * S * C, dy + n * S * C, dx + n * S * C, S, C, vec, vec + C,
+                         vec + 2 * C, vec + 3 * C, vec + 4 * C, n_threads)
 
 
 cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N,
                       Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
-                      const double* mean, const double* rstd, double* ch_dy, double* ch_dyd,
-                      double* acc, double[:, :, ::1] scratch, floating* vec, floating* grad_w,
+                      const double* mean, const double* rstd, double* sums,
+                      double[:, :, :, ::1] scratch, floating* vec, floating* grad_w,
                       floating* grad_b, int n_threads) noexcept nogil:
-    """ch_*: C; acc: 2*C; vec: 5*C working-precision per-channel coefficients."""
+    """sums: 2*C per sample; scratch, vec: one set per thread."""
     cdef RowPlan p = row_plan(S, C)
-    cdef Py_ssize_t n, grp, c, cg = C // G, D = cg * S
-    cdef double sum_g, sum_gd, r, k_d, k_0
-    for c in range(2 * C):
-        acc[c] = 0.0
-    for n in range(N):
-        for c in range(C):
-            split_hi_lo(mean[n * G + c // cg], &vec[c], &vec[C + c])
-        rows_grad_sums(x + n * S * C, dy + n * S * C, &p, vec, vec + C, ch_dy, ch_dyd, scratch,
-                       n_threads)
-        for grp in range(G):
-            r = rstd[n * G + grp]
-            sum_g = 0.0
-            sum_gd = 0.0
-            for c in range(grp * cg, (grp + 1) * cg):
-                sum_g += w[c] * ch_dy[c]
-                sum_gd += w[c] * ch_dyd[c]
-                acc[c] += r * ch_dyd[c]
-                acc[C + c] += ch_dy[c]
-            k_d = -r * r * r * sum_gd / D
-            k_0 = -r * sum_g / D
-            for c in range(grp * cg, (grp + 1) * cg):
-                vec[2 * C + c] = <floating>(r * w[c])
-                vec[3 * C + c] = <floating>k_d
-                vec[4 * C + c] = <floating>k_0
-        rows_affine_backward(x + n * S * C, dy + n * S * C, dx + n * S * C, S, C, vec, vec + C,
-                             vec + 2 * C, vec + 3 * C, vec + 4 * C, n_threads)
+    cdef Py_ssize_t n, t, c, cg = C // G
+    cdef double tw, tb
+    if by_sample(N, n_threads):
+        for n in prange(N, num_threads=n_threads, schedule="static"):
+            t = threadid()
+            cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, mean, rstd, sums + 2 * C * n,
+                               scratch[t], vec + 5 * C * t, 1)
+    else:
+        for n in range(N):
+            cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, mean, rstd, sums + 2 * C * n,
+                               scratch[0], vec, n_threads)
+    # weight/bias gradients: samples folded in order
     for c in range(C):
-        grad_w[c] = <floating>acc[c]
-        grad_b[c] = <floating>acc[C + c]
+        tw = 0.0
+        tb = 0.0
+        for n in range(N):
+            tb += sums[2 * C * n + c]
+            tw += sums[2 * C * n + C + c] * rstd[n * G + c // cg]
+        grad_w[c] = <floating>tw
+        grad_b[c] = <floating>tb
 
 
 def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t N,
@@ -677,9 +722,10 @@ def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ss
     OUT y: (N, S, C); mean, rstd (and var unless None): (N*G,) float64 per (n, group).
     """
     cdef RowPlan p = row_plan(S, C)
-    cdef double[:, :, ::1] scratch = np.empty((p.n_stripes * p.n_blocks, 4, p.block))
-    cdef double[::1] ch = np.empty(2 * C)
-    cdef cnp.ndarray vec = np.empty(4 * C, dtype=x.dtype)
+    cdef Py_ssize_t sets = n_threads if by_sample(N, n_threads) else 1
+    cdef double[:, :, :, ::1] scratch = np.empty((sets, p.n_stripes * p.n_blocks, 4, p.block))
+    cdef double[::1] ch = np.empty(2 * C * sets)
+    cdef cnp.ndarray vec = np.empty(4 * C * sets, dtype=x.dtype)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
     cdef double* p_var = f64_ptr(var)
@@ -687,14 +733,14 @@ def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ss
         with nogil:
             cl_forward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, S, C, G,
                        <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias), eps,
-                       p_mean, p_rstd, p_var, &ch[0], &ch[C], scratch,
-                       <float*>cnp.PyArray_DATA(vec), n_threads)
+                       p_mean, p_rstd, p_var, &ch[0], scratch, <float*>cnp.PyArray_DATA(vec),
+                       n_threads)
     else:
         with nogil:
             cl_forward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, S, C, G,
                        <double*>cnp.PyArray_DATA(weight), <double*>cnp.PyArray_DATA(bias), eps,
-                       p_mean, p_rstd, p_var, &ch[0], &ch[C], scratch,
-                       <double*>cnp.PyArray_DATA(vec), n_threads)
+                       p_mean, p_rstd, p_var, &ch[0], scratch, <double*>cnp.PyArray_DATA(vec),
+                       n_threads)
 
 
 def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t N,
@@ -707,24 +753,23 @@ def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssi
     OUT dx: (N, S, C); grad_weight, grad_bias: (C,) in x's dtype.
     """
     cdef RowPlan p = row_plan(S, C)
-    cdef double[:, :, ::1] scratch = np.empty((p.n_stripes * p.n_blocks, 2, p.block))
-    cdef double[::1] work = np.empty(4 * C)
-    cdef cnp.ndarray vec = np.empty(5 * C, dtype=x.dtype)
+    cdef Py_ssize_t sets = n_threads if by_sample(N, n_threads) else 1
+    cdef double[:, :, :, ::1] scratch = np.empty((sets, p.n_stripes * p.n_blocks, 2, p.block))
+    cdef double[::1] sums = np.empty(2 * C * N)
+    cdef cnp.ndarray vec = np.empty(5 * C * sets, dtype=x.dtype)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         with nogil:
             cl_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
                         <float*>cnp.PyArray_DATA(dx), N, S, C, G,
-                        <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd,
-                        &work[0], &work[C], &work[2 * C], scratch,
+                        <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd, &sums[0], scratch,
                         <float*>cnp.PyArray_DATA(vec), <float*>cnp.PyArray_DATA(grad_weight),
                         <float*>cnp.PyArray_DATA(grad_bias), n_threads)
     else:
         with nogil:
             cl_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
                         <double*>cnp.PyArray_DATA(dx), N, S, C, G,
-                        <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd,
-                        &work[0], &work[C], &work[2 * C], scratch,
+                        <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd, &sums[0], scratch,
                         <double*>cnp.PyArray_DATA(vec), <double*>cnp.PyArray_DATA(grad_weight),
                         <double*>cnp.PyArray_DATA(grad_bias), n_threads)

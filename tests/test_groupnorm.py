@@ -127,7 +127,8 @@ def test_hard_data_far_from_zero(layout, dtype):
     ((1, 2, 50003), 1, "contiguous"),             # few long rows: split by unit
     ((1, 6, 3, 6007), 3, "contiguous"),           # runs longer than a unit
     ((64, 8, 15, 15), 4, "contiguous"),           # many short rows
-    ((3, 24, 41, 37), 6, "channels_last"),
+    ((3, 24, 41, 37), 6, "channels_last"),       # threads take whole samples
+    ((1, 24, 71, 67), 6, "channels_last"),        # one sample: its kernels in parallel
 ])
 def test_bitwise_identical_for_any_thread_count(shape, groups, layout):
     x = make_input(shape, np.float32, layout, seed=16, mean=2.0)
