@@ -514,7 +514,8 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
             with nogil:
                 forward_by_unit(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), &g,
                                 <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias),
-                                eps, p_mean, p_rstd, p_var, work, work + 3 * g.R * g.n_units, n_threads)
+                                eps, p_mean, p_rstd, p_var, work, work + 3 * g.R * g.n_units,
+                                n_threads)
         else:
             with nogil:
                 forward_by_unit(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), &g,

@@ -104,7 +104,8 @@ class GroupNorm(NormLayer):
     def forward(self, input, out=None):
         check_float_array(input)
         if input.ndim < 2:
-            raise ValueError(f"GroupNorm expected input of shape (N, C, *), got shape {input.shape}")
+            raise ValueError(
+                f"GroupNorm expected input of shape (N, C, *), got shape {input.shape}")
         check_channels(input, self.num_channels, "GroupNorm")
         x = kernel_ready(input)
         y, mean, rstd = F.native_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,

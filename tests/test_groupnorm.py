@@ -33,8 +33,8 @@ def case_params():
         layouts = ("contiguous", "strided") + (("channels_last",) if len(shape) >= 3 else ())
         for layout in layouts:
             for dtype in DTYPES:
-                yield pytest.param(shape, groups, layout, dtype,
-                                   id=f"{'x'.join(map(str, shape))}-G{groups}-{layout}-{np.dtype(dtype).name}")
+                case_id = f"{'x'.join(map(str, shape))}-G{groups}-{layout}-{np.dtype(dtype).name}"
+                yield pytest.param(shape, groups, layout, dtype, id=case_id)
 
 
 @pytest.mark.smoke
@@ -49,7 +49,8 @@ def test_forward_backward_match_reference(shape, groups, layout, dtype):
     assert y.shape == x.shape and y.dtype == x.dtype
     if layout == "channels_last":
         assert is_channels_last(y)
-    assert_close(y, ref.group_norm_forward(x, groups, layer.weight, layer.bias, layer.eps), dtype, "y")
+    expected = ref.group_norm_forward(x, groups, layer.weight, layer.bias, layer.eps)
+    assert_close(y, expected, dtype, "y")
     dx = layer.backward(dy)
     if layout == "channels_last":
         assert is_channels_last(dx)
@@ -120,6 +121,7 @@ def test_hard_data_far_from_zero(layout, dtype):
     gx, gw, gb = ref.group_norm_backward(x, dy, 4, layer.weight)
     assert np.abs(dx - gx).max() <= 1e-5
     assert np.abs(layer.grads["weight"] - gw).max() <= 1e-5 * np.abs(gw).max() + 1e-5
+    assert np.abs(layer.grads["bias"] - gb).max() <= 1e-5 * np.abs(gb).max() + 1e-5
 
 
 @pytest.mark.parametrize("shape, groups, layout", [

@@ -172,6 +172,8 @@ def test_hard_data_far_from_zero(layout):
     assert np.abs(y - ref.instance_norm_forward(x, layer.weight, layer.bias).y).max() <= 1e-5
     gx, gw, gb = ref.instance_norm_backward(x, dy, layer.weight)
     assert np.abs(dx - gx).max() <= 1e-5
+    assert np.abs(layer.grads["weight"] - gw).max() <= 1e-5 * np.abs(gw).max() + 1e-5
+    assert np.abs(layer.grads["bias"] - gb).max() <= 1e-5 * np.abs(gb).max() + 1e-5
 
 
 @pytest.mark.parametrize("shape, layout", [

@@ -4,7 +4,7 @@ import pytest
 
 import fastnorm as fn
 from fastnorm import functional as F
-from helpers import make_input, num_threads, tolerance, torch_or_skip
+from helpers import make_input, torch_or_skip
 from rows_testing import (
     assert_bitwise_equal, assert_close, assert_state_unchanged, layer_state, randomize_parameters,
     results_for_thread_counts, run_torch, torch_twin,
@@ -34,8 +34,8 @@ def case_params():
     for shape, ns in CASES:
         for layout in layouts_for(shape):
             for dtype in DTYPES:
-                yield pytest.param(shape, ns, layout, dtype,
-                                   id=f"{'x'.join(map(str, shape))}-{len(ns)}d-{layout}-{np.dtype(dtype).name}")
+                case_id = f"{'x'.join(map(str, shape))}-{len(ns)}d-{layout}-{np.dtype(dtype).name}"
+                yield pytest.param(shape, ns, layout, dtype, id=case_id)
 
 
 @pytest.mark.smoke
@@ -178,7 +178,8 @@ BAD_INPUTS = [
     ("trailing shape", lambda: np.zeros((2, 4, 6), np.float32), ValueError, r"dims \[2\] differ"),
     ("rank", lambda: np.zeros((5,), np.float32), ValueError, "at least 2 dims"),
     ("int dtype", lambda: np.zeros((2, 4, 5), np.int32), TypeError, "float32 or float64"),
-    ("dtype mismatch", lambda: np.zeros((2, 4, 5), np.float64), TypeError, "float32.*float64|float64.*float32"),
+    ("dtype mismatch", lambda: np.zeros((2, 4, 5), np.float64), TypeError,
+     "float32.*float64|float64.*float32"),
     ("not an array", lambda: [[0.0] * 5] * 4, TypeError, "numpy.ndarray"),
 ]
 

@@ -29,8 +29,8 @@ def case_params():
         layouts = ("contiguous", "strided") + (("channels_last",) if len(shape) >= 3 else ())
         for layout in layouts:
             for dtype in DTYPES:
-                yield pytest.param(shape, ns, layout, dtype,
-                                   id=f"{'x'.join(map(str, shape))}-{len(ns)}d-{layout}-{np.dtype(dtype).name}")
+                case_id = f"{'x'.join(map(str, shape))}-{len(ns)}d-{layout}-{np.dtype(dtype).name}"
+                yield pytest.param(shape, ns, layout, dtype, id=case_id)
 
 
 @pytest.mark.smoke

@@ -56,9 +56,11 @@ def as_shape(normalized_shape):
     try:
         shape = tuple(operator.index(s) for s in shape)
     except TypeError:
-        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}") from None
+        raise TypeError("normalized_shape must be an int or a sequence of ints, "
+                        f"got {normalized_shape!r}") from None
     if not shape or min(shape) < 0:
-        raise ValueError(f"normalized_shape must be non-empty with sizes >= 0, got {normalized_shape!r}")
+        raise ValueError("normalized_shape must be non-empty with sizes >= 0, "
+                         f"got {normalized_shape!r}")
     return shape
 
 

@@ -106,7 +106,8 @@ def instance_norm_backward(grad_output, input, mean, rstd, weight=None, use_inpu
     x = input
     check_float_array(x, "input")
     if x.ndim < 2:
-        raise ValueError(f"instance_norm_backward expects an input of shape (N, C, *), got {x.shape}")
+        raise ValueError("instance_norm_backward expects an input of shape (N, C, *), "
+                         f"got {x.shape}")
     if not use_input_stats:
         return batch_norm_backward(grad_output, x, mean, rstd, weight, training=False)
     return group_norm_backward(grad_output, x, x.shape[1], mean, rstd, weight)
@@ -117,7 +118,8 @@ def instance_norm_backward(grad_output, input, mean, rstd, weight=None, use_inpu
 def check_group_input(x, num_groups, weight, bias, what):
     check_float_array(x, "input")
     if x.ndim < 2:
-        raise ValueError(f"{what} expects an input of shape (N, C, *), got {x.ndim}-D shape {x.shape}")
+        raise ValueError(f"{what} expects an input of shape (N, C, *), "
+                         f"got {x.ndim}-D shape {x.shape}")
     channels = x.shape[1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, (int, np.integer)):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
