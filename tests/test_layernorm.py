@@ -100,8 +100,12 @@ def test_functional_forms_and_backward_entry_point():
     got = F.layer_norm_backward(dy, x, (4, 5), mean, rstd, w)
     for a, e in zip(got, ref.layer_norm_backward(x, dy, (4, 5), w, 1e-3)):
         np.testing.assert_allclose(a, e, atol=1e-12)
-    # an int normalized_shape, no parameters
+    # an int (or any sequence) as normalized_shape, no parameters
     np.testing.assert_allclose(F.layer_norm(x, 5), ref.layer_norm_forward(x, 5), atol=1e-12)
+    np.testing.assert_allclose(F.layer_norm(x, np.array([4, 5])),
+                               ref.layer_norm_forward(x, (4, 5)), atol=1e-12)
+    with pytest.raises(TypeError, match="normalized_shape"):
+        F.layer_norm(x, 5.0)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

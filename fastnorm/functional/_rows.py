@@ -47,13 +47,13 @@ def check_eps_value(eps):
 
 def as_shape(normalized_shape):
     """normalized_shape as a tuple of ints (an int means a 1-D shape)."""
-    if type(normalized_shape) is tuple:
-        shape = normalized_shape
-    elif isinstance(normalized_shape, (list, tuple)):
-        shape = tuple(normalized_shape)
-    else:
-        shape = (normalized_shape,)
     try:
+        if type(normalized_shape) is tuple:
+            shape = normalized_shape
+        elif np.ndim(normalized_shape) == 0:
+            shape = (normalized_shape,)
+        else:
+            shape = tuple(normalized_shape)
         shape = tuple(operator.index(s) for s in shape)
     except TypeError:
         raise TypeError("normalized_shape must be an int or a sequence of ints, "
