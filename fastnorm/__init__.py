@@ -23,6 +23,9 @@ __all__ = [
     "get_num_threads", "set_num_threads", "show_config",
 ]
 __all__ += ["SyncBatchNorm", "comm"]
+from .fold import fold_batchnorm
+from .interop import from_torch
+__all__ += ["fold_batchnorm", "from_torch"]
 
 
 def show_config():

@@ -14,11 +14,16 @@
 # Public entry points (the Python layer validates everything first; these
 # trust their inputs, never raise, and run without the GIL):
 #   channel_moments         IN x               OUT mean, m2 (float64, per channel)
-#   channel_normalize       IN x, mean, scale, shift   OUT y = (x - mean)*scale + shift
+#   channel_normalize       IN x, mean, scale, shift   OUT y = act((x - mean)*scale + shift)
 #   channel_forward_train   both of the above, fused per channel when it fits in cache
+#   channel_act_grad        IN x, dy, mean, scale, shift   OUT g = dy * act'((x - mean)*scale + shift)
 #   channel_grad_sums       IN x, dy, mean     OUT sum(dy), sum(dy * (x - mean))
 #   channel_backward_apply  IN x, dy, mean, k_dy, k_x, k_0   OUT dx = k_dy*dy + k_x*(x-mean) + k_0
 #   channel_backward        grad sums, coefficients and apply, fused per channel when it fits
+#
+# act is a fused activation's code (_activations.pxd; 0 = none). Backward with
+# an activation first turns dy into g = dy * act'(z), z recomputed from x and
+# written where dx goes, then runs the usual sums and dx formula on g in place.
 
 import numpy as np
 from cython cimport floating
@@ -26,8 +31,10 @@ from cython.parallel cimport prange
 
 from fastnorm._common cimport (
     FN_COLUMN_ROWS, MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, cols_grad_sums,
-    cols_moments, run_affine,
-    run_affine_backward, run_grad_sums, split_hi_lo, stripe_start,
+    cols_moments, run_affine_backward, run_grad_sums, split_hi_lo, stripe_start,
+)
+from fastnorm._activations cimport (
+    ACT_NONE, run_act_grad, run_activate, run_affine_act, run_affine_act_grad,
 )
 
 # A channel up to this size is normalized straight after its statistics,
@@ -160,8 +167,9 @@ cdef void segment_moments_split(const floating* x, SegmentPlan* p, double* mean,
 
 cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPlan* p,
                                        Py_ssize_t c, Py_ssize_t g, double mean, double scale,
-                                       double shift) noexcept nogil:
-    cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols
+                                       double shift, int act, const floating* dy) noexcept nogil:
+    """y = act(z), z = (x - mean) * scale + shift; or, given dy, y = dy * act'(z)."""
+    cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
     first = stripe_start(p.n_units, p.n_stripes, g)
@@ -169,8 +177,13 @@ cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPl
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
-            run_affine(x + offset + r * p.C * p.S, y + offset + r * p.C * p.S, ncols,
-                       mean_hi, mean_lo, <floating>scale, <floating>shift)
+            at = offset + r * p.C * p.S
+            if dy == NULL:
+                run_affine_act(x + at, y + at, ncols, mean_hi, mean_lo, <floating>scale,
+                               <floating>shift, act)
+            else:
+                run_affine_act_grad(x + at, dy + at, y + at, ncols, mean_hi, mean_lo,
+                                    <floating>scale, <floating>shift, act)
 
 
 cdef inline void segment_stripe_grad_sums(const floating* x, const floating* dy, SegmentPlan* p,
@@ -294,7 +307,9 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
 
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* mean_hi, const floating* mean_lo, const floating* scale,
-                      const floating* shift, int n_threads) noexcept nogil:
+                      const floating* shift, int act, const floating* dy,
+                      int n_threads) noexcept nogil:
+    """y = act(z), z = (x - mean[c]) * scale[c] + shift[c]; or, given dy, y = dy * act'(z)."""
     cdef Py_ssize_t r, c
     cdef const floating* xrow
     cdef floating* yrow
@@ -303,6 +318,10 @@ cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
         yrow = y + r * C
         for c in range(C):
             yrow[c] = ((xrow[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+        if dy == NULL:
+            run_activate(yrow, C, act)
+        else:
+            run_act_grad(yrow, dy + r * C, yrow, C, act)
 
 
 cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,
@@ -394,11 +413,30 @@ def channel_moments(const floating[:, :, ::1] x, double[::1] mean, double[::1] m
 
 
 def channel_normalize(const floating[:, :, ::1] x, const double[::1] mean, const double[::1] scale,
-                      const double[::1] shift, floating[:, :, ::1] y, int n_threads):
-    """y = (x - mean[c]) * scale[c] + shift[c], with the mean subtracted in full precision.
+                      const double[::1] shift, floating[:, :, ::1] y, int n_threads, int act=0):
+    """y = act((x - mean[c]) * scale[c] + shift[c]), the mean subtracted in full precision.
 
-    IN  x: (N, C, S); mean, scale, shift: (C,) float64.  OUT y: like x.
+    IN  x: (N, C, S); mean, scale, shift: (C,) float64; act: activation code.
+    OUT y: like x.
     """
+    _channel_elementwise(x, NULL, mean, scale, shift, act, y, n_threads)
+
+
+def channel_act_grad(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
+                     const double[::1] mean, const double[::1] scale, const double[::1] shift,
+                     int act, floating[:, :, ::1] g, int n_threads):
+    """g = dy * act'(z), z = (x - mean[c]) * scale[c] + shift[c] recomputed from x: the
+    gradient with respect to z of a forward that applied act (act != 0).
+
+    IN  x, dy: (N, C, S); mean, scale, shift: (C,) float64.  OUT g: like x (may be dy).
+    """
+    _channel_elementwise(x, &dy[0, 0, 0], mean, scale, shift, act, g, n_threads)
+
+
+cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
+                          const double[::1] mean, const double[::1] scale,
+                          const double[::1] shift, int act, floating[:, :, ::1] y, int n_threads):
+    """y = act(z) without dy (NULL), y = dy * act'(z) with it (dy laid out like x)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task
     cdef SegmentPlan sp
     cdef floating[::1] mean_hi, mean_lo, scale_w, shift_w
@@ -406,20 +444,21 @@ def channel_normalize(const floating[:, :, ::1] x, const double[::1] mean, const
         mean_hi, mean_lo, scale_w, shift_w = _working_copies(x, mean, scale, shift)
         with nogil:
             rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, &mean_hi[0], &mean_lo[0],
-                        &scale_w[0], &shift_w[0], n_threads)
+                        &scale_w[0], &shift_w[0], act, dy, n_threads)
     else:
         sp = segment_plan(N, C, S)
         with nogil:
             for task in prange(C * sp.n_stripes, num_threads=n_threads, schedule="static"):
                 segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, task // sp.n_stripes,
                                       task % sp.n_stripes, mean[task // sp.n_stripes],
-                                      scale[task // sp.n_stripes], shift[task // sp.n_stripes])
+                                      scale[task // sp.n_stripes], shift[task // sp.n_stripes],
+                                      act, dy)
 
 
 def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
                           const double[::1] bias, double eps, floating[:, :, ::1] y,
-                          double[::1] mean, double[::1] var, int n_threads):
-    """Batch statistics and normalization in one call.
+                          double[::1] mean, double[::1] var, int n_threads, int act=0):
+    """Batch statistics and normalization (then activation act) in one call.
 
     IN  x: (N, C, S), N*S > 0; weight, bias: (C,) float64 (ones/zeros without affine).
     OUT y: like x; mean, var: (C,) float64 batch mean and biased variance.
@@ -438,7 +477,7 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
                 var[c] = norm.var
                 for g in range(sp.n_stripes):
                     segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, c, g, m.mean,
-                                          norm.scale, norm.shift)
+                                          norm.scale, norm.shift, act, NULL)
         return
     m2 = np.empty(C)
     scales = np.empty(C)
@@ -449,7 +488,7 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
         var[c] = norm.var
         scales[c] = norm.scale
         shifts[c] = norm.shift
-    channel_normalize(x, mean, scales, shifts, y, n_threads)
+    channel_normalize(x, mean, scales, shifts, y, n_threads, act)
 
 
 def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
@@ -531,40 +570,53 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
 def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
                      const double[::1] mean, const double[::1] invstd, const double[::1] weight,
                      bint training, floating[:, :, ::1] dx, double[::1] sum_dy,
-                     double[::1] sum_dy_xmu, int n_threads):
+                     double[::1] sum_dy_xmu, int n_threads, int act=0,
+                     const double[::1] bias=None):
     """Input gradient and the per-channel sums behind the weight/bias gradients.
 
     IN  x, dy: (N, C, S), N*S > 0; mean, invstd: (C,) statistics the forward
-        used (batch ones in training, running ones in eval); weight: (C,).
-    OUT dx: like x; sum_dy (= grad bias), sum_dy_xmu (* invstd = grad weight): (C,).
+        used (batch ones in training, running ones in eval); weight: (C,);
+        act: the forward's activation, with bias (C,) when act != 0.
+    OUT dx: like x; sum_dy (= grad bias), sum_dy_xmu (* invstd = grad weight): (C,),
+        sums of g = dy * act'(z) instead of dy with an activation.
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, g
     cdef SegmentPlan sp = segment_plan(N, C, S)
     cdef BackwardCoefficients k
     cdef double stripe_dy, stripe_dy_xmu, count = <double>(N * S)
     cdef double[::1] kd, kx, k0
+    cdef const floating* grad      # dy, or g = dy * act'(z) stored in dx
     if S > 1 and fuse_per_channel(&sp, 2 * sizeof(floating), n_threads):
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):
+                grad = &dy[0, 0, 0]
+                if act != ACT_NONE:
+                    for g in range(sp.n_stripes):
+                        segment_stripe_affine(&x[0, 0, 0], &dx[0, 0, 0], &sp, c, g, mean[c],
+                                              weight[c] * invstd[c], bias[c], act, &dy[0, 0, 0])
+                    grad = &dx[0, 0, 0]
                 # per-stripe partial sums added in order, exactly as channel_grad_sums does
                 sum_dy[c] = 0.0
                 sum_dy_xmu[c] = 0.0
                 for g in range(sp.n_stripes):
                     stripe_dy = 0.0
                     stripe_dy_xmu = 0.0
-                    segment_stripe_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &sp, c, g, mean[c],
+                    segment_stripe_grad_sums(&x[0, 0, 0], grad, &sp, c, g, mean[c],
                                              &stripe_dy, &stripe_dy_xmu)
                     sum_dy[c] += stripe_dy
                     sum_dy_xmu[c] += stripe_dy_xmu
                 k = backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c],
                                           training)
                 for g in range(sp.n_stripes):
-                    segment_stripe_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &sp, c, g,
+                    segment_stripe_backward(&x[0, 0, 0], grad, &dx[0, 0, 0], &sp, c, g,
                                             mean[c], k.k_dy, k.k_x, k.k_0)
         return
     kd = np.empty(C)
     kx = np.empty(C)
     k0 = np.empty(C)
+    if act != ACT_NONE:
+        channel_act_grad(x, dy, mean, np.multiply(weight, invstd), bias, act, dx, n_threads)
+        dy = dx  # g takes dy's place; dx is then computed from it in place
     channel_grad_sums(x, dy, mean, sum_dy, sum_dy_xmu, n_threads)
     channel_backward_coefficients(sum_dy, sum_dy_xmu, count, invstd, weight, training, kd, kx, k0)
     channel_backward_apply(x, dy, mean, kd, kx, k0, dx, n_threads)

@@ -114,6 +114,14 @@ class NormLayer:
             np.copyto(current[name], value, casting="same_kind")
         return IncompatibleKeys(missing, unexpected)
 
+    # --------------------------------------------------------------- torch
+    def to_torch(self):
+        """The equivalent torch.nn module (needs torch): configuration, parameters,
+        buffers and mode; with a fused activation, Sequential(module, activation)."""
+        from .interop import to_torch
+
+        return to_torch(self)
+
     # ------------------------------------------------------------- display
     def extra_repr(self):
         return ""

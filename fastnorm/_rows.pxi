@@ -41,6 +41,8 @@
 cimport numpy as cnp
 from cython.parallel cimport prange, threadid
 
+from fastnorm._activations cimport ACT_NONE
+
 from fastnorm._common cimport (
     MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence,
     row_block_moments, row_grad_sums, row_sum_squares, run_affine_backward, run_affine_out,
@@ -634,7 +636,7 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
             vec[2 * C + c] = <floating>(rstd[n * G + grp] * w[c])
             vec[3 * C + c] = b[c]
     rows_affine(x + n * S * C, y + n * S * C, S, C, vec, vec + C, vec + 2 * C, vec + 3 * C,
-                n_threads)
+                ACT_NONE, <const floating*>NULL, n_threads)
 
 
 cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,

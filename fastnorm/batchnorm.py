@@ -2,6 +2,7 @@
 import numpy as np
 
 from . import functional as F
+from ._activation import check_activation
 from ._layout import kernel_ready
 from ._module import NormLayer, check_count, check_eps, check_momentum
 from ._validation import check_channels, check_float_array
@@ -11,14 +12,18 @@ __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 class _BatchNorm(NormLayer):
     """Shared by BatchNorm1d/2d/3d (and SyncBatchNorm); they differ only in the
-    input ranks they accept."""
+    input ranks they accept.
+
+    activation (keyword: None, "relu", "silu", "gelu" or "gelu_tanh") is applied
+    to the output in the same pass; backward includes its derivative."""
 
     _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
     _input_ranks = ()  # accepted input ndim values; empty means any >= 2
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, *, dtype=np.float32):
+                 track_running_stats=True, *, activation=None, dtype=np.float32):
         super().__init__(dtype)
+        self.activation = check_activation(activation)
         self.num_features = check_count("num_features", num_features)
         self.eps = check_eps(eps)
         self.momentum = check_momentum(momentum)
@@ -64,7 +69,7 @@ class _BatchNorm(NormLayer):
         updates = self.training and self.running_mean is not None
         y, mean, invstd = F.native_batch_norm(
             x, self.weight, self.bias, self.running_mean, self.running_var, use_batch_stats,
-            self._momentum_now() if updates else 0.0, self.eps, out=out,
+            self._momentum_now() if updates else 0.0, self.eps, activation=self.activation, out=out,
         )
         if updates and x.size > 0:
             self.num_batches_tracked += 1
@@ -74,14 +79,16 @@ class _BatchNorm(NormLayer):
     def _backward(self, grad_output, saved):
         x, mean, invstd, use_batch_stats = saved
         grad_input, grad_weight, grad_bias = F.batch_norm_backward(
-            grad_output, x, mean, invstd, self.weight, training=use_batch_stats
+            grad_output, x, mean, invstd, self.weight, training=use_batch_stats, bias=self.bias,
+            activation=self.activation,
         )
         grads = {"weight": grad_weight, "bias": grad_bias} if self.affine else {}
         return grad_input, grads
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+                + (f", activation={self.activation!r}" if self.activation else ""))
 
 
 class BatchNorm1d(_BatchNorm):

@@ -4,8 +4,9 @@ Statistics per (sample, channel) over the spatial positions. With
 track_running_stats=True, training also updates running statistics averaged
 over the batch (as PyTorch does) and eval mode normalizes with them. Unlike
 PyTorch, momentum=None keeps a cumulative average instead of never updating,
-and num_batches_tracked counts the updates (PyTorch leaves it at 0 for
-InstanceNorm). Unbatched (C, *) input is accepted.
+counting its batches in num_batches_tracked (which PyTorch leaves at 0, as we
+do with a numeric momentum, so state dicts match PyTorch's there). Unbatched
+(C, *) input is accepted.
 """
 import numpy as np
 
@@ -71,7 +72,7 @@ class _InstanceNorm(NormLayer):
             self._momentum_now() if updates else 0.0, self.eps,
             out=out if batched or out is None else out[None],
         )
-        if updates and x.size:
+        if updates and x.size and self.momentum is None:   # the cumulative average's count
             self.num_batches_tracked += 1
         self._saved = (x, mean, rstd, use_input_stats, batched)
         if out is not None:

@@ -44,8 +44,9 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, comm=None, *, dtype=np.float32):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype=dtype)
+                 track_running_stats=True, comm=None, *, activation=None, dtype=np.float32):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats,
+                         activation=activation, dtype=dtype)
         self.comm = comm
         # The sums are centered on the previous step's global batch mean: the same
         # on every process and close to the data (see functional.sync_batch_norm).
@@ -68,7 +69,8 @@ class SyncBatchNorm(_BatchNorm):
         y, mean, invstd, count = F.native_sync_batch_norm(
             x, self.weight, self.bias, self.running_mean, self.running_var, True,
             self._momentum_now() if tracking else 0.0, self.eps, self._allreduce,
-            shift=self._shift, num_features=self.num_features, out=out,
+            shift=self._shift, num_features=self.num_features, activation=self.activation,
+            out=out,
         )
         if count > 0:
             if tracking:
@@ -82,7 +84,8 @@ class SyncBatchNorm(_BatchNorm):
             return super()._backward(grad_output, saved)
         grad_input, grad_weight, grad_bias = F.sync_batch_norm_backward(
             grad_output, saved.x, saved.mean, saved.invstd, saved.count, self.weight,
-            self._allreduce, num_features=self.num_features,
+            self._allreduce, bias=self.bias, activation=self.activation,
+            num_features=self.num_features,
         )
         grads = {"weight": grad_weight, "bias": grad_bias} if self.affine else {}
         return grad_input, grads
@@ -150,7 +153,7 @@ class _Converter:
 
     def _sync_layer(self, bn):
         sync = self.cls(bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats,
-                        comm=self.comm, dtype=bn.dtype)
+                        comm=self.comm, activation=bn.activation, dtype=bn.dtype)
         for name in sync._parameter_names + sync._buffer_names:
             setattr(sync, name, getattr(bn, name))
         if isinstance(bn, SyncBatchNorm):

@@ -5,9 +5,14 @@
 Forward entry points mirror torch: batch_norm(...) returns the output and
 updates running_mean/running_var in place; native_batch_norm(...) also returns
 the statistics it normalized with, which batch_norm_backward(...) needs.
+
+activation= (None, "relu", "silu", "gelu" or "gelu_tanh") fuses an activation:
+the output is act(y), computed in the same pass, and backward includes its
+derivative ("gelu" is the exact erf form, "gelu_tanh" torch's tanh approximation).
 """
 import numpy as np
 
+from .._activation import activation_code, check_activation
 from .._kernels import kernels
 from .._layout import deliver, input_view, kernel_view, output_for
 from .._threads import threads_for
@@ -19,29 +24,31 @@ __all__ = ["batch_norm", "native_batch_norm", "batch_norm_backward"]
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-               momentum=0.1, eps=1e-5, *, out=None):
+               momentum=0.1, eps=1e-5, *, activation=None, out=None):
     """torch.nn.functional.batch_norm for NumPy arrays of shape (N, C, *).
 
     In training, normalizes with the batch statistics and, when running_mean
     and running_var are given, updates them in place:
         running = (1 - momentum) * running + momentum * batch_stat
     with the unbiased batch variance. Otherwise normalizes with the running
-    statistics. Returns the output (a new array in the input's layout, or out).
+    statistics. Returns the output (a new array in the input's layout, or out),
+    act(output) with an activation.
     """
     return native_batch_norm(input, weight, bias, running_mean, running_var, training,
-                             momentum, eps, out=out)[0]
+                             momentum, eps, activation=activation, out=out)[0]
 
 
 def native_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                      *, out=None):
+                      *, activation=None, out=None):
     """Like torch.native_batch_norm: returns (output, save_mean, save_invstd).
 
     save_mean and save_invstd are float64 (C,) arrays: the batch mean and
     1/sqrt(biased var + eps) in training, the running ones otherwise. Pass
-    them to batch_norm_backward.
+    them to batch_norm_backward (with the same weight, bias and activation).
     """
     x = input
     _check_forward(x, weight, bias, running_mean, running_var, training, momentum, eps, out)
+    act = activation_code(check_activation(activation))
     channels = x.shape[1]
     count = x.size // channels
     view, channels_last = input_view(x)
@@ -54,7 +61,7 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
         var = np.ones(channels)
         if count > 0:
             kernels.channel_forward_train(view, weight64, bias64, float(eps), y_view, mean, var,
-                                          n_threads)
+                                          n_threads, act)
             if running_mean is not None:
                 _update_running(running_mean, running_var, mean, var, count, momentum)
         invstd = 1.0 / np.sqrt(var + eps)
@@ -62,21 +69,27 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
         mean = running_mean.astype(np.float64)
         invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
         if count > 0:
-            kernels.channel_normalize(view, mean, weight64 * invstd, bias64, y_view, n_threads)
+            kernels.channel_normalize(view, mean, weight64 * invstd, bias64, y_view, n_threads,
+                                      act)
     return deliver(target, out), mean, invstd
 
 
-def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None, training=True):
+def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None, training=True,
+                        *, bias=None, activation=None):
     """Gradients of native_batch_norm: returns (grad_input, grad_weight, grad_bias).
 
     input is the forward's input; save_mean/save_invstd what native_batch_norm
     returned. training=True differentiates through the batch statistics;
     training=False treats them as constants (eval mode). grad_weight and
     grad_bias are in the input's dtype (computed as if weight were ones when
-    it is None). grad_input has the input's layout.
+    it is None). grad_input has the input's layout. With the forward's
+    activation, pass its bias too: the pre-activation values are recomputed from
+    input (nothing else is stored), and the gradients include act's derivative.
     """
     x = input
     _check_backward(grad_output, x, save_mean, save_invstd, weight)
+    check_vector(x, bias, "bias", x.shape[1])
+    act = activation_code(check_activation(activation))
     channels = x.shape[1]
     view, channels_last = input_view(x)
     grad_view = kernel_view(grad_output, channels_last)
@@ -87,7 +100,8 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
         kernels.channel_backward(view, grad_view, np.ascontiguousarray(save_mean, np.float64),
                                  np.ascontiguousarray(save_invstd, np.float64),
                                  _per_channel(weight, channels, 1.0), bool(training),
-                                 grad_input_view, sum_dy, sum_dy_xmu, threads_for(x.size))
+                                 grad_input_view, sum_dy, sum_dy_xmu, threads_for(x.size), act,
+                                 _per_channel(bias, channels, 0.0))
     grad_weight = (sum_dy_xmu * save_invstd).astype(x.dtype)
     grad_bias = sum_dy.astype(x.dtype)
     return grad_input, grad_weight, grad_bias

@@ -66,10 +66,11 @@ import zlib
 
 import numpy as np
 
+from .._activation import activation_code, check_activation
 from .._kernels import kernels
 from .._layout import deliver, input_view, kernel_view, output_for
 from .._threads import threads_for
-from .._validation import check_channels, check_count, check_float_array
+from .._validation import check_channels, check_count, check_float_array, check_vector
 from ..comm import as_allreduce
 from .batch_norm import (
     _check_backward, _check_forward, _per_channel, _update_running, batch_norm_backward,
@@ -88,16 +89,17 @@ _FIELD_MASK = 0xFFFF  # agreed values stay below 2**16: their sums of squares ar
 
 
 def sync_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
-                    momentum=0.1, eps=1e-5, comm=None, *, out=None):
-    """batch_norm (same arguments and semantics) with the batch statistics of the
-    global batch in training: see the module docstring. comm: anything
-    fastnorm.comm.as_allreduce accepts; None is batch_norm itself."""
+                    momentum=0.1, eps=1e-5, comm=None, *, activation=None, out=None):
+    """batch_norm (same arguments and semantics, activation= included) with the
+    batch statistics of the global batch in training: see the module docstring.
+    comm: anything fastnorm.comm.as_allreduce accepts; None is batch_norm itself."""
     return native_sync_batch_norm(input, weight, bias, running_mean, running_var, training,
-                                  momentum, eps, comm, out=out)[0]
+                                  momentum, eps, comm, activation=activation, out=out)[0]
 
 
 def native_sync_batch_norm(input, weight, bias, running_mean, running_var, training, momentum,
-                           eps, comm, *, shift=None, num_features=None, out=None):
+                           eps, comm, *, shift=None, num_features=None, activation=None,
+                           out=None):
     """Returns (output, save_mean, save_invstd, count) for sync_batch_norm_backward.
 
     In training: the global batch mean and 1/sqrt(biased var + eps) (float64, (C,)),
@@ -120,7 +122,8 @@ def native_sync_batch_norm(input, weight, bias, running_mean, running_var, train
     """
     if comm is None or not training:
         y, mean, invstd = native_batch_norm(input, weight, bias, running_mean, running_var,
-                                            training, momentum, eps, out=out)
+                                            training, momentum, eps, activation=activation,
+                                            out=out)
         return y, mean, invstd, input.size // input.shape[1]
     allreduce = as_allreduce(comm)
     guess = _known_channels(num_features, input, weight, bias, running_mean, running_var)
@@ -129,6 +132,7 @@ def native_sync_batch_norm(input, weight, bias, running_mean, running_var, train
         _check_forward(input, weight, bias, running_mean, running_var, True, momentum, eps, out,
                        check_batch_size=False)
         shift = _shift_for(shift, running_mean, input.shape[1])
+        act = activation_code(check_activation(activation))
     x = input
     channels = x.shape[1]
     view, channels_last = input_view(x)
@@ -147,31 +151,34 @@ def native_sync_batch_norm(input, weight, bias, running_mean, running_var, train
     if local_count > 0:
         scale = _per_channel(weight, channels, 1.0) * invstd
         kernels.channel_normalize(view, mean, scale, _per_channel(bias, channels, 0.0), y_view,
-                                  threads_for(x.size))
+                                  threads_for(x.size), act)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, count, momentum)
     return deliver(target, out), mean, invstd, count
 
 
 def sync_batch_norm_backward(grad_output, input, save_mean, save_invstd, count, weight=None,
-                             comm=None, *, num_features=None):
+                             comm=None, *, bias=None, activation=None, num_features=None):
     """Gradients of a training native_sync_batch_norm: (grad_input, grad_weight, grad_bias).
 
     count, save_mean, save_invstd: what the forward returned. grad_input is exact
     for the global batch (one collective call). grad_weight and grad_bias are this
     process's share, from its own batch: sum them over the processes (as
     DistributedDataParallel does) for the gradient of the global loss. With
-    comm=None this is batch_norm_backward(..., training=True).
+    comm=None this is batch_norm_backward(..., training=True). With the forward's
+    activation, pass its bias too (see batch_norm_backward).
     """
     if comm is None:
         return batch_norm_backward(grad_output, input, save_mean, save_invstd, weight,
-                                   training=True)
+                                   training=True, bias=bias, activation=activation)
     allreduce = as_allreduce(comm)
     guess = num_features if num_features is not None else getattr(save_mean, "size", None)
     with _joined_when_rejected(allreduce, guess):
         _check_layer_channels(input, num_features)
         _check_backward(grad_output, input, save_mean, save_invstd, weight)
         count = check_count("count", count, minimum=0)
+        check_vector(input, bias, "bias", input.shape[1])
+        act = activation_code(check_activation(activation))
     x = input
     channels = x.shape[1]
     mean = np.ascontiguousarray(save_mean, np.float64)
@@ -180,6 +187,12 @@ def sync_batch_norm_backward(grad_output, input, save_mean, save_invstd, count, 
     grad_view = kernel_view(grad_output, channels_last)
     grad_input, grad_input_view = output_for(x, channels_last)
     local = np.zeros(2 * channels)  # [sum(dy) | sum(dy * (x - mean))] of this process
+    if x.size > 0 and act:
+        # dy * act'(z) takes dy's place (stored where grad_input goes)
+        kernels.channel_act_grad(view, grad_view, mean, _per_channel(weight, channels, 1.0) * invstd,
+                                 _per_channel(bias, channels, 0.0), act, grad_input_view,
+                                 threads_for(x.size))
+        grad_view = grad_input_view
     if x.size > 0:
         kernels.channel_grad_sums(view, grad_view, mean, local[:channels], local[channels:],
                                   threads_for(x.size))
