@@ -10,6 +10,8 @@ from . import _kernels
 from ._module import NormLayer, StateDictError
 from ._threads import get_num_threads, set_num_threads
 from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .instancenorm import InstanceNorm1d, InstanceNorm2d, InstanceNorm3d
+from .normalization import GroupNorm, LayerNorm, RMSNorm
 from . import comm
 from .sync_batchnorm import SyncBatchNorm
 from .lrn import LocalResponseNorm
@@ -18,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "NormLayer", "StateDictError", "functional",
+    "GroupNorm", "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "LayerNorm", "RMSNorm",
     "get_num_threads", "set_num_threads", "show_config",
 ]
 __all__ += ["SyncBatchNorm", "comm"]

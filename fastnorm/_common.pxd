@@ -77,6 +77,31 @@ cdef extern from "_simd.h" nogil:
                                 const float* x, const float* dy, float* dx, float* t,
                                 Py_ssize_t n, double k, double a, const float* prefetch,
                                 const float* prefetch2)
+    double fn_row_sum_f32(const float* x, Py_ssize_t n)
+    double fn_row_sum_f64(const double* x, Py_ssize_t n)
+    void fn_row_centered_sums_f32(const float* x, Py_ssize_t n, float mean_hi, float mean_lo,
+                                  double* sum_d, double* sum_dd)
+    void fn_row_centered_sums_f64(const double* x, Py_ssize_t n, double mean_hi,
+                                  double mean_lo, double* sum_d, double* sum_dd)
+    void fn_row_grad_sums_f32(const float* x, const float* g, const float* w, Py_ssize_t n,
+                              float mean_hi, float mean_lo, double* sum_g, double* sum_gd)
+    void fn_row_grad_sums_f64(const double* x, const double* g, const double* w, Py_ssize_t n,
+                              double mean_hi, double mean_lo, double* sum_g, double* sum_gd)
+    void fn_affine_out_f32(const float* x, float* y, const float* w, const float* b,
+                           Py_ssize_t n, float mean_hi, float mean_lo, float scale, float shift,
+                           int stream)
+    void fn_affine_out_f64(const double* x, double* y, const double* w, const double* b,
+                           Py_ssize_t n, double mean_hi, double mean_lo, double scale,
+                           double shift, int stream)
+    void fn_stream_fence()
+    void fn_row_backward_f32(const float* x, const float* g, const float* w, float* dx,
+                             Py_ssize_t n, float mean_hi, float mean_lo, float k_g, float c_0,
+                             float k_d, float* acc_w, float* acc_b)
+    void fn_row_backward_f64(const double* x, const double* g, const double* w, double* dx,
+                             Py_ssize_t n, double mean_hi, double mean_lo, double k_g,
+                             double c_0, double k_d, double* acc_w, double* acc_b)
+    void fn_flush_partials_f32(double* acc, float* part, Py_ssize_t n)
+    void fn_flush_partials_f64(double* acc, double* part, Py_ssize_t n)
 
 
 cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept nogil:
@@ -133,6 +158,108 @@ cdef inline void cols_grad_sums(const floating* x, const floating* dy, Py_ssize_
         fn_cols_grad_sums_f32(x, dy, nrows, stride, nc, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
     else:
         fn_cols_grad_sums_f64(x, dy, nrows, stride, nc, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
+
+
+cdef inline void row_centered_sums(const floating* x, Py_ssize_t n, floating shift,
+                                   double* sum_d, double* sum_dd) noexcept nogil:
+    """Add sum(x - shift) and sum((x - shift)**2) over n contiguous values."""
+    if floating is float:
+        fn_row_centered_sums_f32(x, n, shift, 0.0, sum_d, sum_dd)
+    else:
+        fn_row_centered_sums_f64(x, n, shift, 0.0, sum_d, sum_dd)
+
+
+cdef inline double row_sum(const floating* x, Py_ssize_t n) noexcept nogil:
+    if floating is float:
+        return fn_row_sum_f32(x, n)
+    else:
+        return fn_row_sum_f64(x, n)
+
+
+cdef enum:
+    # values whose mean is the first guess of a block's mean (see row_block_moments)
+    PILOT_ELEMS = 64
+
+
+cdef inline Moments row_block_moments(const floating* x, Py_ssize_t n) noexcept nogil:
+    """Moments of n contiguous values that stay in cache, centered in full precision.
+
+    The sums are taken around a shift: first the mean of the first
+    PILOT_ELEMS values; if that is more than half a standard deviation from
+    the block's mean (sorted or structured data), the sums are taken again
+    around the block's mean, as a plain two-pass algorithm would. Either way
+    (x - shift) is small, so float32 sums lose nothing to cancellation."""
+    cdef Moments m
+    cdef double sum_d = 0.0, sum_dd = 0.0, delta
+    cdef Py_ssize_t pilot = min(n, <Py_ssize_t>PILOT_ELEMS)
+    cdef floating shift = <floating>(row_sum(x, pilot) / pilot)
+    m.count = <double>n
+    row_centered_sums(x, n, shift, &sum_d, &sum_dd)
+    delta = sum_d / m.count                      # mean - shift
+    if delta * delta * m.count * 4.0 > sum_dd - sum_d * delta:
+        shift = <floating>(shift + delta)
+        sum_d = 0.0
+        sum_dd = 0.0
+        row_centered_sums(x, n, shift, &sum_d, &sum_dd)
+        delta = sum_d / m.count
+    m.mean = <double>shift + delta
+    m.m2 = sum_dd - sum_d * delta
+    if m.m2 < 0.0:
+        m.m2 = 0.0
+    return m
+
+
+cdef inline double row_sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
+    """sum(x**2) over n contiguous values."""
+    cdef double sum_d = 0.0, sum_dd = 0.0
+    if floating is float:
+        fn_row_centered_sums_f32(x, n, 0.0, 0.0, &sum_d, &sum_dd)
+    else:
+        fn_row_centered_sums_f64(x, n, 0.0, 0.0, &sum_d, &sum_dd)
+    return sum_dd
+
+
+cdef inline void row_grad_sums(const floating* x, const floating* dy, const floating* w,
+                               Py_ssize_t n, floating mean_hi, floating mean_lo,
+                               double* sum_g, double* sum_gd) noexcept nogil:
+    """Add sum(dy*w) and sum(dy*w*(x - mean)) over n contiguous values (w NULL: ones)."""
+    if floating is float:
+        fn_row_grad_sums_f32(x, dy, w, n, mean_hi, mean_lo, sum_g, sum_gd)
+    else:
+        fn_row_grad_sums_f64(x, dy, w, n, mean_hi, mean_lo, sum_g, sum_gd)
+
+
+cdef inline void run_affine_out(const floating* x, floating* y, const floating* w,
+                                const floating* b, Py_ssize_t n, floating mean_hi,
+                                floating mean_lo, floating scale, floating shift,
+                                bint stream) noexcept nogil:
+    """y = ((x - mean_hi) - mean_lo) * scale * w + b (w, b per element), or
+    ((x - mean_hi) - mean_lo) * scale + shift when w is NULL; stream: non-temporal
+    stores (same values; see fn_affine_out in _simd.h)."""
+    if floating is float:
+        fn_affine_out_f32(x, y, w, b, n, mean_hi, mean_lo, scale, shift, stream)
+    else:
+        fn_affine_out_f64(x, y, w, b, n, mean_hi, mean_lo, scale, shift, stream)
+
+
+cdef inline void run_backward_weighted(const floating* x, const floating* dy, const floating* w,
+                                       floating* dx, Py_ssize_t n, floating mean_hi,
+                                       floating mean_lo, floating k_g, floating c_0,
+                                       floating k_d, floating* acc_w,
+                                       floating* acc_b) noexcept nogil:
+    """dx = (w*dy + c_0)*k_g + k_d*(x - mean); acc_w += dy*(x - mean)*k_g; acc_b += dy."""
+    if floating is float:
+        fn_row_backward_f32(x, dy, w, dx, n, mean_hi, mean_lo, k_g, c_0, k_d, acc_w, acc_b)
+    else:
+        fn_row_backward_f64(x, dy, w, dx, n, mean_hi, mean_lo, k_g, c_0, k_d, acc_w, acc_b)
+
+
+cdef inline void flush_partials(double* acc, floating* part, Py_ssize_t n) noexcept nogil:
+    """acc += part; part = 0 (working-precision partials of a few rows into float64)."""
+    if floating is float:
+        fn_flush_partials_f32(acc, part, n)
+    else:
+        fn_flush_partials_f64(acc, part, n)
 
 
 cdef inline Moments block_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t ncols,

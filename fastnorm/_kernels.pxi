@@ -36,4 +36,5 @@ def openmp_set_num_threads(int n):
 
 include "_channel.pxi"
 include "_activation.pxi"
+include "_rows.pxi"
 include "_lrn.pxi"

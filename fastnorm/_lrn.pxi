@@ -131,7 +131,7 @@ cdef inline void row_neg_power(const acc_t* suffix, const acc_t* prefix, floatin
             out[i] = <floating>pow(k + a * (<double>suffix[i] + <double>prefix[i]), -p.beta)
 
 
-cdef inline void row_forward(const acc_t* suffix, acc_t* prefix, const floating* grow,
+cdef inline void lrn_row_forward(const acc_t* suffix, acc_t* prefix, const floating* grow,
                              const floating* x, floating* y, Py_ssize_t w, Lrn* p,
                              const floating* prefetch) noexcept nogil:
     """y = x * s^-beta, s = k + a * (suffix + prefix), after prefix += grow**2
@@ -159,7 +159,7 @@ cdef inline void row_backward_own(const acc_t* suffix, acc_t* prefix, const floa
                                   floating* t, Py_ssize_t w, Lrn* p, const floating* prefetch,
                                   const floating* prefetch2) noexcept nogil:
     """dx = dy * s^-beta (channel's own part) and t = dy * x * s^-(beta+1), s and
-    grow as in row_forward. s^-(beta+1) is s^-beta / s, never s^-beta * s^-1,
+    grow as in lrn_row_forward. s^-(beta+1) is s^-beta / s, never s^-beta * s^-1,
     so that s = inf gives 0, not inf * 0.
 
     float32 with beta = 0.75 goes to fn_lrn_backward075_* (which prefetches the
@@ -267,10 +267,10 @@ cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ss
         suffix = window_next(&win, sums, x, stride, True, c, &grow)
         # the row the window reads first at the next step
         ahead = x + (c + p.hi + 1) * stride if prefetch and c + p.hi + 1 < p.C else NULL
-        row_forward(suffix, prefix, grow, x + c * stride, y + c * stride, w, p, ahead)
+        lrn_row_forward(suffix, prefix, grow, x + c * stride, y + c * stride, w, p, ahead)
 
 
-cdef void backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
+cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
                          Py_ssize_t w, Lrn* p, Py_ssize_t ring, acc_t* sums, floating* t,
                          bint prefetch) noexcept nogil:
     """dx for w positions (rows as in forward_block).
@@ -420,7 +420,7 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
     cdef floating* dx_tile
     task_span(q, task, &offset, &stride, &w)
     if not q.rows:
-        backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q.ring, sums, work,
+        lrn_backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q.ring, sums, work,
                        True)
         return
     x_tile = work + q.ring * q.width
@@ -428,7 +428,7 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
     dx_tile = dy_tile + q.C * w
     tile_gather(x + offset, x_tile, q.C, w)
     tile_gather(dy + offset, dy_tile, q.C, w)
-    backward_block(x_tile, dy_tile, dx_tile, w, w, p, q.ring, sums, work, False)
+    lrn_backward_block(x_tile, dy_tile, dx_tile, w, w, p, q.ring, sums, work, False)
     tile_scatter(dx_tile, dx + offset, q.C, w)
 
 

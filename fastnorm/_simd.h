@@ -26,9 +26,18 @@
 
 #define FN_BLOCK 128
 
+/* The reductions are kept out of line: inlined into some callers (e.g.
+ * block_moments inside a row loop), gcc 12 lowers their `omp simd reduction`
+ * to scalar code, 5-10x slower; compiled once on their own they vectorize. */
+#if defined(__GNUC__)
+#define FN_REDUCTION static __attribute__((noinline))
+#else
+#define FN_REDUCTION static
+#endif
+
 #define FN_DEFINE_REDUCTIONS(T, SUFFIX)                                                \
     /* sum(x) */                                                                         \
-    static inline double fn_sum_##SUFFIX(const T* x, ptrdiff_t n) {                     \
+    FN_REDUCTION double fn_sum_##SUFFIX(const T* x, ptrdiff_t n) {                     \
         double total = 0;                                                                \
         for (ptrdiff_t b = 0; b < n; b += FN_BLOCK) {                                    \
             const T* xb = x + b;                                                         \
@@ -41,7 +50,7 @@
         return total;                                                                    \
     }                                                                                    \
     /* *sum_d += sum(d), *sum_dd += sum(d*d) with d = (x - mean_hi) - mean_lo */       \
-    static inline void fn_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,     \
+    FN_REDUCTION void fn_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,     \
                                                  T mean_lo, double* sum_d,              \
                                                  double* sum_dd) {                      \
         double total_d = 0, total_dd = 0;                                                \
@@ -62,7 +71,7 @@
         *sum_dd += total_dd;                                                             \
     }                                                                                    \
     /* *sum_g += sum(g), *sum_gd += sum(g*d) with d = (x - mean_hi) - mean_lo */       \
-    static inline void fn_grad_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t n,        \
+    FN_REDUCTION void fn_grad_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t n,        \
                                              T mean_hi, T mean_lo, double* sum_g,       \
                                              double* sum_gd) {                          \
         double total_g = 0, total_gd = 0;                                                \
@@ -82,6 +91,258 @@
         *sum_g += total_g;                                                               \
         *sum_gd += total_gd;                                                             \
     }
+
+
+/* Row reductions (LayerNorm/RMSNorm/GroupNorm rows): contiguous runs reduced
+ * with four independent accumulators of explicit 32-byte vectors (GCC/Clang
+ * vector extensions), so the adds pipeline instead of waiting on one chain.
+ * Vector-extension arithmetic is elementwise, so the summation order is the
+ * same in every build (a narrower ISA just splits each vector op). float data
+ * is summed in float over blocks of FN_ROW_BLOCK values (at most 8 terms per
+ * lane), block sums in float64; double data in double throughout.
+ */
+#define FN_ROW_BLOCK 256
+
+typedef float fn_v8f __attribute__((vector_size(32)));
+typedef double fn_v8d __attribute__((vector_size(64)));
+typedef double fn_v4d __attribute__((vector_size(32)));
+
+/* Helpers as macros (statement expressions), not functions: a function
+ * returning a 32/64-byte vector changes the ABI warning-loudly in the
+ * baseline build. */
+#define fn_row_load_f32(p) ({ fn_v8f v_; memcpy(&v_, (p), sizeof v_); v_; })
+#define fn_row_load_f64(p) ({ fn_v4d v_; memcpy(&v_, (p), sizeof v_); v_; })
+/* lanes of a working-precision vector, widened to float64 */
+#define fn_row_widen_f32(v) __builtin_convertvector((v), fn_v8d)
+#define fn_row_widen_f64(v) (v)
+#define fn_row_hsum8(v) \
+    ((((v)[0] + (v)[1]) + ((v)[2] + (v)[3])) + (((v)[4] + (v)[5]) + ((v)[6] + (v)[7])))
+#define fn_row_hsum4(v) (((v)[0] + (v)[1]) + ((v)[2] + (v)[3]))
+
+/* VT: 32-byte vector of T with NL lanes; WT: NL float64 lanes; HSUM: WT -> double */
+#define FN_DEFINE_ROW_REDUCTIONS(T, SUFFIX, VT, NL, WT, HSUM)                             \
+    /* sum(x) */                                                                             \
+    static inline double fn_row_sum_##SUFFIX(const T* x, ptrdiff_t n) {                     \
+        WT total = {0};                                                                      \
+        T tail = 0;                                                                          \
+        for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
+            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
+            const T* xb = x + b;                                                             \
+            VT a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                       \
+            for (; i + 4 * NL <= m; i += 4 * NL) {                                           \
+                a0 += fn_row_load_##SUFFIX(xb + i);                                          \
+                a1 += fn_row_load_##SUFFIX(xb + i + NL);                                     \
+                a2 += fn_row_load_##SUFFIX(xb + i + 2 * NL);                                 \
+                a3 += fn_row_load_##SUFFIX(xb + i + 3 * NL);                                 \
+            }                                                                                \
+            for (; i < m; i++) tail += xb[i];                                                \
+            total += fn_row_widen_##SUFFIX((a0 + a1) + (a2 + a3));                           \
+        }                                                                                    \
+        return HSUM(total) + (double)tail;                                                   \
+    }                                                                                        \
+    /* *sum_d += sum(d), *sum_dd += sum(d*d), d = (x - mean_hi) - mean_lo */                \
+    static inline void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,    \
+                                                     T mean_lo, double* sum_d,             \
+                                                     double* sum_dd) {                     \
+        WT total_d = {0}, total_dd = {0};                                                    \
+        T tail_d = 0, tail_dd = 0;                                                           \
+        for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
+            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
+            const T* xb = x + b;                                                             \
+            VT d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0}; \
+            for (; i + 4 * NL <= m; i += 4 * NL) {                                           \
+                VT u0 = (fn_row_load_##SUFFIX(xb + i) - mean_hi) - mean_lo;                  \
+                VT u1 = (fn_row_load_##SUFFIX(xb + i + NL) - mean_hi) - mean_lo;             \
+                VT u2 = (fn_row_load_##SUFFIX(xb + i + 2 * NL) - mean_hi) - mean_lo;         \
+                VT u3 = (fn_row_load_##SUFFIX(xb + i + 3 * NL) - mean_hi) - mean_lo;         \
+                d0 += u0;                                                                    \
+                d1 += u1;                                                                    \
+                d2 += u2;                                                                    \
+                d3 += u3;                                                                    \
+                q0 += u0 * u0;                                                               \
+                q1 += u1 * u1;                                                               \
+                q2 += u2 * u2;                                                               \
+                q3 += u3 * u3;                                                               \
+            }                                                                                \
+            for (; i < m; i++) {                                                             \
+                T d = (xb[i] - mean_hi) - mean_lo;                                           \
+                tail_d += d;                                                                 \
+                tail_dd += d * d;                                                            \
+            }                                                                                \
+            total_d += fn_row_widen_##SUFFIX((d0 + d1) + (d2 + d3));                         \
+            total_dd += fn_row_widen_##SUFFIX((q0 + q1) + (q2 + q3));                        \
+        }                                                                                    \
+        *sum_d += HSUM(total_d) + (double)tail_d;                                            \
+        *sum_dd += HSUM(total_dd) + (double)tail_dd;                                         \
+    }                                                                                        \
+    /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d), d = (x - mean_hi) - mean_lo;             \
+       w == NULL means w = 1 */                                                              \
+    static inline void fn_row_grad_sums_##SUFFIX(const T* x, const T* g, const T* w,        \
+                                                 ptrdiff_t n, T mean_hi, T mean_lo,         \
+                                                 double* sum_g, double* sum_gd) {           \
+        WT total_g = {0}, total_gd = {0};                                                    \
+        T tail_g = 0, tail_gd = 0;                                                           \
+        for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
+            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
+            const T* xb = x + b;                                                             \
+            const T* gb = g + b;                                                             \
+            VT s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0}; \
+            for (; i + 4 * NL <= m; i += 4 * NL) {                                           \
+                VT u0 = fn_row_load_##SUFFIX(gb + i);                                        \
+                VT u1 = fn_row_load_##SUFFIX(gb + i + NL);                                   \
+                VT u2 = fn_row_load_##SUFFIX(gb + i + 2 * NL);                               \
+                VT u3 = fn_row_load_##SUFFIX(gb + i + 3 * NL);                               \
+                if (w) {                                                                     \
+                    u0 *= fn_row_load_##SUFFIX(w + b + i);                                   \
+                    u1 *= fn_row_load_##SUFFIX(w + b + i + NL);                              \
+                    u2 *= fn_row_load_##SUFFIX(w + b + i + 2 * NL);                          \
+                    u3 *= fn_row_load_##SUFFIX(w + b + i + 3 * NL);                          \
+                }                                                                            \
+                s0 += u0;                                                                    \
+                s1 += u1;                                                                    \
+                s2 += u2;                                                                    \
+                s3 += u3;                                                                    \
+                p0 += u0 * ((fn_row_load_##SUFFIX(xb + i) - mean_hi) - mean_lo);             \
+                p1 += u1 * ((fn_row_load_##SUFFIX(xb + i + NL) - mean_hi) - mean_lo);        \
+                p2 += u2 * ((fn_row_load_##SUFFIX(xb + i + 2 * NL) - mean_hi) - mean_lo);    \
+                p3 += u3 * ((fn_row_load_##SUFFIX(xb + i + 3 * NL) - mean_hi) - mean_lo);    \
+            }                                                                                \
+            for (; i < m; i++) {                                                             \
+                T gw = w ? gb[i] * w[b + i] : gb[i];                                         \
+                tail_g += gw;                                                                \
+                tail_gd += gw * ((xb[i] - mean_hi) - mean_lo);                               \
+            }                                                                                \
+            total_g += fn_row_widen_##SUFFIX((s0 + s1) + (s2 + s3));                         \
+            total_gd += fn_row_widen_##SUFFIX((p0 + p1) + (p2 + p3));                        \
+        }                                                                                    \
+        *sum_g += HSUM(total_g) + (double)tail_g;                                            \
+        *sum_gd += HSUM(total_gd) + (double)tail_gd;                                         \
+    }
+
+FN_DEFINE_ROW_REDUCTIONS(float, f32, fn_v8f, 8, fn_v8d, fn_row_hsum8)
+FN_DEFINE_ROW_REDUCTIONS(double, f64, fn_v4d, 4, fn_v4d, fn_row_hsum4)
+
+#undef FN_DEFINE_ROW_REDUCTIONS
+
+/* Output of a normalization, y = ((x - mean_hi) - mean_lo) * scale * w + b with w, b
+ * per element, or y = ((x - mean_hi) - mean_lo) * scale + shift when w is NULL.
+ * stream != 0 writes with non-temporal stores (AVX2 builds): for outputs much
+ * larger than the caches, this saves reading every output line before writing
+ * it. The arithmetic is the same either way (a*b+c contracted to one fma in
+ * both), so the choice never changes a result. Call fn_stream_fence() before
+ * the output is read by another thread. */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FN_HAVE_STREAM 1
+#else
+#define FN_HAVE_STREAM 0
+#endif
+
+static inline void fn_stream_fence(void) {
+#if FN_HAVE_STREAM
+    _mm_sfence();
+#endif
+}
+
+#define FN_AFFINE_AT(i) \
+    (w ? ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i] : ((x[i] - mean_hi) - mean_lo) * scale + shift)
+
+static inline void fn_affine_out_f32(const float* restrict x, float* restrict y,
+                                     const float* restrict w, const float* restrict b,
+                                     ptrdiff_t n, float mean_hi, float mean_lo, float scale,
+                                     float shift, int stream) {
+    ptrdiff_t i = 0;
+#if FN_HAVE_STREAM
+    if (stream) {
+        for (; i < n && ((size_t)(y + i) & 31); i++) y[i] = FN_AFFINE_AT(i);
+        __m256 hi = _mm256_set1_ps(mean_hi), lo = _mm256_set1_ps(mean_lo);
+        __m256 sc = _mm256_set1_ps(scale), sh = _mm256_set1_ps(shift);
+        for (; i + 8 <= n; i += 8) {
+            __m256 d = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), hi), lo);
+            __m256 r = w ? _mm256_fmadd_ps(_mm256_mul_ps(d, sc), _mm256_loadu_ps(w + i),
+                                           _mm256_loadu_ps(b + i))
+                         : _mm256_fmadd_ps(d, sc, sh);
+            _mm256_stream_ps(y + i, r);
+        }
+    }
+#else
+    (void)stream;
+#endif
+    if (w) {
+        _Pragma("omp simd")
+        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];
+    } else {
+        _Pragma("omp simd")
+        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale + shift;
+    }
+}
+
+static inline void fn_affine_out_f64(const double* restrict x, double* restrict y,
+                                     const double* restrict w, const double* restrict b,
+                                     ptrdiff_t n, double mean_hi, double mean_lo, double scale,
+                                     double shift, int stream) {
+    ptrdiff_t i = 0;
+#if FN_HAVE_STREAM
+    if (stream) {
+        for (; i < n && ((size_t)(y + i) & 31); i++) y[i] = FN_AFFINE_AT(i);
+        __m256d hi = _mm256_set1_pd(mean_hi), lo = _mm256_set1_pd(mean_lo);
+        __m256d sc = _mm256_set1_pd(scale), sh = _mm256_set1_pd(shift);
+        for (; i + 4 <= n; i += 4) {
+            __m256d d = _mm256_sub_pd(_mm256_sub_pd(_mm256_loadu_pd(x + i), hi), lo);
+            __m256d r = w ? _mm256_fmadd_pd(_mm256_mul_pd(d, sc), _mm256_loadu_pd(w + i),
+                                            _mm256_loadu_pd(b + i))
+                          : _mm256_fmadd_pd(d, sc, sh);
+            _mm256_stream_pd(y + i, r);
+        }
+    }
+#else
+    (void)stream;
+#endif
+    if (w) {
+        _Pragma("omp simd")
+        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];
+    } else {
+        _Pragma("omp simd")
+        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale + shift;
+    }
+}
+
+#undef FN_AFFINE_AT
+
+/* Elementwise steps with a parameter per element (LayerNorm/RMSNorm rows).
+ * Not reductions, but written here with restrict and `omp simd` so that they
+ * vectorize whatever the number of pointers (gcc gives up on alias checks). */
+#define FN_DEFINE_ELEMENTWISE(T, SUFFIX)                                               \
+    /* dx = (w * g + c_0) * k_g + k_d * d (c_0 = -mean(w*g) first, so that it cancels  \
+       before the large factor k_g = rstd multiplies), and the weight/bias gradient     \
+       partials of a few rows, in working precision: acc_w += g * d * k_g, acc_b += g */ \
+    static inline void fn_row_backward_##SUFFIX(const T* restrict x, const T* restrict g, \
+                                                const T* restrict w, T* restrict dx,    \
+                                                ptrdiff_t n, T mean_hi, T mean_lo,      \
+                                                T k_g, T c_0, T k_d,                    \
+                                                T* restrict acc_w, T* restrict acc_b) { \
+        _Pragma("omp simd")                                                              \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            T d = (x[i] - mean_hi) - mean_lo;                                            \
+            dx[i] = (w[i] * g[i] + c_0) * k_g + k_d * d;                                 \
+            acc_w[i] += g[i] * (d * k_g);                                                \
+            acc_b[i] += g[i];                                                            \
+        }                                                                                \
+    }                                                                                    \
+    /* acc += part, part = 0: a few rows' working-precision partials into float64 */    \
+    static inline void fn_flush_partials_##SUFFIX(double* restrict acc, T* restrict part, \
+                                                  ptrdiff_t n) {                        \
+        _Pragma("omp simd")                                                              \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            acc[i] += (double)part[i];                                                   \
+            part[i] = 0;                                                                 \
+        }                                                                                \
+    }
+
+FN_DEFINE_ELEMENTWISE(float, f32)
+FN_DEFINE_ELEMENTWISE(double, f64)
+
+#undef FN_DEFINE_ELEMENTWISE
 
 FN_DEFINE_REDUCTIONS(float, f32)
 FN_DEFINE_REDUCTIONS(double, f64)

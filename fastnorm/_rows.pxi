@@ -1,0 +1,778 @@
+# Per-row kernel family: statistics over each row of a C-contiguous (R, D)
+# array (LayerNorm, RMSNorm; GroupNorm and InstanceNorm on contiguous (N, C, *)
+# memory), plus the channels-last variant of GroupNorm/InstanceNorm.
+#
+# A row is `runs` runs of S contiguous values:
+#   * elementwise affine (LayerNorm, RMSNorm): one run of D values, an affine
+#     parameter per element;
+#   * per-channel affine (GroupNorm, InstanceNorm = GroupNorm with G = C): row
+#     r is (n, group) and run j is channel c = (r % G) * runs + j, whose S
+#     spatial values share weight[c] and bias[c].
+# RMSNorm rows are not centered: their "mean" is 0 and m2 is sum(x**2).
+#
+# Units: a row is cut into contiguous units of at most UNIT_ELEMS values:
+#   S >= UNIT_ELEMS: a unit is a piece of UNIT_ELEMS values of one run;
+#   S <  UNIT_ELEMS: a unit is UNIT_ELEMS // S whole runs.
+# A unit's moments are exact (row_block_moments: float64 totals of centered
+# working-precision sums), units are merged with Chan's formula. Every per-row
+# result is folded over units in unit order, so it depends on the shape only.
+# Two strategies compute exactly the same arithmetic:
+#   * by row (many rows): a thread takes whole rows, statistics then the
+#     elementwise pass while the row is still in cache (read once, write once);
+#   * by unit (few long rows): every (row, unit) pair is a task; partial
+#     results are stored and folded in unit order, so no core idles.
+# Backward uses centered sums: sum(dy*w) and sum(dy*w*(x - mean)) per row.
+# Weight/bias gradients: elementwise mode sums dy*xhat and dy over the rows of
+# at most MAX_STRIPES row blocks fixed by the shape (working precision over
+# ROW_GROUP rows, then float64 partials per block, folded in block order);
+# per-channel mode keeps per-(row, run) float64 sums and folds them over the
+# batch in order. Either way the result never depends on the thread count.
+#
+# Public entry points take NumPy arrays rather than typed memoryviews:
+# acquiring a memoryview costs ~0.4 us per argument, which would dominate a
+# (1, 1024) LayerNorm call. They trust their inputs (the Python layer checks
+# them): C-contiguous, data and parameters of one float dtype, statistics
+# float64, sizes as documented; they never raise and run without the GIL.
+#   row_forward            IN x, weight, bias   OUT y, mean, rstd (, var)
+#   row_backward           IN x, dy, weight, mean, rstd   OUT dx, grad weight, grad bias
+#   groups_cl_forward      channels-last (N, S, C) twin of row_forward for GroupNorm
+#   groups_cl_backward     channels-last twin of row_backward for GroupNorm
+
+cimport numpy as cnp
+from cython.parallel cimport prange, threadid
+
+from fastnorm._activations cimport ACT_NONE
+
+from fastnorm._common cimport (
+    MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence,
+    row_block_moments, row_grad_sums, row_sum_squares, run_affine_backward, run_affine_out,
+    run_backward_weighted, split_hi_lo, stripe_start,
+)
+
+cnp.import_array()
+
+# Forward outputs of at least this size are written with non-temporal stores:
+# they would not stay in cache anyway, and the stores then skip reading each
+# output line first (a third of the traffic).
+cdef Py_ssize_t STREAM_BYTES = 16 << 20
+# Elementwise weight/bias gradient partials are summed over this many rows in
+# working precision before going into float64 (fewer stores than float64 per row).
+cdef Py_ssize_t ROW_GROUP = 8
+
+
+# ---------------------------------------------------------------- geometry
+
+cdef struct RowGeom:
+    Py_ssize_t R, D, runs, S, G
+    bint per_channel, centered
+    # units: unit_runs whole runs of S values, or pieces of unit_cols values
+    Py_ssize_t unit_runs, unit_cols, units_per_run, n_units
+    bint stream     # forward output written with non-temporal stores (large outputs)
+
+
+cdef inline RowGeom row_geom(Py_ssize_t R, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G,
+                             bint per_channel, bint centered) noexcept nogil:
+    cdef RowGeom g
+    g.R = R
+    g.runs = runs
+    g.S = S
+    g.D = runs * S
+    g.G = G
+    g.per_channel = per_channel
+    g.centered = centered
+    if S >= UNIT_ELEMS:
+        g.unit_cols = UNIT_ELEMS
+        g.unit_runs = 1
+        g.units_per_run = (S + UNIT_ELEMS - 1) // UNIT_ELEMS
+    else:
+        g.unit_cols = S
+        g.unit_runs = max(1, UNIT_ELEMS // max(S, 1))
+        g.units_per_run = 1
+    g.n_units = ((runs + g.unit_runs - 1) // g.unit_runs) * g.units_per_run
+    g.stream = False
+    return g
+
+
+cdef inline void unit_extent(RowGeom* g, Py_ssize_t u, Py_ssize_t* j0, Py_ssize_t* nruns,
+                             Py_ssize_t* s0, Py_ssize_t* ncols) noexcept nogil:
+    """Unit u covers runs [j0, j0 + nruns) x columns [s0, s0 + ncols) of its row;
+    it is contiguous (several runs only when they are whole)."""
+    j0[0] = (u // g.units_per_run) * g.unit_runs
+    s0[0] = (u % g.units_per_run) * g.unit_cols
+    nruns[0] = min(g.runs, j0[0] + g.unit_runs) - j0[0]
+    ncols[0] = min(g.S, s0[0] + g.unit_cols) - s0[0]
+
+
+cdef inline bint split_by_unit(RowGeom* g, int n_threads) noexcept nogil:
+    """Few long rows: share each row between threads (same results either way)."""
+    return n_threads > 1 and g.n_units > 1 and g.R < 4 * n_threads
+
+
+# ------------------------------------------------------------- statistics
+
+cdef inline Moments unit_moments(const floating* x, Py_ssize_t n, bint centered) noexcept nogil:
+    """Moments of n contiguous values; uncentered (RMSNorm): mean 0, m2 = sum(x**2)."""
+    cdef Moments m
+    if centered:
+        return row_block_moments(x, n)
+    m.count = <double>n
+    m.mean = 0.0
+    m.m2 = row_sum_squares(x, n)
+    return m
+
+
+cdef inline Moments row_unit_moments(const floating* row, RowGeom* g, Py_ssize_t u) noexcept nogil:
+    cdef Py_ssize_t j0, nruns, s0, ncols
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    return unit_moments(row + j0 * g.S + s0, nruns * ncols, g.centered)
+
+
+cdef inline void store_row_stats(Moments m, double eps, Py_ssize_t r, double* mean, double* rstd,
+                                 double* var) noexcept nogil:
+    """Biased variance m2/D and rstd = 1/sqrt(var + eps) of row r (mean/var may be NULL)."""
+    cdef double v = m.m2 / m.count
+    if v < 0.0:
+        v = 0.0
+    rstd[r] = 1.0 / sqrt(v + eps)
+    if mean != NULL:
+        mean[r] = m.mean
+    if var != NULL:
+        var[r] = v
+
+
+# ------------------------------------------------------ elementwise steps
+
+cdef inline void apply_unit(const floating* xrow, floating* yrow, RowGeom* g, Py_ssize_t r,
+                            Py_ssize_t u, const floating* w, const floating* b, double mean,
+                            double rstd) noexcept nogil:
+    """y = (x - mean) * rstd * weight + bias over unit u of row r. The one place
+    where the output of a row is formed (a fused activation would go here)."""
+    cdef Py_ssize_t j0, nruns, s0, ncols, j, at, c0
+    cdef floating mean_hi, mean_lo
+    split_hi_lo(mean, &mean_hi, &mean_lo)
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    at = j0 * g.S + s0
+    if not g.per_channel:
+        run_affine_out(xrow + at, yrow + at, w + at, b + at, ncols, mean_hi, mean_lo,
+                       <floating>rstd, 0, g.stream)
+        return
+    c0 = (r % g.G) * g.runs + j0
+    for j in range(nruns):
+        run_affine_out(xrow + at + j * g.S, yrow + at + j * g.S, <const floating*>NULL,
+                       <const floating*>NULL, ncols, mean_hi, mean_lo,
+                       <floating>(rstd * w[c0 + j]), b[c0 + j], g.stream)
+
+
+cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, RowGeom* g,
+                                Py_ssize_t u, const floating* w, double mean,
+                                double* sums) noexcept nogil:
+    """Add unit u's gradient sums into `sums`: elementwise mode, sums[0:2] +=
+    (sum(dy*w), sum(dy*w*(x-mean))); per-channel mode, for each run piece,
+    sums[2*slot:2*slot+2] += (sum(dy), sum(dy*(x-mean))), slot = the run's
+    piece index j * units_per_run + (u % units_per_run)."""
+    cdef Py_ssize_t j0, nruns, s0, ncols, j, at, slot
+    cdef floating mean_hi, mean_lo
+    split_hi_lo(mean, &mean_hi, &mean_lo)
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    at = j0 * g.S + s0
+    if not g.per_channel:
+        row_grad_sums(xrow + at, dyrow + at, w + at, ncols, mean_hi, mean_lo, &sums[0], &sums[1])
+        return
+    for j in range(nruns):
+        slot = (j0 + j) * g.units_per_run + u % g.units_per_run
+        row_grad_sums(xrow + at + j * g.S, dyrow + at + j * g.S, <const floating*>NULL, ncols,
+                      mean_hi, mean_lo, &sums[2 * slot], &sums[2 * slot + 1])
+
+
+cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floating* dxrow,
+                               RowGeom* g, Py_ssize_t r, Py_ssize_t u, const floating* w,
+                               double mean, double rstd, double k_d, double c_0,
+                               floating* acc_w, floating* acc_b) noexcept nogil:
+    """dx = rstd*(w*dy + c_0) + k_d*(x - mean) over unit u of row r; elementwise
+    mode also adds dy*xhat and dy to the row block's acc_w/acc_b (length D)."""
+    cdef Py_ssize_t j0, nruns, s0, ncols, j, at, c0
+    cdef floating mean_hi, mean_lo
+    split_hi_lo(mean, &mean_hi, &mean_lo)
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    at = j0 * g.S + s0
+    if not g.per_channel:
+        run_backward_weighted(xrow + at, dyrow + at, w + at, dxrow + at, ncols, mean_hi, mean_lo,
+                              <floating>rstd, <floating>c_0, <floating>k_d, acc_w + at,
+                              acc_b + at)
+        return
+    c0 = (r % g.G) * g.runs + j0
+    for j in range(nruns):
+        run_affine_backward(xrow + at + j * g.S, dyrow + at + j * g.S, dxrow + at + j * g.S,
+                            ncols, mean_hi, mean_lo, <floating>(rstd * w[c0 + j]),
+                            <floating>k_d, <floating>(rstd * c_0))
+
+
+cdef inline void row_coefficients(RowGeom* g, Py_ssize_t r, const floating* w, double rstd,
+                                  double* sums, double* k_d, double* c_0) noexcept nogil:
+    """Fold a row's gradient sums into dx = rstd*(w*dy + c_0) + k_d*(x - mean):
+        dx = rstd * (g - sum(g)/D - (x-mean) * rstd^2 * sum(g*(x-mean))/D),  g = dy*w.
+    Per-channel mode first folds each run's pieces into sums[2j:2j+2] (in
+    piece order), then weights the runs in run order. No centering term for RMSNorm."""
+    cdef Py_ssize_t j, p, c0
+    cdef double sum_g = 0.0, sum_gd = 0.0, run_dy, run_dyd
+    if not g.per_channel:
+        sum_g = sums[0]
+        sum_gd = sums[1]
+    else:
+        c0 = (r % g.G) * g.runs
+        for j in range(g.runs):
+            run_dy = 0.0
+            run_dyd = 0.0
+            for p in range(g.units_per_run):
+                run_dy += sums[2 * (j * g.units_per_run + p)]
+                run_dyd += sums[2 * (j * g.units_per_run + p) + 1]
+            sums[2 * j] = run_dy       # j <= slot: never overwrites an unread piece
+            sums[2 * j + 1] = run_dyd
+            sum_g += w[c0 + j] * run_dy
+            sum_gd += w[c0 + j] * run_dyd
+    k_d[0] = -rstd * rstd * rstd * sum_gd / g.D
+    c_0[0] = -sum_g / g.D if g.centered else 0.0
+
+
+cdef inline Py_ssize_t sums_per_row(RowGeom* g) noexcept nogil:
+    """Doubles of gradient sums per row: 2, or 2 per run piece (per-channel)."""
+    return 2 * g.runs * g.units_per_run if g.per_channel else 2
+
+
+# ------------------------------------------------------------ forward
+
+cdef inline void forward_row(const floating* x, floating* y, RowGeom* g, Py_ssize_t r,
+                             const floating* w, const floating* b, double eps, double* mean,
+                             double* rstd, double* var) noexcept nogil:
+    """Statistics of row r, then its output while the row is in cache."""
+    cdef Moments acc
+    cdef Py_ssize_t u
+    cdef const floating* xrow = x + r * g.D
+    acc.count = 0.0
+    acc.mean = 0.0
+    acc.m2 = 0.0
+    for u in range(g.n_units):
+        chan_merge(&acc, row_unit_moments(xrow, g, u))
+    store_row_stats(acc, eps, r, mean, rstd, var)
+    for u in range(g.n_units):
+        apply_unit(xrow, y + r * g.D, g, r, u, w, b, acc.mean, rstd[r])
+    if g.stream:
+        fn_stream_fence()
+
+
+cdef void forward_by_row(const floating* x, floating* y, RowGeom* g, const floating* w,
+                         const floating* b, double eps, double* mean, double* rstd, double* var,
+                         int n_threads) noexcept nogil:
+    cdef Py_ssize_t r
+    if n_threads == 1:
+        for r in range(g.R):
+            forward_row(x, y, g, r, w, b, eps, mean, rstd, var)
+    else:
+        for r in prange(g.R, num_threads=n_threads, schedule="static"):
+            forward_row(x, y, g, r, w, b, eps, mean, rstd, var)
+
+
+cdef void forward_by_unit(const floating* x, floating* y, RowGeom* g, const floating* w,
+                          const floating* b, double eps, double* mean, double* rstd, double* var,
+                          double* scratch, double* row_mean, int n_threads) noexcept nogil:
+    """scratch: 3 * R * n_units; row_mean: R (the mean even for RMSNorm, i.e. 0)."""
+    cdef Py_ssize_t task, r, u
+    cdef Moments part, acc
+    for task in prange(g.R * g.n_units, num_threads=n_threads, schedule="static"):
+        part = row_unit_moments(x + (task // g.n_units) * g.D, g, task % g.n_units)
+        scratch[3 * task] = part.count
+        scratch[3 * task + 1] = part.mean
+        scratch[3 * task + 2] = part.m2
+    for r in range(g.R):
+        acc.count = 0.0
+        acc.mean = 0.0
+        acc.m2 = 0.0
+        for u in range(g.n_units):
+            part.count = scratch[3 * (r * g.n_units + u)]
+            part.mean = scratch[3 * (r * g.n_units + u) + 1]
+            part.m2 = scratch[3 * (r * g.n_units + u) + 2]
+            chan_merge(&acc, part)
+        store_row_stats(acc, eps, r, mean, rstd, var)
+        row_mean[r] = acc.mean
+    for task in prange(g.R * g.n_units, num_threads=n_threads, schedule="static"):
+        r = task // g.n_units
+        apply_unit(x + r * g.D, y + r * g.D, g, r, task % g.n_units, w, b, row_mean[r], rstd[r])
+        if g.stream:
+            fn_stream_fence()
+
+
+# ----------------------------------------------------------- backward
+
+cdef inline void backward_row(const floating* x, const floating* dy, floating* dx, RowGeom* g,
+                              Py_ssize_t r, const floating* w, double mean, double rstd,
+                              double* sums, floating* acc_w, floating* acc_b) noexcept nogil:
+    """Gradient sums of row r (sums: sums_per_row zeros), then its dx in cache."""
+    cdef Py_ssize_t u
+    cdef double k_d, c_0
+    for u in range(g.n_units):
+        unit_grad_sums(x + r * g.D, dy + r * g.D, g, u, w, mean, sums)
+    row_coefficients(g, r, w, rstd, sums, &k_d, &c_0)
+    for u in range(g.n_units):
+        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w, mean, rstd, k_d, c_0,
+                      acc_w, acc_b)
+
+
+cdef inline double* block_acc(RowGeom* g, double* acc, Py_ssize_t k) noexcept nogil:
+    """Row block k's weight/bias partials (2*D doubles; elementwise mode only)."""
+    return acc if g.per_channel else acc + 2 * g.D * k
+
+
+cdef inline floating* block_wacc(RowGeom* g, floating* wacc, Py_ssize_t k) noexcept nogil:
+    """Row block k's working-precision partials of the current row group (2*D)."""
+    return wacc if g.per_channel else wacc + 2 * g.D * k
+
+
+cdef inline bint group_ends(Py_ssize_t r, Py_ssize_t first, Py_ssize_t stop) noexcept nogil:
+    """Rows of a block are summed in working precision in groups of ROW_GROUP
+    (counted from the block's first row), each group then added in float64."""
+    return (r - first) % ROW_GROUP == ROW_GROUP - 1 or r == stop - 1
+
+
+cdef inline void flush_columns(RowGeom* g, double* acc, floating* wacc, Py_ssize_t s0,
+                               Py_ssize_t n) noexcept nogil:
+    """Columns [s0, s0 + n) of both weight and bias partials into float64."""
+    flush_partials(acc + s0, wacc + s0, n)
+    flush_partials(acc + g.D + s0, wacc + g.D + s0, n)
+
+
+cdef inline void backward_block(const floating* x, const floating* dy, floating* dx, RowGeom* g,
+                                Py_ssize_t n_blocks, Py_ssize_t k, const floating* w,
+                                const double* mean, const double* rstd, double* sums,
+                                double* acc, floating* wacc) noexcept nogil:
+    """Rows of block k in order. Elementwise mode: acc (2*D) gets the block's
+    weight/bias partials (through wacc, see group_ends). Per-channel mode: one
+    block per row, sums hold the row's per-run sums afterwards."""
+    cdef Py_ssize_t first, stop, r, i, nsum = sums_per_row(g)
+    cdef double* row_sums
+    if not g.per_channel:
+        for i in range(2 * g.D):
+            acc[i] = 0.0
+            wacc[i] = 0
+    first = stripe_start(g.R, n_blocks, k)
+    stop = stripe_start(g.R, n_blocks, k + 1)
+    for r in range(first, stop):
+        row_sums = sums + (r * nsum if g.per_channel else 2 * k)
+        for i in range(nsum):
+            row_sums[i] = 0.0
+        backward_row(x, dy, dx, g, r, w, mean[r] if g.centered else 0.0, rstd[r], row_sums,
+                     wacc, wacc + g.D)
+        if not g.per_channel and group_ends(r, first, stop):
+            flush_columns(g, acc, wacc, 0, g.D)
+
+
+cdef void backward_by_row(const floating* x, const floating* dy, floating* dx, RowGeom* g,
+                          Py_ssize_t n_blocks, const floating* w, const double* mean,
+                          const double* rstd, double* sums, double* acc, floating* wacc,
+                          int n_threads) noexcept nogil:
+    cdef Py_ssize_t k
+    if n_threads == 1:
+        for k in range(n_blocks):
+            backward_block(x, dy, dx, g, n_blocks, k, w, mean, rstd, sums, block_acc(g, acc, k),
+                           block_wacc(g, wacc, k))
+    else:
+        for k in prange(n_blocks, num_threads=n_threads, schedule="static"):
+            backward_block(x, dy, dx, g, n_blocks, k, w, mean, rstd, sums, block_acc(g, acc, k),
+                           block_wacc(g, wacc, k))
+
+
+cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx, RowGeom* g,
+                           Py_ssize_t n_blocks, const floating* w, const double* mean,
+                           const double* rstd, double* sums, double* acc, floating* wacc,
+                           double* unit_sums, double* coef, int n_threads) noexcept nogil:
+    """unit_sums: R * n_units * 2 (elementwise mode only); coef: 2 * R."""
+    cdef Py_ssize_t task, r, u, i
+    cdef Py_ssize_t nsum = sums_per_row(g)
+    cdef double* target
+    # pass 1: gradient sums of every (row, unit); per-channel units write
+    # their own run pieces, elementwise units their own slot
+    target = sums if g.per_channel else unit_sums
+    for i in range(g.R * nsum if g.per_channel else 2 * g.R * g.n_units):
+        target[i] = 0.0
+    for task in prange(g.R * g.n_units, num_threads=n_threads, schedule="static"):
+        r = task // g.n_units
+        target = sums + r * nsum if g.per_channel else unit_sums + 2 * task
+        unit_grad_sums(x + r * g.D, dy + r * g.D, g, task % g.n_units, w,
+                       mean[r] if g.centered else 0.0, target)
+    # fold in unit order, exactly as backward_row accumulates
+    for r in range(g.R):
+        if g.per_channel:
+            target = sums + r * nsum
+        else:
+            target = sums                # the row's two totals, used at once
+            target[0] = 0.0
+            target[1] = 0.0
+            for u in range(g.n_units):
+                target[0] += unit_sums[2 * (r * g.n_units + u)]
+                target[1] += unit_sums[2 * (r * g.n_units + u) + 1]
+        row_coefficients(g, r, w, rstd[r], target, &coef[2 * r], &coef[2 * r + 1])
+    # pass 2: dx; elementwise tasks are (row block, unit) so that each block
+    # accumulates its rows in order, as backward_block does
+    for task in prange(n_blocks * g.n_units, num_threads=n_threads, schedule="static"):
+        backward_block_unit(x, dy, dx, g, n_blocks, task // g.n_units, task % g.n_units, w, mean,
+                            rstd, coef, block_acc(g, acc, task // g.n_units),
+                            block_wacc(g, wacc, task // g.n_units))
+
+
+cdef inline void backward_block_unit(const floating* x, const floating* dy, floating* dx,
+                                     RowGeom* g, Py_ssize_t n_blocks, Py_ssize_t k, Py_ssize_t u,
+                                     const floating* w, const double* mean, const double* rstd,
+                                     const double* coef, double* acc,
+                                     floating* wacc) noexcept nogil:
+    """Unit u of the rows of block k (a task of its own: its locals stay private)."""
+    cdef Py_ssize_t i, r, first, stop, j0, nruns, s0, ncols
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    if not g.per_channel:
+        for i in range(s0, s0 + ncols):
+            acc[i] = 0.0
+            acc[g.D + i] = 0.0
+            wacc[i] = 0
+            wacc[g.D + i] = 0
+    first = stripe_start(g.R, n_blocks, k)
+    stop = stripe_start(g.R, n_blocks, k + 1)
+    for r in range(first, stop):
+        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w,
+                      mean[r] if g.centered else 0.0, rstd[r], coef[2 * r], coef[2 * r + 1],
+                      wacc, wacc + g.D)
+        if not g.per_channel and group_ends(r, first, stop):
+            flush_columns(g, acc, wacc, s0, ncols)
+
+
+cdef inline void add_doubles(double* acc, const double* part, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        acc[i] += part[i]
+
+
+cdef void fold_param_grads(RowGeom* g, Py_ssize_t n_blocks, const double* rstd,
+                           const double* sums, double* acc, floating* grad_w,
+                           floating* grad_b) noexcept nogil:
+    """grad weight = sum of dy*xhat, grad bias = sum of dy, over rows in a fixed order.
+    grad_b may be NULL (RMSNorm)."""
+    cdef Py_ssize_t i, k, n, j, r, nsum = sums_per_row(g)
+    cdef Py_ssize_t N
+    cdef double tw, tb
+    if not g.per_channel:
+        # block partials folded into block 0 in block order (vectorized loops)
+        for k in range(1, n_blocks):
+            add_doubles(acc, acc + 2 * g.D * k, 2 * g.D)
+        for i in range(g.D):
+            grad_w[i] = <floating>acc[i]
+        if grad_b != NULL:
+            for i in range(g.D):
+                grad_b[i] = <floating>acc[g.D + i]
+        return
+    N = g.R // g.G
+    for r in range(g.G):              # channel (r, j) of group r
+        for j in range(g.runs):
+            tw = 0.0
+            tb = 0.0
+            for n in range(N):
+                tb += sums[(n * g.G + r) * nsum + 2 * j]
+                tw += sums[(n * g.G + r) * nsum + 2 * j + 1] * rstd[n * g.G + r]
+            grad_w[r * g.runs + j] = <floating>tw
+            if grad_b != NULL:
+                grad_b[r * g.runs + j] = <floating>tb
+
+
+# ---------------------------------------------------------- public API
+
+cdef inline void* data_or_null(object a):
+    """Data pointer of an array, or NULL for None."""
+    return NULL if a is None else cnp.PyArray_DATA(<cnp.ndarray>a)
+
+
+cdef inline double* f64_ptr(object a):
+    return <double*>data_or_null(a)
+
+
+def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t R,
+                Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G, bint per_channel, bint centered,
+                double eps, cnp.ndarray y, object mean, cnp.ndarray rstd, object var,
+                int n_threads):
+    """Row statistics and normalization: y = (x - mean) * rstd * weight + bias.
+
+    IN  x: R rows of D = runs*S values, R*D > 0. per_channel=False: weight,
+        bias have D values (one per element, runs = 1); per_channel=True:
+        C = G*runs values, run j of row r uses channel (r % G)*runs + j.
+        centered=False (RMSNorm): no mean is subtracted, rstd = 1/sqrt(mean(x^2)+eps).
+    OUT y: like x; mean (None when not centered), rstd, var (None or R values):
+        float64 per-row mean, 1/sqrt(var + eps) and biased variance.
+    """
+    cdef RowGeom g = row_geom(R, runs, S, G, per_channel, centered)
+    cdef double* p_mean = f64_ptr(mean)
+    cdef double* p_rstd = f64_ptr(rstd)
+    cdef double* p_var = f64_ptr(var)
+    cdef double* work
+    g.stream = g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
+    if split_by_unit(&g, n_threads):
+        scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
+        work = <double*>cnp.PyArray_DATA(scratch)
+        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+            with nogil:
+                forward_by_unit(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), &g,
+                                <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias),
+                                eps, p_mean, p_rstd, p_var, work, work + 3 * g.R * g.n_units,
+                                n_threads)
+        else:
+            with nogil:
+                forward_by_unit(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), &g,
+                                <double*>cnp.PyArray_DATA(weight),
+                                <double*>cnp.PyArray_DATA(bias), eps, p_mean, p_rstd, p_var,
+                                work, work + 3 * g.R * g.n_units, n_threads)
+    elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+        with nogil:
+            forward_by_row(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), &g,
+                           <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias), eps,
+                           p_mean, p_rstd, p_var, n_threads)
+    else:
+        with nogil:
+            forward_by_row(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), &g,
+                           <double*>cnp.PyArray_DATA(weight), <double*>cnp.PyArray_DATA(bias),
+                           eps, p_mean, p_rstd, p_var, n_threads)
+
+
+def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R,
+                 Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G, bint per_channel, bint centered,
+                 object mean, cnp.ndarray rstd, cnp.ndarray dx, cnp.ndarray grad_weight,
+                 object grad_bias, int n_threads):
+    """Gradients of row_forward (statistics taken from the input).
+
+    IN  x, dy: R rows of D values, R*D > 0; weight as in row_forward; mean
+        (None when not centered) and rstd: the forward's float64 statistics.
+    OUT dx: like x; grad_weight (and grad_bias unless None): like weight, the
+        sums over rows of dy*xhat and dy.
+    """
+    cdef RowGeom g = row_geom(R, runs, S, G, per_channel, centered)
+    cdef Py_ssize_t n_blocks = g.R if per_channel else min(g.R, <Py_ssize_t>MAX_STRIPES)
+    cdef double* p_mean = f64_ptr(mean)
+    cdef double* p_rstd = f64_ptr(rstd)
+    cdef void* p_grad_bias = data_or_null(grad_bias)
+    cdef Py_ssize_t n_sums, n_acc, n_unit_sums, n_coef
+    cdef bint by_unit
+    cdef double* work
+    cdef cnp.ndarray partials
+    by_unit = split_by_unit(&g, n_threads)
+    # one float64 scratch array: row sums | block partials | unit sums | coefficients
+    n_sums = g.R * sums_per_row(&g) if per_channel else 2 * n_blocks
+    n_acc = 0 if per_channel else 2 * g.D * n_blocks
+    n_unit_sums = 2 * g.R * g.n_units if by_unit and not per_channel else 0
+    n_coef = 2 * g.R if by_unit else 0
+    scratch = np.empty(n_sums + n_acc + n_unit_sums + n_coef)
+    work = <double*>cnp.PyArray_DATA(scratch)
+    partials = np.empty(max(n_acc, 1), dtype=x.dtype)   # the current row group's, per block
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+        with nogil:
+            _row_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
+                          <float*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
+                          <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd, work, work + n_sums,
+                          <float*>cnp.PyArray_DATA(partials), work + n_sums + n_acc,
+                          work + n_sums + n_acc + n_unit_sums,
+                          <float*>cnp.PyArray_DATA(grad_weight), <float*>p_grad_bias,
+                          n_threads)
+    else:
+        with nogil:
+            _row_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
+                          <double*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
+                          <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd, work, work + n_sums,
+                          <double*>cnp.PyArray_DATA(partials), work + n_sums + n_acc,
+                          work + n_sums + n_acc + n_unit_sums,
+                          <double*>cnp.PyArray_DATA(grad_weight),
+                          <double*>p_grad_bias, n_threads)
+
+
+cdef void _row_backward(const floating* x, const floating* dy, floating* dx, RowGeom* g,
+                        Py_ssize_t n_blocks, bint by_unit, const floating* w, const double* mean,
+                        const double* rstd, double* sums, double* acc, floating* wacc,
+                        double* unit_sums, double* coef, floating* grad_w, floating* grad_b,
+                        int n_threads) noexcept nogil:
+    if by_unit:
+        backward_by_unit(x, dy, dx, g, n_blocks, w, mean, rstd, sums, acc, wacc, unit_sums,
+                         coef, n_threads)
+    else:
+        backward_by_row(x, dy, dx, g, n_blocks, w, mean, rstd, sums, acc, wacc, n_threads)
+    fold_param_grads(g, n_blocks, rstd, sums, acc, grad_w, grad_b)
+
+
+# ------------------------------------------- channels-last GroupNorm
+#
+# Memory (N, S, C), channels contiguous: for each sample n the (S, C) slab is
+# reduced per channel with the rows strategy of _channel.pxi (vectorized
+# along channels, thread-invariant), then the channels of a group are merged
+# in channel order. Output and gradient keep the (N, S, C) layout.
+# With at least as many samples as threads, threads take whole samples (one
+# parallel loop); otherwise each sample's kernels run in parallel. The
+# arithmetic is the same either way.
+
+cdef inline bint by_sample(Py_ssize_t N, int n_threads) noexcept nogil:
+    return n_threads > 1 and N >= n_threads
+
+
+cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize_t n,
+                            Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
+                            const floating* b, double eps, double* mean, double* rstd,
+                            double* var, double* ch, double[:, :, ::1] scratch, floating* vec,
+                            int n_threads) noexcept nogil:
+    """Sample n. ch: 2*C float64 (channel means, m2); vec: 4*C per-channel coefficients."""
+    cdef Py_ssize_t grp, c, cg = C // G
+    cdef Moments acc, part
+    rows_moments(x + n * S * C, p, ch, ch + C, scratch, n_threads)
+    for grp in range(G):
+        acc.count = 0.0
+        acc.mean = 0.0
+        acc.m2 = 0.0
+        for c in range(grp * cg, (grp + 1) * cg):
+            part.count = <double>S
+            part.mean = ch[c]
+            part.m2 = ch[C + c]
+            chan_merge(&acc, part)
+        store_row_stats(acc, eps, n * G + grp, mean, rstd, var)
+        for c in range(grp * cg, (grp + 1) * cg):
+            split_hi_lo(acc.mean, &vec[c], &vec[C + c])
+            vec[2 * C + c] = <floating>(rstd[n * G + grp] * w[c])
+            vec[3 * C + c] = b[c]
+    rows_affine(x + n * S * C, y + n * S * C, S, C, vec, vec + C, vec + 2 * C, vec + 3 * C,
+                ACT_NONE, <const floating*>NULL, n_threads)
+
+
+cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,
+                     Py_ssize_t G, const floating* w, const floating* b, double eps,
+                     double* mean, double* rstd, double* var, double* ch,
+                     double[:, :, :, ::1] scratch, floating* vec, int n_threads) noexcept nogil:
+    """ch, scratch, vec: one set per thread (see groups_cl_forward)."""
+    cdef RowPlan p = row_plan(S, C)
+    cdef Py_ssize_t n, t
+    if by_sample(N, n_threads):
+        for n in prange(N, num_threads=n_threads, schedule="static"):
+            t = threadid()
+            cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch + 2 * C * t,
+                              scratch[t], vec + 4 * C * t, 1)
+    else:
+        for n in range(N):
+            cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch, scratch[0],
+                              vec, n_threads)
+
+
+cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx, RowPlan* p,
+                             Py_ssize_t n, Py_ssize_t S, Py_ssize_t C, Py_ssize_t G,
+                             const floating* w, const double* mean, const double* rstd,
+                             double* sums, double[:, :, ::1] scratch, floating* vec,
+                             int n_threads) noexcept nogil:
+    """Sample n. sums: this sample's 2*C float64 (sum(dy), sum(dy*(x-mean)) per
+    channel, kept for the weight/bias gradients); vec: 5*C coefficients."""
+    cdef Py_ssize_t grp, c, cg = C // G, D = cg * S
+    cdef double sum_g, sum_gd, r, k_d, k_0
+    for c in range(C):
+        split_hi_lo(mean[n * G + c // cg], &vec[c], &vec[C + c])
+    rows_grad_sums(x + n * S * C, dy + n * S * C, p, vec, vec + C, sums, sums + C, scratch,
+                   n_threads)
+    for grp in range(G):
+        r = rstd[n * G + grp]
+        sum_g = 0.0
+        sum_gd = 0.0
+        for c in range(grp * cg, (grp + 1) * cg):
+            sum_g += w[c] * sums[c]
+            sum_gd += w[c] * sums[C + c]
+        k_d = -r * r * r * sum_gd / D
+        k_0 = -r * sum_g / D
+        for c in range(grp * cg, (grp + 1) * cg):
+            vec[2 * C + c] = <floating>(r * w[c])
+            vec[3 * C + c] = <floating>k_d
+            vec[4 * C + c] = <floating>k_0
+    rows_affine_backward(x + n * S * C, dy + n * S * C, dx + n * S * C, S, C, vec, vec + C,
+                         vec + 2 * C, vec + 3 * C, vec + 4 * C, n_threads)
+
+
+cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N,
+                      Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
+                      const double* mean, const double* rstd, double* sums,
+                      double[:, :, :, ::1] scratch, floating* vec, floating* grad_w,
+                      floating* grad_b, int n_threads) noexcept nogil:
+    """sums: 2*C per sample; scratch, vec: one set per thread."""
+    cdef RowPlan p = row_plan(S, C)
+    cdef Py_ssize_t n, t, c, cg = C // G
+    cdef double tw, tb
+    if by_sample(N, n_threads):
+        for n in prange(N, num_threads=n_threads, schedule="static"):
+            t = threadid()
+            cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, mean, rstd, sums + 2 * C * n,
+                               scratch[t], vec + 5 * C * t, 1)
+    else:
+        for n in range(N):
+            cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, mean, rstd, sums + 2 * C * n,
+                               scratch[0], vec, n_threads)
+    # weight/bias gradients: samples folded in order
+    for c in range(C):
+        tw = 0.0
+        tb = 0.0
+        for n in range(N):
+            tb += sums[2 * C * n + c]
+            tw += sums[2 * C * n + C + c] * rstd[n * G + c // cg]
+        grad_w[c] = <floating>tw
+        grad_b[c] = <floating>tb
+
+
+def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t N,
+                      Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, double eps, cnp.ndarray y,
+                      cnp.ndarray mean, cnp.ndarray rstd, object var, int n_threads):
+    """GroupNorm forward on channels-last memory.
+
+    IN  x: (N, S, C) C-contiguous, S > 0; weight, bias: (C,) x's dtype; G divides C.
+    OUT y: (N, S, C); mean, rstd (and var unless None): (N*G,) float64 per (n, group).
+    """
+    cdef RowPlan p = row_plan(S, C)
+    cdef Py_ssize_t sets = n_threads if by_sample(N, n_threads) else 1
+    cdef double[:, :, :, ::1] scratch = np.empty((sets, p.n_stripes * p.n_blocks, 4, p.block))
+    cdef double[::1] ch = np.empty(2 * C * sets)
+    cdef cnp.ndarray vec = np.empty(4 * C * sets, dtype=x.dtype)
+    cdef double* p_mean = f64_ptr(mean)
+    cdef double* p_rstd = f64_ptr(rstd)
+    cdef double* p_var = f64_ptr(var)
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+        with nogil:
+            cl_forward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, S, C, G,
+                       <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias), eps,
+                       p_mean, p_rstd, p_var, &ch[0], scratch, <float*>cnp.PyArray_DATA(vec),
+                       n_threads)
+    else:
+        with nogil:
+            cl_forward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, S, C, G,
+                       <double*>cnp.PyArray_DATA(weight), <double*>cnp.PyArray_DATA(bias), eps,
+                       p_mean, p_rstd, p_var, &ch[0], scratch, <double*>cnp.PyArray_DATA(vec),
+                       n_threads)
+
+
+def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t N,
+                       Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, cnp.ndarray mean,
+                       cnp.ndarray rstd, cnp.ndarray dx, cnp.ndarray grad_weight,
+                       cnp.ndarray grad_bias, int n_threads):
+    """GroupNorm backward on channels-last memory.
+
+    IN  x, dy: (N, S, C), S > 0; weight: (C,); mean, rstd: (N*G,) float64 from the forward.
+    OUT dx: (N, S, C); grad_weight, grad_bias: (C,) in x's dtype.
+    """
+    cdef RowPlan p = row_plan(S, C)
+    cdef Py_ssize_t sets = n_threads if by_sample(N, n_threads) else 1
+    cdef double[:, :, :, ::1] scratch = np.empty((sets, p.n_stripes * p.n_blocks, 2, p.block))
+    cdef double[::1] sums = np.empty(2 * C * N)
+    cdef cnp.ndarray vec = np.empty(5 * C * sets, dtype=x.dtype)
+    cdef double* p_mean = f64_ptr(mean)
+    cdef double* p_rstd = f64_ptr(rstd)
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+        with nogil:
+            cl_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
+                        <float*>cnp.PyArray_DATA(dx), N, S, C, G,
+                        <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd, &sums[0], scratch,
+                        <float*>cnp.PyArray_DATA(vec), <float*>cnp.PyArray_DATA(grad_weight),
+                        <float*>cnp.PyArray_DATA(grad_bias), n_threads)
+    else:
+        with nogil:
+            cl_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
+                        <double*>cnp.PyArray_DATA(dx), N, S, C, G,
+                        <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd, &sums[0], scratch,
+                        <double*>cnp.PyArray_DATA(vec), <double*>cnp.PyArray_DATA(grad_weight),
+                        <double*>cnp.PyArray_DATA(grad_bias), n_threads)
