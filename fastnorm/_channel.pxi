@@ -31,7 +31,7 @@ from cython.parallel cimport prange
 
 from fastnorm._common cimport (
     FN_COLUMN_ROWS, MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, cols_grad_sums,
-    cols_moments, run_affine_backward, run_grad_sums, split_hi_lo, stripe_start,
+    cols_moments, cols_shifted_sums, run_affine_backward, run_grad_sums, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
     ACT_NONE, run_act_grad, run_activate, run_affine_act, run_affine_act_grad,
@@ -217,15 +217,48 @@ cdef inline void segment_stripe_backward(const floating* x, const floating* dy, 
 
 # ------------------------------------------------------- rows strategy
 
+cdef void rows_stripe_exact(const floating* x, RowPlan* p, Py_ssize_t first, Py_ssize_t stop,
+                            Py_ssize_t c0, Py_ssize_t nc, double* part_mean, double* part_m2,
+                            double* unit_mean, double* unit_m2) noexcept nogil:
+    """Exact statistics of a stripe's block of channels: two-pass moments per unit,
+    units folded in order (Chan)."""
+    cdef Py_ssize_t u, c, r0
+    cdef double count, nrows, n, delta, w_unit, w_cross
+    r0 = first * p.unit_rows
+    count = min(p.R, r0 + p.unit_rows) - r0
+    cols_moments(x + r0 * p.C + c0, <Py_ssize_t>count, p.C, nc, part_mean, part_m2)
+    for u in range(first + 1, stop):
+        r0 = u * p.unit_rows
+        nrows = min(p.R, r0 + p.unit_rows) - r0
+        cols_moments(x + r0 * p.C + c0, <Py_ssize_t>nrows, p.C, nc, unit_mean, unit_m2)
+        n = count + nrows
+        w_unit = nrows / n
+        w_cross = count * nrows / n
+        for c in range(nc):
+            delta = unit_mean[c] - part_mean[c]
+            part_mean[c] = part_mean[c] + delta * w_unit
+            part_m2[c] = part_m2[c] + unit_m2[c] + delta * delta * w_cross
+        count = n
+
+
 cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
                        double[:, :, ::1] scratch, int n_threads) noexcept nogil:
-    """Per-channel statistics of (R, C) rows. scratch: (tasks, 4, block) float64."""
+    """Per-channel statistics of (R, C) rows. scratch: (tasks, 4, block) float64.
+
+    Each (stripe, channel block) is summed in one pass about a shift K per channel:
+    the mean of the stripe's first unit (exact), rounded to the working precision.
+    Shifted sums lose at most a factor 1 + ((mean - K) / std)**2 of the working
+    precision's accuracy, so they are kept while K is within 2 standard deviations
+    of the stripe's mean (a pilot mean of >= 8 rows is, with overwhelming
+    probability); otherwise (data drifting along the rows) the stripe's block is
+    recomputed exactly, unit by unit. Either way the result depends on the data only."""
     cdef Py_ssize_t task, g, b, u, first, stop, c, c0, nc, r0
     cdef double* part_mean
     cdef double* part_m2
-    cdef double* unit_mean
+    cdef double* shift
     cdef double* unit_m2
-    cdef double count, nrows, n, delta, w_unit, w_cross
+    cdef double count, s1, s2, centered
+    cdef bint drifted
     cdef Moments acc, part
     for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
         g = task // p.n_blocks
@@ -234,26 +267,35 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         nc = min(p.C, c0 + p.block) - c0
         part_mean = &scratch[task, 0, 0]
         part_m2 = &scratch[task, 1, 0]
-        unit_mean = &scratch[task, 2, 0]
+        shift = &scratch[task, 2, 0]
         unit_m2 = &scratch[task, 3, 0]
         first = stripe_start(p.n_units, p.n_stripes, g)
         stop = stripe_start(p.n_units, p.n_stripes, g + 1)
-        # the stripe's first unit starts its partials; later units merge in (Chan)
+        if stop - first == 1:  # a single unit: its exact moments are the stripe's
+            rows_stripe_exact(x, p, first, stop, c0, nc, part_mean, part_m2, shift, unit_m2)
+            continue
         r0 = first * p.unit_rows
-        count = min(p.R, r0 + p.unit_rows) - r0
-        cols_moments(x + r0 * p.C + c0, <Py_ssize_t>count, p.C, nc, part_mean, part_m2)
-        for u in range(first + 1, stop):
+        cols_moments(x + r0 * p.C + c0, min(p.R, r0 + p.unit_rows) - r0, p.C, nc, shift, unit_m2)
+        for c in range(nc):
+            shift[c] = <double><floating>shift[c]
+            part_mean[c] = 0.0
+            part_m2[c] = 0.0
+        for u in range(first, stop):
             r0 = u * p.unit_rows
-            nrows = min(p.R, r0 + p.unit_rows) - r0
-            cols_moments(x + r0 * p.C + c0, <Py_ssize_t>nrows, p.C, nc, unit_mean, unit_m2)
-            n = count + nrows
-            w_unit = nrows / n
-            w_cross = count * nrows / n
-            for c in range(nc):
-                delta = unit_mean[c] - part_mean[c]
-                part_mean[c] = part_mean[c] + delta * w_unit
-                part_m2[c] = part_m2[c] + unit_m2[c] + delta * delta * w_cross
-            count = n
+            cols_shifted_sums(x + r0 * p.C + c0, min(p.R, r0 + p.unit_rows) - r0, p.C, nc, shift,
+                              part_mean, part_m2)
+        count = <double>(min(p.R, stop * p.unit_rows) - first * p.unit_rows)
+        drifted = False
+        for c in range(nc):
+            s1 = part_mean[c]
+            s2 = part_m2[c]
+            centered = s2 - s1 * (s1 / count)
+            if s1 * s1 > 4.0 * centered * count:  # |mean - K| > 2 std
+                drifted = True
+            part_mean[c] = shift[c] + s1 / count
+            part_m2[c] = centered if centered > 0.0 else 0.0
+        if drifted:
+            rows_stripe_exact(x, p, first, stop, c0, nc, part_mean, part_m2, shift, unit_m2)
     # fold stripes in order, per channel
     for c in range(p.C):
         b = c // p.block

@@ -57,6 +57,10 @@ cdef extern from "_simd.h" nogil:
                              double* mean, double* m2)
     void fn_cols_moments_f64(const double* x, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t nc,
                              double* mean, double* m2)
+    void fn_cols_shifted_sums_f32(const float* x, Py_ssize_t nrows, Py_ssize_t stride,
+                                  Py_ssize_t nc, const double* shift, double* s1, double* s2)
+    void fn_cols_shifted_sums_f64(const double* x, Py_ssize_t nrows, Py_ssize_t stride,
+                                  Py_ssize_t nc, const double* shift, double* s1, double* s2)
     void fn_cols_grad_sums_f32(const float* x, const float* g, Py_ssize_t nrows, Py_ssize_t stride,
                                Py_ssize_t nc, const float* mean_hi, const float* mean_lo,
                                double* sum_g, double* sum_gd)
@@ -146,6 +150,17 @@ cdef inline void cols_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t st
         fn_cols_moments_f32(x, nrows, stride, nc, mean, m2)
     else:
         fn_cols_moments_f64(x, nrows, stride, nc, mean, m2)
+
+
+cdef inline void cols_shifted_sums(const floating* x, Py_ssize_t nrows, Py_ssize_t stride,
+                                   Py_ssize_t nc, const double* shift, double* s1,
+                                   double* s2) noexcept nogil:
+    """Per channel c, over at most FN_COLUMN_ROWS rows: add sum(x - shift[c]) and
+    sum((x - shift[c])**2); shift[c] must be representable in the working precision."""
+    if floating is float:
+        fn_cols_shifted_sums_f32(x, nrows, stride, nc, shift, s1, s2)
+    else:
+        fn_cols_shifted_sums_f64(x, nrows, stride, nc, shift, s1, s2)
 
 
 cdef inline void cols_grad_sums(const floating* x, const floating* dy, Py_ssize_t nrows,

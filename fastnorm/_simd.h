@@ -424,6 +424,40 @@ typedef double fn_vec_f64 __attribute__((vector_size(FN_VBYTES)));
             m2[c] = sq - sd * (sd * inv_n) > 0 ? sq - sd * (sd * inv_n) : 0;              \
         }                                                                                 \
     }                                                                                     \
+    /* s1[c] += sum_r d, s2[c] += sum_r d*d with d = x[r, c] - shift[c]; shift must be \
+     * representable in T (it is converted once per block). One pass: the caller     \
+     * checks afterwards that the shift was close enough to the mean. */             \
+    static inline void fn_cols_shifted_sums_##SUFFIX(const T* x, ptrdiff_t nrows,         \
+                                                     ptrdiff_t stride, ptrdiff_t nc,      \
+                                                     const double* shift, double* s1,     \
+                                                     double* s2) {                        \
+        const ptrdiff_t vl = FN_VL_##SUFFIX;                                              \
+        ptrdiff_t c = 0;                                                                  \
+        for (; c + 2 * vl <= nc; c += 2 * vl) {                                           \
+            fn_v_##SUFFIX k[2], d[2][2] = {{{0}}}, q[2][2] = {{{0}}};                     \
+            for (int h = 0; h < 2; h++)                                                   \
+                for (ptrdiff_t j = 0; j < vl; j++) k[h][j] = (T)shift[c + h * vl + j];    \
+            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
+                for (int kk = 0; kk < 2 && r + kk < nrows; kk++)                          \
+                    for (int h = 0; h < 2; h++) {                                         \
+                        fn_v_##SUFFIX a =                                                 \
+                            fn_load_##SUFFIX(x + (r + kk) * stride + c + h * vl) - k[h];  \
+                        d[kk][h] += a;                                                    \
+                        q[kk][h] += a * a;                                                \
+                    }                                                                     \
+            for (int h = 0; h < 2; h++)                                                   \
+                for (ptrdiff_t j = 0; j < vl; j++) {                                      \
+                    s1[c + h * vl + j] += (double)d[0][h][j] + (double)d[1][h][j];        \
+                    s2[c + h * vl + j] += (double)q[0][h][j] + (double)q[1][h][j];        \
+                }                                                                         \
+        }                                                                                 \
+        for (; c < nc; c++)                                                               \
+            for (ptrdiff_t r = 0; r < nrows; r++) {                                       \
+                double v = (double)x[r * stride + c] - shift[c];                          \
+                s1[c] += v;                                                               \
+                s2[c] += v * v;                                                           \
+            }                                                                             \
+    }                                                                                     \
     /* sum_g[c] += sum_r g, sum_gd[c] += sum_r g*((x - mean_hi[c]) - mean_lo[c]) */        \
     static inline void fn_cols_grad_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t nrows,\
                                                   ptrdiff_t stride, ptrdiff_t nc,         \

@@ -194,6 +194,26 @@ def test_hard_data_far_from_zero(layout):
     np.testing.assert_allclose(layer.grads["weight"], gw, rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.parametrize("pattern", ["drift", "outlier_rows_first"])
+def test_channels_last_statistics_on_awkward_row_orders(pattern):
+    """Rows drifting far along the batch, or a first block of rows far from the rest,
+    must not cost accuracy (the one-pass shifted sums fall back to exact sums)."""
+    rows, channels = 4096, 24
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((rows, channels)) + 1e4
+    if pattern == "drift":
+        x += np.linspace(0.0, 400.0, rows)[:, None]
+    else:
+        x[:32] = 0.0  # the first unit of the first stripe: a shift far from its mean
+    x = x.astype(np.float32)
+    layer = fn.BatchNorm1d(channels)
+    y = layer(x)
+    expected = ref.batch_norm_forward(x, None, None, 1e-5)
+    assert np.abs(y - expected.y).max() <= 2e-5
+    _, _, invstd = F.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(expected.var + 1e-5), rtol=1e-6)
+
+
 def test_constant_channel_gives_bias_exactly():
     x = np.full((4, 3, 5), 7.25, np.float32)
     layer = fn.BatchNorm1d(3)
