@@ -130,6 +130,36 @@ class NormLayer:
         return f"{type(self).__name__}({self.extra_repr()})"
 
 
+class ChannelStatsLayer(NormLayer):
+    """A layer with per-channel affine parameters and optional running statistics
+    (BatchNorm*, SyncBatchNorm, InstanceNorm*): their shared constructor."""
+
+    _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
+
+    def __init__(self, num_features, eps, momentum, affine, track_running_stats, dtype):
+        super().__init__(dtype)
+        self.num_features = check_count("num_features", num_features)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        channels = self.num_features
+        self.weight = np.ones(channels, self.dtype) if self.affine else None
+        self.bias = np.zeros(channels, self.dtype) if self.affine else None
+        if self.track_running_stats:
+            self.running_mean = np.zeros(channels, self.dtype)
+            self.running_var = np.ones(channels, self.dtype)
+            self.num_batches_tracked = np.array(0, dtype=np.int64)
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked[...] = 0
+
+
 # ------------------------------------------------- constructor argument checks
 
 def check_dtype(dtype):

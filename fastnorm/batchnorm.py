@@ -4,46 +4,25 @@ import numpy as np
 from . import functional as F
 from ._activation import check_activation
 from ._layout import kernel_ready
-from ._module import NormLayer, check_count, check_eps, check_momentum
+from ._module import ChannelStatsLayer
 from ._validation import check_channels, check_float_array
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 
-class _BatchNorm(NormLayer):
+class _BatchNorm(ChannelStatsLayer):
     """Shared by BatchNorm1d/2d/3d (and SyncBatchNorm); they differ only in the
     input ranks they accept.
 
     activation (keyword: None, "relu", "silu", "gelu" or "gelu_tanh") is applied
     to the output in the same pass; backward includes its derivative."""
 
-    _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
     _input_ranks = ()  # accepted input ndim values; empty means any >= 2
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, *, activation=None, dtype=np.float32):
-        super().__init__(dtype)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
         self.activation = check_activation(activation)
-        self.num_features = check_count("num_features", num_features)
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        channels = self.num_features
-        self.weight = np.ones(channels, self.dtype) if self.affine else None
-        self.bias = np.zeros(channels, self.dtype) if self.affine else None
-        if self.track_running_stats:
-            self.running_mean = np.zeros(channels, self.dtype)
-            self.running_var = np.ones(channels, self.dtype)
-            self.num_batches_tracked = np.array(0, dtype=np.int64)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
-
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
 
     def _check_input(self, x):
         check_float_array(x)

@@ -12,39 +12,18 @@ import numpy as np
 
 from . import functional as F
 from ._layout import kernel_ready
-from ._module import NormLayer, check_count, check_eps, check_momentum
+from ._module import ChannelStatsLayer
 from ._validation import check_channels, check_float_array, check_out
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
 
-class _InstanceNorm(NormLayer):
-    _buffer_names = ("running_mean", "running_var", "num_batches_tracked")
+class _InstanceNorm(ChannelStatsLayer):
     _spatial_dims = 0
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
                  track_running_stats=False, *, dtype=np.float32):
-        super().__init__(dtype)
-        self.num_features = check_count("num_features", num_features)
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        channels = self.num_features
-        self.weight = np.ones(channels, self.dtype) if self.affine else None
-        self.bias = np.zeros(channels, self.dtype) if self.affine else None
-        if self.track_running_stats:
-            self.running_mean = np.zeros(channels, self.dtype)
-            self.running_var = np.ones(channels, self.dtype)
-            self.num_batches_tracked = np.array(0, dtype=np.int64)
-        else:
-            self.running_mean = self.running_var = self.num_batches_tracked = None
-
-    def reset_running_stats(self):
-        if self.track_running_stats:
-            self.running_mean[...] = 0
-            self.running_var[...] = 1
-            self.num_batches_tracked[...] = 0
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
 
     def _batched(self, x):
         """True for (N, C, *spatial) input, False for unbatched (C, *spatial)."""
