@@ -30,8 +30,9 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 from fastnorm._common cimport (
-    FN_COLUMN_ROWS, MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge, cols_grad_sums,
-    cols_moments, cols_shifted_sums, run_affine_backward, run_grad_sums, split_hi_lo, stripe_start,
+    FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge,
+    cols_grad_sums, cols_moments, cols_shifted_sums, fn_column_rows_per_lane, run_affine_backward,
+    run_grad_sums, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
     ACT_NONE, run_act_grad, run_activate, run_affine_act, run_affine_act_grad,
@@ -40,11 +41,6 @@ from fastnorm._activations cimport (
 # A channel up to this size is normalized straight after its statistics,
 # while it is still in cache: one read of x from memory instead of two.
 cdef Py_ssize_t FUSE_CHANNEL_BYTES = 1 << 20
-
-# In the rows strategy, channels are processed in blocks of this many.
-cdef enum:
-    CHANNEL_BLOCK = 256
-
 
 # ---------------------------------------------------------------- planning
 
@@ -84,7 +80,7 @@ cdef inline void segment_unit(SegmentPlan* p, Py_ssize_t c, Py_ssize_t u, Py_ssi
 
 cdef struct RowPlan:
     # Units in the rows strategy: a unit is unit_rows consecutive rows of one
-    # block of at most CHANNEL_BLOCK channels. Tasks are (stripe, block) pairs.
+    # block of at most FN_COLUMN_BLOCK channels. Tasks are (stripe, block) pairs.
     Py_ssize_t R, C
     Py_ssize_t block, n_blocks, unit_rows, n_units, n_stripes
 
@@ -93,13 +89,10 @@ cdef inline RowPlan row_plan(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
     cdef RowPlan p
     p.R = R
     p.C = C
-    p.block = min(C, <Py_ssize_t>CHANNEL_BLOCK)
+    p.block = min(C, <Py_ssize_t>FN_COLUMN_BLOCK)
     p.n_blocks = (C + p.block - 1) // p.block
-    p.unit_rows = max(1, min(<Py_ssize_t>FN_COLUMN_ROWS, UNIT_ELEMS // p.block))
-    if C >= 512:
-        # Rows whose stride is a multiple of 4 KiB (and near ones) compete for the
-        # same L1 sets: keep a unit's rows within the cache's associativity (8).
-        p.unit_rows = min(p.unit_rows, <Py_ssize_t>8)
+    # FN_COLUMN_ROWS terms per working-precision accumulator of the column kernels
+    p.unit_rows = FN_COLUMN_ROWS * fn_column_rows_per_lane(p.block, C)
     p.n_units = (R + p.unit_rows - 1) // p.unit_rows
     p.n_stripes = min(p.n_units, <Py_ssize_t>MAX_STRIPES)
     return p

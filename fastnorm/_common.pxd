@@ -53,6 +53,8 @@ cdef extern from "_simd.h" nogil:
     void fn_grad_sums_f64(const double* x, const double* g, Py_ssize_t n, double mean_hi,
                           double mean_lo, double* sum_g, double* sum_gd)
     enum: FN_COLUMN_ROWS
+    enum: FN_COLUMN_BLOCK
+    Py_ssize_t fn_column_rows_per_lane(Py_ssize_t nc, Py_ssize_t stride)
     void fn_cols_moments_f32(const float* x, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t nc,
                              double* mean, double* m2)
     void fn_cols_moments_f64(const double* x, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t nc,
@@ -145,7 +147,8 @@ cdef inline void run_grad_sums(const floating* x, const floating* dy, Py_ssize_t
 
 cdef inline void cols_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t stride,
                               Py_ssize_t nc, double* mean, double* m2) noexcept nogil:
-    """Exact per-channel mean and m2 of at most FN_COLUMN_ROWS rows of nc channels."""
+    """Exact per-channel mean and m2 of at most
+    FN_COLUMN_ROWS * fn_column_rows_per_lane(nc, stride) rows of nc <= FN_COLUMN_BLOCK channels."""
     if floating is float:
         fn_cols_moments_f32(x, nrows, stride, nc, mean, m2)
     else:
@@ -155,8 +158,9 @@ cdef inline void cols_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t st
 cdef inline void cols_shifted_sums(const floating* x, Py_ssize_t nrows, Py_ssize_t stride,
                                    Py_ssize_t nc, const double* shift, double* s1,
                                    double* s2) noexcept nogil:
-    """Per channel c, over at most FN_COLUMN_ROWS rows: add sum(x - shift[c]) and
-    sum((x - shift[c])**2); shift[c] must be representable in the working precision."""
+    """Per channel c, over at most FN_COLUMN_ROWS * fn_column_rows_per_lane rows:
+    add sum(x - shift[c]) and sum((x - shift[c])**2); shift[c] must be representable in
+    the working precision."""
     if floating is float:
         fn_cols_shifted_sums_f32(x, nrows, stride, nc, shift, s1, s2)
     else:
@@ -167,8 +171,9 @@ cdef inline void cols_grad_sums(const floating* x, const floating* dy, Py_ssize_
                                 Py_ssize_t stride, Py_ssize_t nc, const floating* mean_hi,
                                 const floating* mean_lo, double* sum_dy,
                                 double* sum_dy_xmu) noexcept nogil:
-    """Per channel c, over at most FN_COLUMN_ROWS rows: add sum(dy) and
-    sum(dy * (x - mean[c])), the mean given as head + tail (split_hi_lo)."""
+    """Per channel c, over at most FN_COLUMN_ROWS * fn_column_rows_per_lane rows:
+    add sum(dy) and sum(dy * (x - mean[c])), the mean given as head + tail
+    (split_hi_lo)."""
     if floating is float:
         fn_cols_grad_sums_f32(x, dy, nrows, stride, nc, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
     else:

@@ -352,144 +352,110 @@ FN_DEFINE_REDUCTIONS(double, f64)
 /* Column kernels: `nrows` rows of `nc` contiguous channels, rows `stride`
  * values apart (channels-last data), one result per channel.
  *
- * Each channel has its own accumulator, so vectorizing needs no reordering:
- * the accumulators of a block of 2 vectors of channels live in registers for
- * all the rows (explicit GCC/Clang vectors of the build's native width; with
- * per-channel arrays in memory the loop would be bound by their loads and
- * stores), two rows per step so that add latency does not bound the loop.
- * Callers pass at most FN_COLUMN_ROWS rows, so each working-precision
- * accumulator sums at most FN_COLUMN_ROWS / 2 terms before the result is
- * handed over in float64.
+ * The loops run along the rows, as the data lies in memory: walking down
+ * columns a few vectors wide defeats the hardware prefetchers (channels-last
+ * statistics ran at ~8 GB/s that way, ~21 GB/s like this). Each channel has
+ * its own working-precision accumulator in a stack array, so the compiler
+ * vectorizes the channel loop without reordering any sum: the result is the
+ * same for every vector width. When the block is whole rows (nc == stride),
+ * a "lane" spans P consecutive rows, P = FN_COLUMN_LANES / nc, so that narrow
+ * rows (a few channels) still give long vectorizable loops and independent
+ * accumulators; the P partial sums of a channel are folded in order.
+ * Callers pass at most FN_COLUMN_ROWS rows and FN_COLUMN_BLOCK channels, so an
+ * accumulator sums at most FN_COLUMN_ROWS terms before it is handed over in
+ * float64.
  */
 #define FN_COLUMN_ROWS 32
-#ifdef __AVX__
-#define FN_VBYTES 32
-#else
-#define FN_VBYTES 16
-#endif
-typedef float fn_vec_f32 __attribute__((vector_size(FN_VBYTES)));
-typedef double fn_vec_f64 __attribute__((vector_size(FN_VBYTES)));
+#define FN_COLUMN_BLOCK 1024
+#define FN_COLUMN_LANES 128
+/* Per-channel arrays lie this many values apart in one stack buffer: not a
+ * multiple of 4 KiB, whose aliasing (a load taken to depend on a store to
+ * another array at the same address modulo 4 KiB) halved the speed. */
+#define FN_COLUMN_STRIDE (FN_COLUMN_BLOCK + 24)
+
+/* rows per lane: P consecutive whole rows form one lane of P * nc values */
+static inline ptrdiff_t fn_column_rows_per_lane(ptrdiff_t nc, ptrdiff_t stride) {
+    return nc == stride && nc < FN_COLUMN_LANES ? FN_COLUMN_LANES / nc : 1;
+}
 
 #define FN_DEFINE_COLUMN_KERNELS(T, SUFFIX)                                              \
-    typedef fn_vec_##SUFFIX fn_v_##SUFFIX;                                                \
-    enum { FN_VL_##SUFFIX = FN_VBYTES / sizeof(T) };                                      \
-    static inline __attribute__((always_inline)) fn_v_##SUFFIX fn_load_##SUFFIX(const T* p) { \
-        fn_v_##SUFFIX v;                                                                  \
-        memcpy(&v, p, sizeof v);                                                          \
-        return v;                                                                         \
-    }                                                                                     \
-    /* Exact per-channel moments of the rows: two passes (the rows stay in cache).      \
-     * mean[c], m2[c] = mean and sum of squared deviations, in float64. */               \
-    static inline void fn_cols_moments_##SUFFIX(const T* x, ptrdiff_t nrows,              \
-                                                ptrdiff_t stride, ptrdiff_t nc,           \
-                                                double* mean, double* m2) {               \
-        const ptrdiff_t vl = FN_VL_##SUFFIX;                                              \
-        const double inv_n = 1.0 / (double)nrows; /* multiply: divisions would dominate */ \
-        ptrdiff_t c = 0;                                                                  \
-        for (; c + 2 * vl <= nc; c += 2 * vl) {                                           \
-            fn_v_##SUFFIX sum[2][2] = {{{0}}}, shift[2], d[2][2] = {{{0}}}, q[2][2] = {{{0}}}; \
-            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
-                for (int k = 0; k < 2 && r + k < nrows; k++)                              \
-                    for (int h = 0; h < 2; h++)                                           \
-                        sum[k][h] += fn_load_##SUFFIX(x + (r + k) * stride + c + h * vl); \
-            for (int h = 0; h < 2; h++)                                                   \
-                shift[h] = (sum[0][h] + sum[1][h]) * (T)inv_n;                           \
-            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
-                for (int k = 0; k < 2 && r + k < nrows; k++)                              \
-                    for (int h = 0; h < 2; h++) {                                         \
-                        fn_v_##SUFFIX a =                                                 \
-                            fn_load_##SUFFIX(x + (r + k) * stride + c + h * vl) - shift[h]; \
-                        d[k][h] += a;                                                     \
-                        q[k][h] += a * a;                                                 \
-                    }                                                                     \
-            for (int h = 0; h < 2; h++)                                                   \
-                for (ptrdiff_t j = 0; j < vl; j++) {                                      \
-                    double sd = (double)d[0][h][j] + (double)d[1][h][j];                  \
-                    double sq = (double)q[0][h][j] + (double)q[1][h][j];                  \
-                    double centered = sq - sd * (sd * inv_n);                             \
-                    mean[c + h * vl + j] = (double)shift[h][j] + sd * inv_n;              \
-                    m2[c + h * vl + j] = centered > 0 ? centered : 0;                     \
-                }                                                                         \
-        }                                                                                 \
-        for (; c < nc; c++) {                                                             \
-            double total = 0, sd = 0, sq = 0, shift_c;                                    \
-            for (ptrdiff_t r = 0; r < nrows; r++) total += (double)x[r * stride + c];     \
-            shift_c = total * inv_n;                                                      \
-            for (ptrdiff_t r = 0; r < nrows; r++) {                                       \
-                double v = (double)x[r * stride + c] - shift_c;                           \
-                sd += v;                                                                  \
-                sq += v * v;                                                              \
-            }                                                                             \
-            mean[c] = shift_c + sd * inv_n;                                               \
-            m2[c] = sq - sd * (sd * inv_n) > 0 ? sq - sd * (sd * inv_n) : 0;              \
-        }                                                                                 \
-    }                                                                                     \
-    /* s1[c] += sum_r d, s2[c] += sum_r d*d with d = x[r, c] - shift[c]; shift must be \
-     * representable in T (it is converted once per block). One pass: the caller     \
-     * checks afterwards that the shift was close enough to the mean. */             \
+    /* s1[c] += sum_r d, s2[c] += sum_r d*d with d = x[r, c] - shift[c] rounded to T.   \
+     * One pass: the caller checks afterwards that the shift was close enough to the     \
+     * mean (shift = NULL: zero). */                                                     \
     static inline void fn_cols_shifted_sums_##SUFFIX(const T* x, ptrdiff_t nrows,         \
                                                      ptrdiff_t stride, ptrdiff_t nc,      \
                                                      const double* shift, double* s1,     \
                                                      double* s2) {                        \
-        const ptrdiff_t vl = FN_VL_##SUFFIX;                                              \
-        ptrdiff_t c = 0;                                                                  \
-        for (; c + 2 * vl <= nc; c += 2 * vl) {                                           \
-            fn_v_##SUFFIX k[2], d[2][2] = {{{0}}}, q[2][2] = {{{0}}};                     \
-            for (int h = 0; h < 2; h++)                                                   \
-                for (ptrdiff_t j = 0; j < vl; j++) k[h][j] = (T)shift[c + h * vl + j];    \
-            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
-                for (int kk = 0; kk < 2 && r + kk < nrows; kk++)                          \
-                    for (int h = 0; h < 2; h++) {                                         \
-                        fn_v_##SUFFIX a =                                                 \
-                            fn_load_##SUFFIX(x + (r + kk) * stride + c + h * vl) - k[h];  \
-                        d[kk][h] += a;                                                    \
-                        q[kk][h] += a * a;                                                \
-                    }                                                                     \
-            for (int h = 0; h < 2; h++)                                                   \
-                for (ptrdiff_t j = 0; j < vl; j++) {                                      \
-                    s1[c + h * vl + j] += (double)d[0][h][j] + (double)d[1][h][j];        \
-                    s2[c + h * vl + j] += (double)q[0][h][j] + (double)q[1][h][j];        \
-                }                                                                         \
-        }                                                                                 \
-        for (; c < nc; c++)                                                               \
-            for (ptrdiff_t r = 0; r < nrows; r++) {                                       \
-                double v = (double)x[r * stride + c] - shift[c];                          \
-                s1[c] += v;                                                               \
-                s2[c] += v * v;                                                           \
+        const ptrdiff_t per_lane = fn_column_rows_per_lane(nc, stride), width = per_lane * nc; \
+        T acc[3 * FN_COLUMN_STRIDE];                                                      \
+        T *k = acc, *d = acc + FN_COLUMN_STRIDE, *q = acc + 2 * FN_COLUMN_STRIDE;         \
+        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
+            for (ptrdiff_t c = 0; c < nc; c++) k[p * nc + c] = shift ? (T)shift[c] : 0;   \
+        for (ptrdiff_t i = 0; i < width; i++) d[i] = q[i] = 0;                            \
+        for (ptrdiff_t r = 0; r < nrows; r += per_lane) {                                 \
+            const T* row = x + r * stride;                                                \
+            const ptrdiff_t n = (nrows - r < per_lane ? nrows - r : per_lane) * nc;       \
+            for (ptrdiff_t i = 0; i < n; i++) {                                           \
+                T a = row[i] - k[i];                                                      \
+                d[i] += a;                                                                \
+                q[i] += a * a;                                                            \
             }                                                                             \
+        }                                                                                 \
+        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
+            for (ptrdiff_t c = 0; c < nc; c++) {                                          \
+                s1[c] += (double)d[p * nc + c];                                           \
+                s2[c] += (double)q[p * nc + c];                                           \
+            }                                                                             \
+    }                                                                                     \
+    /* Exact per-channel moments of the rows: two passes (the rows stay in cache), the   \
+     * second about the first's mean. mean[c], m2[c] = mean and sum of squared          \
+     * deviations, in float64. */                                                        \
+    static inline void fn_cols_moments_##SUFFIX(const T* x, ptrdiff_t nrows,              \
+                                                ptrdiff_t stride, ptrdiff_t nc,           \
+                                                double* mean, double* m2) {               \
+        const double inv_n = 1.0 / (double)nrows; /* multiply: divisions would dominate */ \
+        for (ptrdiff_t c = 0; c < nc; c++) mean[c] = m2[c] = 0;                           \
+        fn_cols_shifted_sums_##SUFFIX(x, nrows, stride, nc, NULL, mean, m2);              \
+        for (ptrdiff_t c = 0; c < nc; c++) {                                              \
+            mean[c] = (double)(T)(mean[c] * inv_n);                                       \
+            m2[c] = 0;                                                                    \
+        }                                                                                 \
+        double sd[FN_COLUMN_BLOCK] = {0};                                                 \
+        fn_cols_shifted_sums_##SUFFIX(x, nrows, stride, nc, mean, sd, m2);                \
+        for (ptrdiff_t c = 0; c < nc; c++) {                                              \
+            double centered = m2[c] - sd[c] * (sd[c] * inv_n);                            \
+            mean[c] += sd[c] * inv_n;                                                     \
+            m2[c] = centered > 0 ? centered : 0;                                          \
+        }                                                                                 \
     }                                                                                     \
     /* sum_g[c] += sum_r g, sum_gd[c] += sum_r g*((x - mean_hi[c]) - mean_lo[c]) */        \
     static inline void fn_cols_grad_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t nrows,\
                                                   ptrdiff_t stride, ptrdiff_t nc,         \
                                                   const T* mean_hi, const T* mean_lo,     \
                                                   double* sum_g, double* sum_gd) {        \
-        const ptrdiff_t vl = FN_VL_##SUFFIX;                                              \
-        ptrdiff_t c = 0;                                                                  \
-        for (; c + 2 * vl <= nc; c += 2 * vl) {                                           \
-            fn_v_##SUFFIX hi[2], lo[2], gs[2][2] = {{{0}}}, ps[2][2] = {{{0}}};           \
-            for (int h = 0; h < 2; h++) {                                                 \
-                hi[h] = fn_load_##SUFFIX(mean_hi + c + h * vl);                           \
-                lo[h] = fn_load_##SUFFIX(mean_lo + c + h * vl);                           \
+        const ptrdiff_t per_lane = fn_column_rows_per_lane(nc, stride), width = per_lane * nc; \
+        T acc[4 * FN_COLUMN_STRIDE];                                                      \
+        T *hi = acc, *lo = acc + FN_COLUMN_STRIDE;                                         \
+        T *gs = acc + 2 * FN_COLUMN_STRIDE, *ps = acc + 3 * FN_COLUMN_STRIDE;             \
+        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
+            for (ptrdiff_t c = 0; c < nc; c++) {                                          \
+                hi[p * nc + c] = mean_hi[c];                                              \
+                lo[p * nc + c] = mean_lo[c];                                              \
             }                                                                             \
-            for (ptrdiff_t r = 0; r < nrows; r += 2)                                      \
-                for (int k = 0; k < 2 && r + k < nrows; k++)                              \
-                    for (int h = 0; h < 2; h++) {                                         \
-                        ptrdiff_t at = (r + k) * stride + c + h * vl;                     \
-                        fn_v_##SUFFIX gv = fn_load_##SUFFIX(g + at);                      \
-                        gs[k][h] += gv;                                                   \
-                        ps[k][h] += gv * ((fn_load_##SUFFIX(x + at) - hi[h]) - lo[h]);    \
-                    }                                                                     \
-            for (int h = 0; h < 2; h++)                                                   \
-                for (ptrdiff_t j = 0; j < vl; j++) {                                      \
-                    sum_g[c + h * vl + j] += (double)gs[0][h][j] + (double)gs[1][h][j];   \
-                    sum_gd[c + h * vl + j] += (double)ps[0][h][j] + (double)ps[1][h][j];  \
-                }                                                                         \
+        for (ptrdiff_t i = 0; i < width; i++) gs[i] = ps[i] = 0;                          \
+        for (ptrdiff_t r = 0; r < nrows; r += per_lane) {                                 \
+            const T* xrow = x + r * stride;                                               \
+            const T* grow = g + r * stride;                                               \
+            const ptrdiff_t n = (nrows - r < per_lane ? nrows - r : per_lane) * nc;       \
+            for (ptrdiff_t i = 0; i < n; i++) {                                           \
+                gs[i] += grow[i];                                                         \
+                ps[i] += grow[i] * ((xrow[i] - hi[i]) - lo[i]);                           \
+            }                                                                             \
         }                                                                                 \
-        for (; c < nc; c++)                                                               \
-            for (ptrdiff_t r = 0; r < nrows; r++) {                                       \
-                double gv = (double)g[r * stride + c];                                    \
-                sum_g[c] += gv;                                                           \
-                sum_gd[c] += gv * (double)((x[r * stride + c] - mean_hi[c]) - mean_lo[c]); \
+        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
+            for (ptrdiff_t c = 0; c < nc; c++) {                                          \
+                sum_g[c] += (double)gs[p * nc + c];                                       \
+                sum_gd[c] += (double)ps[p * nc + c];                                      \
             }                                                                             \
     }
 
