@@ -1,6 +1,7 @@
-"""Train a NumPy MLP with fastnorm's BatchNorm1d and LayerNorm on handwritten digits.
+"""Train a NumPy MLP (or CNN) with fastnorm's normalization layers on handwritten digits.
 
-    python examples/train_digits.py [--epochs N] [--seed S] [--plot PATH] [--quick]
+    python examples/train_digits.py [--model mlp|cnn] [--epochs N] [--seed S] [--plot PATH]
+                                    [--quick]
 
 Needs `pip install "fastnorm[examples]"` (scikit-learn for the data set, which it
 ships, so nothing is downloaded; matplotlib for the plot). The network
@@ -15,12 +16,20 @@ The same network without the two normalization layers is then trained with
 the same learning rate, batches and initial weights, for comparison. Each
 epoch prints the loss and the train/test accuracy (eval mode); the curves of
 both runs go to a PNG.
+
+--model cnn trains a small CNN instead, with fastnorm's BatchNorm2d(activation="relu")
+after each convolution (NumPy im2col, forward and backward):
+
+    x (1x8x8) -> Conv2d(1, 16, 3) -> BatchNorm2d(16, relu) -> AvgPool 2x2
+              -> Conv2d(16, 32, 3) -> BatchNorm2d(32, relu) -> AvgPool 2x2 -> Linear(128, 10)
 """
 import argparse
 import os
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_limits
+from numpy.lib.stride_tricks import sliding_window_view
 
 import fastnorm as fn
 
@@ -60,6 +69,64 @@ class ReLU:
         return dy * self._mask
 
 
+class Conv2d:
+    """Stride-1 'same' convolution, weight (out, in, k, k), k odd: patches of the padded
+    input (im2col) times the weight matrix; backward adds the patch gradients back."""
+
+    def __init__(self, c_in, c_out, k, rng):
+        self.weight = (rng.standard_normal((c_out, c_in, k, k))
+                       * np.sqrt(2.0 / (c_in * k * k))).astype(np.float32)
+        self.bias = np.zeros(c_out, np.float32)
+        self.grads = {}
+
+    def __call__(self, x):
+        n, c, h, w = self._shape = x.shape
+        pad = self.weight.shape[-1] // 2
+        padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+        patches = sliding_window_view(padded, self.weight.shape[-2:], axis=(2, 3))
+        self._cols = patches.transpose(0, 2, 3, 1, 4, 5).reshape(n * h * w, -1)
+        out = self._cols @ self.weight.reshape(len(self.weight), -1).T + self.bias
+        # (N, H, W, O) memory seen as NCHW: fastnorm's BatchNorm2d takes it without a copy
+        return out.reshape(n, h, w, -1).transpose(0, 3, 1, 2)
+
+    def backward(self, dy):
+        n, c, h, w = self._shape
+        k = self.weight.shape[-1]
+        rows = dy.transpose(0, 2, 3, 1).reshape(n * h * w, -1)
+        self.grads = {"weight": (rows.T @ self._cols).reshape(self.weight.shape),
+                      "bias": rows.sum(axis=0)}
+        d_cols = (rows @ self.weight.reshape(len(self.weight), -1)).reshape(n, h, w, c, k, k)
+        d_padded = np.zeros((n, c, h + k - 1, w + k - 1), dy.dtype)
+        for i in range(k):  # each input pixel collects the gradients of the patches it is in
+            for j in range(k):
+                d_padded[:, :, i:i + h, j:j + w] += d_cols[..., i, j].transpose(0, 3, 1, 2)
+        return d_padded[:, :, k // 2:k // 2 + h, k // 2:k // 2 + w]
+
+
+class AvgPool2:
+    """2x2 average pooling with stride 2 (even heights and widths)."""
+
+    grads = {}
+
+    def __call__(self, x):
+        n, c, h, w = x.shape
+        return x.reshape(n, c, h // 2, 2, w // 2, 2).mean(axis=(3, 5))
+
+    def backward(self, dy):
+        return np.repeat(np.repeat(dy, 2, axis=2), 2, axis=3) / 4
+
+
+class Flatten:
+    grads = {}
+
+    def __call__(self, x):
+        self._shape = x.shape
+        return x.reshape(len(x), -1)
+
+    def backward(self, dy):
+        return dy.reshape(self._shape)
+
+
 class Network:
     """Layers run in order; any layer with train()/eval() (fastnorm's) follows the mode."""
 
@@ -87,15 +154,23 @@ class Network:
                 getattr(layer, name)[...] -= lr * grad
 
 
-def build(normalized, seed):
-    """The MLP with or without its normalization layers; the same seed gives the same
-    Linear weights in both, so the two runs differ only by normalization."""
+def build(model, normalized, seed):
+    """The MLP or CNN with or without its normalization layers; the same seed gives the
+    same weights in both, so the two runs differ only by normalization."""
     rng = np.random.default_rng(seed)
-    fc1, fc2, fc3 = Linear(64, 128, rng), Linear(128, 64, rng), Linear(64, 10, rng)
+    if model == "mlp":
+        fc1, fc2, fc3 = Linear(64, 128, rng), Linear(128, 64, rng), Linear(64, 10, rng)
+        if normalized:
+            return Network([fc1, fn.BatchNorm1d(128, activation="relu"),
+                            fc2, fn.LayerNorm(64), ReLU(), fc3])
+        return Network([fc1, ReLU(), fc2, ReLU(), fc3])
+    conv1, conv2, fc = Conv2d(1, 16, 3, rng), Conv2d(16, 32, 3, rng), Linear(32 * 2 * 2, 10, rng)
     if normalized:
-        return Network([fc1, fn.BatchNorm1d(128, activation="relu"),
-                        fc2, fn.LayerNorm(64), ReLU(), fc3])
-    return Network([fc1, ReLU(), fc2, ReLU(), fc3])
+        norm1, norm2 = fn.BatchNorm2d(16, activation="relu"), fn.BatchNorm2d(32, activation="relu")
+    else:
+        norm1, norm2 = ReLU(), ReLU()
+    # 8x8 images -> 16 maps 8x8 -> pooled 4x4 -> 32 maps 4x4 -> pooled 2x2 -> 10 classes
+    return Network([conv1, norm1, AvgPool2(), conv2, norm2, AvgPool2(), Flatten(), fc])
 
 
 # ----------------------------------------------------------------------- training
@@ -118,12 +193,14 @@ def accuracy(net, x, labels):
     return float(correct)
 
 
-def load_data(seed):
+def load_data(model, seed):
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)  # pixels are 0..16
+    if model == "cnn":
+        x = x.reshape(-1, 1, 8, 8)
     return train_test_split(x, digits.target, test_size=0.25, random_state=seed,
                             stratify=digits.target)
 
@@ -180,6 +257,7 @@ def plot(histories, path):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.1, help="SGD learning rate (both runs)")
@@ -195,14 +273,16 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    data = load_data(args.seed)
-    print(f"digits: {len(data[0])} train, {len(data[1])} test images; "
+    data = load_data(args.model, args.seed)
+    print(f"digits, {args.model}: {len(data[0])} train, {len(data[1])} test images; "
           f"lr {args.lr}, batch {args.batch_size}, {args.epochs} epochs, seed {args.seed}")
     histories = {}
-    for name, normalized in (("with BatchNorm1d + LayerNorm", True),
-                             ("without normalization", False)):
+    norms = "BatchNorm1d + LayerNorm" if args.model == "mlp" else "BatchNorm2d"
+    for name, normalized in ((f"with {norms}", True), ("without normalization", False)):
         start = time.perf_counter()
-        histories[name] = train(name, build(normalized, args.seed), data, args)
+        # the matrices here are small: BLAS threads would only wait on each other
+        with threadpool_limits(limits=1, user_api="blas"):
+            histories[name] = train(name, build(args.model, normalized, args.seed), data, args)
         print(f"   ({time.perf_counter() - start:.1f} s)")
     if not args.no_plot:
         plot(histories, args.plot)
@@ -217,6 +297,7 @@ def main(argv=None):
 def first_epoch_reaching(accuracies):
     return next((str(i + 1) for i, acc in enumerate(accuracies) if acc >= TARGET_ACCURACY),
                 "not reached")
+
 
 if __name__ == "__main__":
     main()

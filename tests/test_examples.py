@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,11 +25,12 @@ def run_example(name, *args):
     return proc.stdout
 
 
-def test_train_digits_reaches_95_percent_and_writes_the_plot(tmp_path):
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_train_digits_reaches_95_percent_and_writes_the_plot(tmp_path, model):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
     plot = tmp_path / "curves.png"
-    out = run_example("train_digits.py", "--quick", "--plot", str(plot))
+    out = run_example("train_digits.py", "--model", model, "--quick", "--plot", str(plot))
     epochs = re.findall(r"^epoch +\d+ +loss ([0-9.]+) +train acc ([0-9.]+) +test acc ([0-9.]+)$",
                         out, re.MULTILINE)
     assert len(epochs) == 2 * 8, out  # both networks, every epoch reported
@@ -59,3 +61,26 @@ def test_inference_cnn_matches_torch_both_ways():
     assert max(float(e) for _, *pair in errors for e in pair) < 1e-4, out
     timings = re.findall(r"torch +([0-9.]+) ms +fastnorm +([0-9.]+) ms +speedup", out)
     assert len(timings) == 3 + 1, out  # each block, and all blocks
+
+
+def test_train_digits_conv2d_gradients_match_torch():
+    torch = pytest.importorskip("torch")
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import train_digits
+    finally:
+        sys.path.remove(EXAMPLES)
+    rng = np.random.default_rng(0)
+    conv = train_digits.Conv2d(3, 5, 3, rng)
+    x = rng.standard_normal((2, 3, 6, 4)).astype(np.float32)
+    dy = rng.standard_normal((2, 5, 6, 4)).astype(np.float32)
+    y, dx = conv(x), conv.backward(dy)
+
+    tx = torch.tensor(x, requires_grad=True)
+    tw = torch.tensor(conv.weight, requires_grad=True)
+    tb = torch.tensor(conv.bias, requires_grad=True)
+    ty = torch.nn.functional.conv2d(tx, tw, tb, padding=1)
+    ty.backward(torch.tensor(dy))
+    for ours, theirs in [(y, ty), (dx, tx.grad), (conv.grads["weight"], tw.grad),
+                         (conv.grads["bias"], tb.grad)]:
+        np.testing.assert_allclose(ours, theirs.detach().numpy(), rtol=1e-4, atol=1e-5)
