@@ -51,8 +51,8 @@ def make_torch_cnn(seed, channels=(3, 16, 32, 32), classes=10, input_size=32):
 
 def conv2d(x, weight, bias):
     """Stride-1 'same' convolution of x (N, C, H, W) with weight (O, C, k, k), k odd.
-    The result is an (N, O, H, W) view of channels-last memory, which fastnorm
-    normalizes in place without a copy."""
+    The result is an (N, O, H, W) view of channels-last memory, which fastnorm's
+    BatchNorm2d reads as it is, without a copy."""
     pad = weight.shape[-1] // 2
     padded = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
     patches = sliding_window_view(padded, weight.shape[-2:], axis=(2, 3))  # (N, C, H, W, k, k)
