@@ -9,7 +9,7 @@ includes its derivative); LayerNorm and RMSNorm also take layer(x, residual=r)
 import numpy as np
 
 from . import functional as F
-from ._activation import activation_code, check_activation
+from ._activation import activation_code, activation_repr, check_activation
 from ._layout import kernel_ready
 from ._module import NormLayer, check_count, check_eps
 from ._validation import check_channels, check_float_array, check_grad_output, check_like
@@ -17,10 +17,6 @@ from .functional._rows import as_shape
 from .functional.layer_norm import check_rows_forward, rows_backward, rows_forward
 
 __all__ = ["LayerNorm", "RMSNorm", "GroupNorm"]
-
-
-def _activation_repr(activation):
-    return f", activation={activation!r}" if activation else ""
 
 
 class _RowNorm(NormLayer):
@@ -69,7 +65,7 @@ class _RowNorm(NormLayer):
     def extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, "
                 f"elementwise_affine={self.elementwise_affine}"
-                + _activation_repr(self.activation))
+                + activation_repr(self.activation))
 
 
 class LayerNorm(_RowNorm):
@@ -149,4 +145,4 @@ class GroupNorm(NormLayer):
 
     def extra_repr(self):
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
-                + _activation_repr(self.activation))
+                + activation_repr(self.activation))
