@@ -88,7 +88,7 @@ def accuracy_table(fastnorm_peer, torch_peer, layer_names, seed=0, dtype="float3
     rows, notes = [], []
     rng = np.random.default_rng(seed)
     for spec in LAYERS:
-        if spec.name not in layer_names:
+        if spec.name not in layer_names or spec.fusion:  # fusions: see tests/test_fusion_rows.py
             continue
         for layout in layouts_for(spec, spec.accuracy_shape):
             case = Case(spec, Shape(spec.accuracy_shape, "accuracy"), layout, "train", dtype)

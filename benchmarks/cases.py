@@ -5,6 +5,12 @@ name, its family (which says which NumPy floor, float64 reference and ONNX op
 it has: see numpy_floor.FLOORS, accuracy.REFERENCES, peers.ONNX_OPS), how its
 constructor arguments follow from the input shape, and a few realistic shapes.
 A layer fastnorm does not have yet (no `fastnorm.<name>`) is skipped with a note.
+
+Fused cases are LayerSpecs too: `fusion` names what is fused into the layer `cls`
+("add": layer(x, residual=r) -> (y, h), r being the case's second array; or an
+activation name), and torch runs the composition (x + r then the module, or the
+module then the activation). They also time fastnorm's normalization alone (the
+"norm only" peer), which the fused forward should be within 10% of.
 """
 import math
 from dataclasses import dataclass
@@ -65,10 +71,21 @@ class LayerSpec:
     accuracy_shape: tuple
     torch_name: str = ""    # torch.nn class, when its name differs
     takes_dtype: bool = True  # False for layers without parameters or statistics (LRN)
+    cls: str = ""           # fastnorm class, when the name differs (fused cases)
+    fusion: str = ""        # "add" (residual), an activation name, or "" (none)
+
+    @property
+    def class_name(self):
+        return self.cls or self.name
 
     @property
     def torch_class(self):
-        return self.torch_name or self.name
+        return self.torch_name or self.class_name
+
+    @property
+    def activation(self):
+        """The fused activation's name, or None."""
+        return self.fusion if self.fusion not in ("", "add") else None
 
     @property
     def fam(self):
@@ -149,6 +166,21 @@ LAYERS = (
         S((32, 256, 27, 27), "AlexNet conv2"),
         S((2, 8, 4, 4), "tiny", quick=True, tiny=True),
     ), accuracy_shape=(4, 16, 16, 16), takes_dtype=False),
+    # fusions (issue 7): against torch's composition, and fastnorm's normalization alone
+    LayerSpec("LayerNorm+add", "layer", _last_dim, (
+        S((4096, 768), "BERT-base block", quick=True),
+        S((2048, 4096), "LLaMA-7B block", quick=True),
+        S((2, 4, 32), "tiny", tiny=True),
+    ), accuracy_shape=(16, 64, 256), cls="LayerNorm", fusion="add"),
+    LayerSpec("RMSNorm+add", "rms", _last_dim, (
+        S((4096, 768), "BERT-base size block", quick=True),
+        S((2048, 4096), "LLaMA-7B block", quick=True),
+        S((2, 4, 32), "tiny", tiny=True),
+    ), accuracy_shape=(16, 64, 256), cls="RMSNorm", fusion="add"),
+    LayerSpec("GroupNorm+SiLU", "group", _groups, (
+        S((8, 256, 56, 56), "diffusion UNet block", quick=True),
+        S((2, 8, 4, 4), "tiny", tiny=True),
+    ), accuracy_shape=(4, 64, 16, 16), cls="GroupNorm", fusion="silu"),
 )
 LAYER_NAMES = tuple(spec.name for spec in LAYERS)
 
@@ -178,7 +210,10 @@ class Case:
     @property
     def min_bytes(self):
         """The one-pass minimum memory traffic of the mode (parameters neglected)."""
-        return TRAFFIC_ARRAYS[self.mode] * self.input_bytes
+        arrays = TRAFFIC_ARRAYS[self.mode]
+        if self.layer.fusion == "add" and self.mode != "backward":
+            arrays += 2  # the forward also reads the residual and writes h
+        return arrays * self.input_bytes
 
     @property
     def data_key(self):
@@ -193,7 +228,7 @@ class Case:
         return {"layer": self.layer.name, "family": self.layer.family, "shape": list(self.dims),
                 "shape_label": self.shape.label, "tiny": self.shape.tiny, "layout": self.layout,
                 "mode": self.mode, "dtype": self.dtype, "elements": self.elements,
-                "min_bytes": self.min_bytes}
+                "min_bytes": self.min_bytes, "fusion": self.layer.fusion}
 
 
 LAYOUT_SHORT = {"contiguous": "contig", "channels_last": "ch-last"}

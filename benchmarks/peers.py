@@ -13,28 +13,40 @@ What is timed per mode:
             torch autograd, torch.autograd.grad(y, (x, *parameters), dy,
             retain_graph=True): gradients of input and parameters, as fastnorm
   fwd+bwd   training forward then backward, each call a fresh forward
+
+Fused cases (case.layer.fusion): fastnorm runs its fused layer (the residual is
+the case's second array, dy); torch the composition, autograd giving the
+gradients of x, the residual and the parameters; "norm only" is fastnorm's
+normalization without the fusion, on x.
 """
 import numpy as np
 
 from .numpy_floor import FLOORS
 
 
-def _layer_callable(layer, mode, x, dy):
+def _layer_callable(layer, mode, x, dy, **forward_kwargs):
     """The work of `mode` for a layer with fastnorm's protocol."""
+    def forward():
+        return layer(x, **forward_kwargs)
     if mode == "eval":
         layer.eval()
-        return lambda: layer(x)
+        return forward
     layer.train()
     if mode == "train":
-        return lambda: layer(x)
+        return forward
     if mode == "backward":
-        layer(x)
+        forward()
         return lambda: layer.backward(dy)
 
     def forward_backward():
-        layer(x)
+        forward()
         return layer.backward(dy)
     return forward_backward
+
+
+def _fusion_kwargs(case, x, dy):
+    """Forward keywords of a fused case: the residual (the case's second array)."""
+    return {"residual": dy} if case.layer.fusion == "add" else {}
 
 
 def _dtype_kwargs(case, dtype_value):
@@ -68,26 +80,47 @@ class FastnormPeer(Peer):
         self.preallocated_out = preallocated_out
 
     def skip_reason(self, case):
-        if not hasattr(self.fastnorm, case.layer.name):
-            return f"fastnorm has no {case.layer.name} yet"
+        if not hasattr(self.fastnorm, case.layer.class_name):
+            return f"fastnorm has no {case.layer.class_name} yet"
         return None
 
-    def make_layer(self, case):
-        layer_class = getattr(self.fastnorm, case.layer.name)
-        return layer_class(*case.layer.args(case.dims), **_dtype_kwargs(case, np.dtype(case.dtype)))
+    def make_layer(self, case, fused=True):
+        layer_class = getattr(self.fastnorm, case.layer.class_name)
+        kwargs = _dtype_kwargs(case, np.dtype(case.dtype))
+        if fused and case.layer.activation:
+            kwargs["activation"] = case.layer.activation
+        return layer_class(*case.layer.args(case.dims), **kwargs)
 
     def build(self, case, x, dy, n_threads):
         layer = self.make_layer(case)
+        kwargs = _fusion_kwargs(case, x, dy)
         if self.preallocated_out and case.mode in ("train", "eval"):
             layer.train(case.mode == "train")
             out = np.empty_like(x)  # same memory layout as x
-            return lambda: layer(x, out=out)
-        return _layer_callable(layer, case.mode, x, dy)
+            return lambda: layer(x, out=out, **kwargs)
+        return _layer_callable(layer, case.mode, x, dy, **kwargs)
+
+
+class NormOnlyPeer(FastnormPeer):
+    """fastnorm's normalization alone on a fused case (what the fusion adds is its cost)."""
+
+    name = "norm-only"
+
+    def skip_reason(self, case):
+        if not case.layer.fusion:
+            return "not a fused case"
+        return super().skip_reason(case)
+
+    def build(self, case, x, dy, n_threads):
+        return _layer_callable(self.make_layer(case, fused=False), case.mode, x, dy)
 
 
 class NumpyPeer(Peer):
     name = "numpy"
     threaded = False  # NumPy's elementwise operations and reductions use one thread
+
+    def skip_reason(self, case):
+        return "no fused NumPy floor" if case.layer.fusion else None
 
     def make_layer(self, case):
         return FLOORS[case.layer.family](*case.layer.args(case.dims), dtype=np.dtype(case.dtype))
@@ -108,29 +141,44 @@ class TorchPeer(Peer):
         return module_class(*case.layer.args(case.dims),
                             **_dtype_kwargs(case, getattr(self.torch, case.dtype)))
 
+    def composition(self, case, module):
+        """f(x, r) -> output: the module, or torch's composition for a fused case."""
+        if case.layer.fusion == "add":
+            return lambda x, r: module(x + r)
+        if case.layer.activation:
+            tF = self.torch.nn.functional
+            act = {"relu": tF.relu, "silu": tF.silu, "gelu": tF.gelu,
+                   "gelu_tanh": lambda t: tF.gelu(t, approximate="tanh")}[case.layer.activation]
+            return lambda x, r: act(module(x))
+        return lambda x, r: module(x)
+
     def build(self, case, x, dy, n_threads):
         torch = self.torch
         module = self.make_module(case)
+        f = self.composition(case, module)
         xt, dyt = torch.from_numpy(x), torch.from_numpy(dy)
+        rt = torch.from_numpy(dy.copy()) if case.layer.fusion == "add" else None
         if case.mode == "eval":
             module.eval()
 
             def run():
                 with torch.inference_mode():
-                    return module(xt)
+                    return f(xt, rt)
             return run
         module.train()
         if case.mode == "train":
             def run():
                 with torch.no_grad():
-                    return module(xt)
+                    return f(xt, rt)
             return run
         leaf = xt.requires_grad_()
         inputs = (leaf, *module.parameters())
+        if rt is not None:
+            inputs = (rt.requires_grad_(), *inputs)
         if case.mode == "backward":
-            y = module(leaf)
+            y = f(leaf, rt)
             return lambda: torch.autograd.grad(y, inputs, dyt, retain_graph=True)
-        return lambda: torch.autograd.grad(module(leaf), inputs, dyt)
+        return lambda: torch.autograd.grad(f(leaf, rt), inputs, dyt)
 
 
 # ---------------------------------------------------------------- ONNX Runtime
@@ -207,6 +255,8 @@ class OnnxRuntimePeer(Peer):
         if self.missing:
             return self.missing
         op = ONNX_OPS.get(case.layer.family)
+        if case.layer.fusion:
+            return "no fused ONNX operator measured"
         if op is None or op[1] != case.mode:
             return "no ONNX operator for this mode"
         if case.layout != "contiguous":
@@ -255,7 +305,8 @@ class PeerUnavailable(Exception):
     """A peer found out while building that it cannot run the case."""
 
 
-PEER_NAMES = ("fastnorm", "torch", "numpy", "onnxruntime")
+PEER_NAMES = ("fastnorm", "torch", "norm-only", "numpy", "onnxruntime")
+ALWAYS = ("fastnorm", "torch", "norm-only")  # run whatever --peers says
 
 
 def find(peer_list, name):
@@ -265,5 +316,6 @@ def find(peer_list, name):
 def make_peers(fastnorm, names=PEER_NAMES, preallocated_out=False):
     """The peers to run, fastnorm and torch always first."""
     makers = {"fastnorm": lambda: FastnormPeer(fastnorm, preallocated_out), "torch": TorchPeer,
+              "norm-only": lambda: NormOnlyPeer(fastnorm, preallocated_out),
               "numpy": NumpyPeer, "onnxruntime": OnnxRuntimePeer}
-    return [makers[n]() for n in PEER_NAMES if n in names or n in ("fastnorm", "torch")]
+    return [makers[n]() for n in PEER_NAMES if n in names or n in ALWAYS]

@@ -10,7 +10,7 @@ import math
 from .cases import DTYPE_SHORT, LAYOUT_SHORT, shape_text
 from .targets import geomean
 
-PEER_COLUMNS = (("numpy", "numpy"), ("onnxruntime", "ORT"))
+PEER_COLUMNS = (("norm-only", "norm only"), ("numpy", "numpy"), ("onnxruntime", "ORT"))
 
 
 # ------------------------------------------------------------------ formatting

@@ -14,7 +14,9 @@ class Target:
     text: str
     select: Callable[[dict], bool]
     threshold: float
-    metric: str = "speedup"  # "speedup" (vs torch), "bandwidth" (fraction of copy), "geomean"
+    # "speedup" (vs torch), "bandwidth" (fraction of copy), "geomean", or a peer's name
+    # (its time / fastnorm's)
+    metric: str = "speedup"
 
 
 def _is(layer=None, dims=None, layout=None, mode=None, dtype="float32", family=None, tiny=False):
@@ -40,13 +42,19 @@ TARGETS = (
     Target("never slower than torch (every case)", _is(dtype=None, tiny=None), 1.0),
     Target("geometric-mean speedup, per thread count", _is(dtype=None, tiny=None), 2.0, metric="geomean"),
     Target("large cases: fastnorm GB/s / copy bandwidth", lambda r: r["large"], 0.80, metric="bandwidth"),
+    Target("fusions (add+norm, norm+act) vs torch's composition",
+           lambda r: bool(r.get("fusion")) and not r["tiny"], 1.5),
+    Target("fused forward within 10% of the normalization alone (norm time / fused time)",
+           lambda r: bool(r.get("fusion")) and not r["tiny"] and r["mode"] == "train", 1 / 1.1,
+           metric="norm-only"),
 )
 
 
 def _value(record, metric):
     if metric == "bandwidth":
         return record.get("bandwidth_fraction")
-    return record.get("speedup", {}).get("torch")
+    peer = "torch" if metric in ("speedup", "geomean") else metric
+    return record.get("speedup", {}).get(peer)
 
 
 def evaluate(records):

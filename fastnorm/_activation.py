@@ -16,3 +16,8 @@ def check_activation(activation):
 def activation_code(activation):
     """The kernels' int code for a validated activation name."""
     return ACTIVATIONS[activation]
+
+
+def activation_repr(activation):
+    """The ", activation=..." part of a layer's repr (empty without one)."""
+    return f", activation={activation!r}" if activation else ""

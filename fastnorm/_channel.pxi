@@ -308,10 +308,13 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
 
 cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
                          const floating* mean_hi, const floating* mean_lo, double* sum_dy,
-                         double* sum_dy_xmu, double[:, :, ::1] scratch,
+                         double* sum_dy_xmu, double[:, :, ::1] scratch, int act,
+                         const floating* scale, const floating* shift, floating* g_out,
                          int n_threads) noexcept nogil:
-    """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: (tasks, 2, block)."""
-    cdef Py_ssize_t task, g, b, u, first, stop, r0, c, c0, nc
+    """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: (tasks, 2, block).
+    With an activation, each unit first gets g = dy * act'(z) written to g_out,
+    z = (x - mean[c]) * scale[c] + shift[c], while it is in cache; g is summed instead."""
+    cdef Py_ssize_t task, g, b, u, first, stop, r0, r, c, c0, nc
     cdef double* part_g
     cdef double* part_gx
     for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
@@ -329,8 +332,14 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
         for u in range(first, stop):
             # unit by unit: short working-precision sums, handed over in float64
             r0 = u * p.unit_rows
-            cols_grad_sums(x + r0 * p.C + c0, dy + r0 * p.C + c0, min(p.R, r0 + p.unit_rows) - r0,
-                           p.C, nc, mean_hi + c0, mean_lo + c0, part_g, part_gx)
+            if act != ACT_NONE:
+                for r in range(r0, min(p.R, r0 + p.unit_rows)):
+                    row_affine_act(x + r * p.C, g_out + r * p.C, dy + r * p.C, c0, c0 + nc,
+                                   mean_hi, mean_lo, scale, shift, act)
+            cols_grad_sums(x + r0 * p.C + c0,
+                           (dy if act == ACT_NONE else g_out) + r0 * p.C + c0,
+                           min(p.R, r0 + p.unit_rows) - r0, p.C, nc, mean_hi + c0, mean_lo + c0,
+                           part_g, part_gx)
     for c in range(p.C):
         b = c // p.block
         sum_dy[c] = 0.0
@@ -340,23 +349,33 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
             sum_dy_xmu[c] += scratch[g * p.n_blocks + b, 1, c - b * p.block]
 
 
+cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floating* dyrow,
+                                Py_ssize_t c0, Py_ssize_t stop, const floating* mean_hi,
+                                const floating* mean_lo, const floating* scale,
+                                const floating* shift, int act) noexcept nogil:
+    """Channels [c0, stop) of one row: y = act(z), z = (x - mean[c]) * scale[c] + shift[c];
+    or, given dyrow, y = dy * act'(z)."""
+    cdef Py_ssize_t c
+    for c in range(c0, stop):
+        yrow[c] = ((xrow[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+    if dyrow == NULL:
+        run_activate(yrow + c0, stop - c0, act)
+    else:
+        run_act_grad(yrow + c0, dyrow + c0, yrow + c0, stop - c0, act)
+
+
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* mean_hi, const floating* mean_lo, const floating* scale,
                       const floating* shift, int act, const floating* dy,
                       int n_threads) noexcept nogil:
-    """y = act(z), z = (x - mean[c]) * scale[c] + shift[c]; or, given dy, y = dy * act'(z)."""
-    cdef Py_ssize_t r, c
-    cdef const floating* xrow
-    cdef floating* yrow
+    """row_affine_act over every row and channel (dy NULL: forward)."""
+    cdef Py_ssize_t r
+    cdef const floating* dyrow
     for r in prange(R, num_threads=n_threads, schedule="static"):
-        xrow = x + r * C
-        yrow = y + r * C
-        for c in range(C):
-            yrow[c] = ((xrow[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
-        if dy == NULL:
-            run_activate(yrow, C, act)
-        else:
-            run_act_grad(yrow, dy + r * C, yrow, C, act)
+        dyrow = NULL
+        if dy != NULL:
+            dyrow = dy + r * C
+        row_affine_act(x + r * C, y + r * C, dyrow, 0, C, mean_hi, mean_lo, scale, shift, act)
 
 
 cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,
@@ -545,7 +564,7 @@ def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
         mean_hi, mean_lo = _working_copies(x, mean)
         with nogil:
             rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &mean_hi[0], &mean_lo[0], &sum_dy[0],
-                           &sum_dy_xmu[0], scratch, n_threads)
+                           &sum_dy_xmu[0], scratch, ACT_NONE, NULL, NULL, NULL, n_threads)
         return
     sp = segment_plan(N, C, S)
     flat = np.zeros(C * sp.n_stripes * 2)

@@ -316,6 +316,15 @@ cdef inline void run_affine(const floating* x, floating* y, Py_ssize_t n,
         y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift
 
 
+cdef inline void run_add(const floating* a, const floating* b, floating* out,
+                         Py_ssize_t n) noexcept nogil:
+    """out = a + b over n contiguous values (out may be a or b: a fused residual add,
+    or a residual stream's gradient added to dx)."""
+    cdef Py_ssize_t i
+    for i in range(n):
+        out[i] = a[i] + b[i]
+
+
 cdef inline void run_affine_backward(const floating* x, const floating* dy, floating* dx,
                                      Py_ssize_t n, floating mean_hi, floating mean_lo,
                                      floating k_dy, floating k_x, floating k_0) noexcept nogil:

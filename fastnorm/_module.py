@@ -44,16 +44,17 @@ class NormLayer:
     def forward(self, input, out=None):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def backward(self, grad_output):
+    def backward(self, grad_output, **extra):
         """Gradient w.r.t. the last forward's input, for the mode that forward ran
-        in; also sets self.grads (gradients of the parameters, keyed like them)."""
+        in; also sets self.grads (gradients of the parameters, keyed like them).
+        extra: keywords some layers take (LayerNorm/RMSNorm: grad_h)."""
         if self._saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward() called before any forward()")
-        grad_input, grads = self._backward(grad_output, self._saved)
+        grad_input, grads = self._backward(grad_output, self._saved, **extra)
         self.grads = grads
         return grad_input
 
-    def _backward(self, grad_output, saved):  # pragma: no cover - abstract
+    def _backward(self, grad_output, saved, **extra):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def train(self, mode=True):

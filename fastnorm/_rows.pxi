@@ -22,6 +22,16 @@
 #   * by unit (few long rows): every (row, unit) pair is a task; partial
 #     results are stored and folded in unit order, so no core idles.
 # Backward uses centered sums: sum(dy*w) and sum(dy*w*(x - mean)) per row.
+#
+# Fusions (every strategy, same arithmetic):
+#   * activation act (RowGeom.act, _activations.pxd): forward forms z in the
+#     output unit, then y = act(z) while the unit is in L1 (such outputs are
+#     not streamed: the activation rereads them). Backward recomputes z from x
+#     into dx's unit, turns it into g = dy * act'(z) there, and g takes dy's
+#     place in the sums and the dx formula (computed in place).
+#   * residual (LayerNorm/RMSNorm): forward reads x and r, writes h = x + r
+#     unit by unit and takes the statistics of h from the unit just written,
+#     then normalizes h; backward adds grad_h to each unit of dx it forms.
 # Weight/bias gradients: elementwise mode sums dy*xhat and dy over the rows of
 # at most MAX_STRIPES row blocks fixed by the shape (working precision over
 # ROW_GROUP rows, then float64 partials per block, folded in block order);
@@ -33,20 +43,21 @@
 # (1, 1024) LayerNorm call. They trust their inputs (the Python layer checks
 # them): C-contiguous, data and parameters of one float dtype, statistics
 # float64, sizes as documented; they never raise and run without the GIL.
-#   row_forward            IN x, weight, bias   OUT y, mean, rstd (, var)
-#   row_backward           IN x, dy, weight, mean, rstd   OUT dx, grad weight, grad bias
+#   row_forward            IN x (, residual), weight, bias   OUT y, mean, rstd (, var, h)
+#   row_backward           IN x, dy, weight, mean, rstd (, bias, grad_h)
+#                          OUT dx, grad weight, grad bias
 #   groups_cl_forward      channels-last (N, S, C) twin of row_forward for GroupNorm
 #   groups_cl_backward     channels-last twin of row_backward for GroupNorm
 
 cimport numpy as cnp
 from cython.parallel cimport prange, threadid
 
-from fastnorm._activations cimport ACT_NONE
+from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
     MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence,
-    row_block_moments, row_grad_sums, row_sum_squares, run_affine_backward, run_affine_out,
-    run_backward_weighted, split_hi_lo, stripe_start,
+    row_block_moments, row_grad_sums, row_sum_squares, run_add, run_affine_backward,
+    run_affine_out, run_backward_weighted, split_hi_lo, stripe_start,
 )
 
 cnp.import_array()
@@ -68,6 +79,7 @@ cdef struct RowGeom:
     # units: unit_runs whole runs of S values, or pieces of unit_cols values
     Py_ssize_t unit_runs, unit_cols, units_per_run, n_units
     bint stream     # forward output written with non-temporal stores (large outputs)
+    int act         # fused activation code (ACT_NONE: none)
 
 
 cdef inline RowGeom row_geom(Py_ssize_t R, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G,
@@ -90,6 +102,7 @@ cdef inline RowGeom row_geom(Py_ssize_t R, Py_ssize_t runs, Py_ssize_t S, Py_ssi
         g.units_per_run = 1
     g.n_units = ((runs + g.unit_runs - 1) // g.unit_runs) * g.units_per_run
     g.stream = False
+    g.act = ACT_NONE
     return g
 
 
@@ -121,10 +134,25 @@ cdef inline Moments unit_moments(const floating* x, Py_ssize_t n, bint centered)
     return m
 
 
-cdef inline Moments row_unit_moments(const floating* row, RowGeom* g, Py_ssize_t u) noexcept nogil:
-    cdef Py_ssize_t j0, nruns, s0, ncols
+cdef inline Moments row_unit_moments(const floating* x, const floating* res, floating* h,
+                                     RowGeom* g, Py_ssize_t r, Py_ssize_t u) noexcept nogil:
+    """Moments of unit u of row r of x; with a residual (res not NULL), of the unit
+    of h = x + res, written first (it is then in L1 for the moments)."""
+    cdef Py_ssize_t j0, nruns, s0, ncols, at
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
-    return unit_moments(row + j0 * g.S + s0, nruns * ncols, g.centered)
+    at = r * g.D + j0 * g.S + s0
+    if res == NULL:
+        return unit_moments(x + at, nruns * ncols, g.centered)
+    run_add(x + at, res + at, h + at, nruns * ncols)
+    return unit_moments(h + at, nruns * ncols, g.centered)
+
+
+cdef inline const floating* row_of(const floating* a, Py_ssize_t r,
+                                   Py_ssize_t D) noexcept nogil:
+    """Row r of an optional (R, D) array (NULL when absent)."""
+    if a == NULL:
+        return NULL
+    return a + r * D
 
 
 cdef inline void store_row_stats(Moments m, double eps, Py_ssize_t r, double* mean, double* rstd,
@@ -145,9 +173,31 @@ cdef inline void store_row_stats(Moments m, double eps, Py_ssize_t r, double* me
 cdef inline void apply_unit(const floating* xrow, floating* yrow, RowGeom* g, Py_ssize_t r,
                             Py_ssize_t u, const floating* w, const floating* b, double mean,
                             double rstd) noexcept nogil:
-    """y = (x - mean) * rstd * weight + bias over unit u of row r. The one place
-    where the output of a row is formed (a fused activation would go here)."""
+    """y = act(z) over unit u of row r: the one place where a row's output is formed."""
+    cdef Py_ssize_t j0, nruns, s0, ncols
+    normalize_unit(xrow, yrow, g, r, u, w, b, mean, rstd)
+    if g.act != ACT_NONE:
+        unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+        run_activate(yrow + j0 * g.S + s0, nruns * ncols, g.act)
+
+
+cdef inline void act_grad_unit(const floating* xrow, const floating* dyrow, floating* grow,
+                               RowGeom* g, Py_ssize_t r, Py_ssize_t u, const floating* w,
+                               const floating* b, double mean, double rstd) noexcept nogil:
+    """g = dy * act'(z) over unit u of row r, z recomputed from x into g's unit."""
+    cdef Py_ssize_t j0, nruns, s0, ncols, at
+    normalize_unit(xrow, grow, g, r, u, w, b, mean, rstd)
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    at = j0 * g.S + s0
+    run_act_grad(grow + at, dyrow + at, grow + at, nruns * ncols, g.act)
+
+
+cdef inline void normalize_unit(const floating* xrow, floating* zrow, RowGeom* g, Py_ssize_t r,
+                                Py_ssize_t u, const floating* w, const floating* b, double mean,
+                                double rstd) noexcept nogil:
+    """z = (x - mean) * rstd * weight + bias over unit u of row r."""
     cdef Py_ssize_t j0, nruns, s0, ncols, j, at, c0
+    cdef floating* yrow = zrow
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
@@ -163,15 +213,20 @@ cdef inline void apply_unit(const floating* xrow, floating* yrow, RowGeom* g, Py
                        <floating>(rstd * w[c0 + j]), b[c0 + j], g.stream)
 
 
-cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, RowGeom* g,
-                                Py_ssize_t u, const floating* w, double mean,
+cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, floating* dxrow,
+                                RowGeom* g, Py_ssize_t r, Py_ssize_t u, const floating* w,
+                                const floating* b, double mean, double rstd,
                                 double* sums) noexcept nogil:
     """Add unit u's gradient sums into `sums`: elementwise mode, sums[0:2] +=
     (sum(dy*w), sum(dy*w*(x-mean))); per-channel mode, for each run piece,
     sums[2*slot:2*slot+2] += (sum(dy), sum(dy*(x-mean))), slot = the run's
-    piece index j * units_per_run + (u % units_per_run)."""
+    piece index j * units_per_run + (u % units_per_run). With an activation,
+    g = dy * act'(z) is formed in dx's unit first and summed instead of dy."""
     cdef Py_ssize_t j0, nruns, s0, ncols, j, at, slot
     cdef floating mean_hi, mean_lo
+    if g.act != ACT_NONE:
+        act_grad_unit(xrow, dyrow, dxrow, g, r, u, w, b, mean, rstd)
+        dyrow = dxrow
     split_hi_lo(mean, &mean_hi, &mean_lo)
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
     at = j0 * g.S + s0
@@ -185,26 +240,32 @@ cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, Row
 
 
 cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floating* dxrow,
-                               RowGeom* g, Py_ssize_t r, Py_ssize_t u, const floating* w,
-                               double mean, double rstd, double k_d, double c_0,
-                               floating* acc_w, floating* acc_b) noexcept nogil:
-    """dx = rstd*(w*dy + c_0) + k_d*(x - mean) over unit u of row r; elementwise
-    mode also adds dy*xhat and dy to the row block's acc_w/acc_b (length D)."""
+                               const floating* ghrow, RowGeom* g, Py_ssize_t r, Py_ssize_t u,
+                               const floating* w, double mean, double rstd, double k_d,
+                               double c_0, floating* acc_w, floating* acc_b) noexcept nogil:
+    """dx = rstd*(w*dy + c_0) + k_d*(x - mean) (+ grad_h when ghrow is not NULL) over
+    unit u of row r; elementwise mode also adds dy*xhat and dy to the row block's
+    acc_w/acc_b (length D). With an activation, dy is g, already in dx's unit."""
     cdef Py_ssize_t j0, nruns, s0, ncols, j, at, c0
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
     at = j0 * g.S + s0
+    if g.act != ACT_NONE:
+        dyrow = dxrow
     if not g.per_channel:
         run_backward_weighted(xrow + at, dyrow + at, w + at, dxrow + at, ncols, mean_hi, mean_lo,
                               <floating>rstd, <floating>c_0, <floating>k_d, acc_w + at,
                               acc_b + at)
-        return
-    c0 = (r % g.G) * g.runs + j0
-    for j in range(nruns):
-        run_affine_backward(xrow + at + j * g.S, dyrow + at + j * g.S, dxrow + at + j * g.S,
-                            ncols, mean_hi, mean_lo, <floating>(rstd * w[c0 + j]),
-                            <floating>k_d, <floating>(rstd * c_0))
+    else:
+        c0 = (r % g.G) * g.runs + j0
+        for j in range(nruns):
+            run_affine_backward(xrow + at + j * g.S, dyrow + at + j * g.S,
+                                dxrow + at + j * g.S, ncols, mean_hi, mean_lo,
+                                <floating>(rstd * w[c0 + j]), <floating>k_d,
+                                <floating>(rstd * c_0))
+    if ghrow != NULL:
+        run_add(dxrow + at, ghrow + at, dxrow + at, nruns * ncols)
 
 
 cdef inline void row_coefficients(RowGeom* g, Py_ssize_t r, const floating* w, double rstd,
@@ -241,45 +302,48 @@ cdef inline Py_ssize_t sums_per_row(RowGeom* g) noexcept nogil:
 
 # ------------------------------------------------------------ forward
 
-cdef inline void forward_row(const floating* x, floating* y, RowGeom* g, Py_ssize_t r,
-                             const floating* w, const floating* b, double eps, double* mean,
-                             double* rstd, double* var) noexcept nogil:
-    """Statistics of row r, then its output while the row is in cache."""
+cdef inline void forward_row(const floating* x, const floating* res, floating* h, floating* y,
+                             RowGeom* g, Py_ssize_t r, const floating* w, const floating* b,
+                             double eps, double* mean, double* rstd, double* var) noexcept nogil:
+    """Statistics of row r (of h = x + res with a residual), then its output while
+    the row is in cache."""
     cdef Moments acc
     cdef Py_ssize_t u
-    cdef const floating* xrow = x + r * g.D
+    cdef const floating* src = x if res == NULL else h    # what is normalized
     acc.count = 0.0
     acc.mean = 0.0
     acc.m2 = 0.0
     for u in range(g.n_units):
-        chan_merge(&acc, row_unit_moments(xrow, g, u))
+        chan_merge(&acc, row_unit_moments(x, res, h, g, r, u))
     store_row_stats(acc, eps, r, mean, rstd, var)
     for u in range(g.n_units):
-        apply_unit(xrow, y + r * g.D, g, r, u, w, b, acc.mean, rstd[r])
+        apply_unit(src + r * g.D, y + r * g.D, g, r, u, w, b, acc.mean, rstd[r])
     if g.stream:
         fn_stream_fence()
 
 
-cdef void forward_by_row(const floating* x, floating* y, RowGeom* g, const floating* w,
-                         const floating* b, double eps, double* mean, double* rstd, double* var,
-                         int n_threads) noexcept nogil:
+cdef void forward_by_row(const floating* x, const floating* res, floating* h, floating* y,
+                         RowGeom* g, const floating* w, const floating* b, double eps,
+                         double* mean, double* rstd, double* var, int n_threads) noexcept nogil:
     cdef Py_ssize_t r
     if n_threads == 1:
         for r in range(g.R):
-            forward_row(x, y, g, r, w, b, eps, mean, rstd, var)
+            forward_row(x, res, h, y, g, r, w, b, eps, mean, rstd, var)
     else:
         for r in prange(g.R, num_threads=n_threads, schedule="static"):
-            forward_row(x, y, g, r, w, b, eps, mean, rstd, var)
+            forward_row(x, res, h, y, g, r, w, b, eps, mean, rstd, var)
 
 
-cdef void forward_by_unit(const floating* x, floating* y, RowGeom* g, const floating* w,
-                          const floating* b, double eps, double* mean, double* rstd, double* var,
-                          double* scratch, double* row_mean, int n_threads) noexcept nogil:
+cdef void forward_by_unit(const floating* x, const floating* res, floating* h, floating* y,
+                          RowGeom* g, const floating* w, const floating* b, double eps,
+                          double* mean, double* rstd, double* var, double* scratch,
+                          double* row_mean, int n_threads) noexcept nogil:
     """scratch: 3 * R * n_units; row_mean: R (the mean even for RMSNorm, i.e. 0)."""
     cdef Py_ssize_t task, r, u
     cdef Moments part, acc
+    cdef const floating* src = x if res == NULL else h    # what is normalized
     for task in prange(g.R * g.n_units, num_threads=n_threads, schedule="static"):
-        part = row_unit_moments(x + (task // g.n_units) * g.D, g, task % g.n_units)
+        part = row_unit_moments(x, res, h, g, task // g.n_units, task % g.n_units)
         scratch[3 * task] = part.count
         scratch[3 * task + 1] = part.mean
         scratch[3 * task + 2] = part.m2
@@ -296,25 +360,27 @@ cdef void forward_by_unit(const floating* x, floating* y, RowGeom* g, const floa
         row_mean[r] = acc.mean
     for task in prange(g.R * g.n_units, num_threads=n_threads, schedule="static"):
         r = task // g.n_units
-        apply_unit(x + r * g.D, y + r * g.D, g, r, task % g.n_units, w, b, row_mean[r], rstd[r])
+        apply_unit(src + r * g.D, y + r * g.D, g, r, task % g.n_units, w, b, row_mean[r],
+                   rstd[r])
         if g.stream:
             fn_stream_fence()
 
 
 # ----------------------------------------------------------- backward
 
-cdef inline void backward_row(const floating* x, const floating* dy, floating* dx, RowGeom* g,
-                              Py_ssize_t r, const floating* w, double mean, double rstd,
-                              double* sums, floating* acc_w, floating* acc_b) noexcept nogil:
+cdef inline void backward_row(const floating* x, const floating* dy, floating* dx,
+                              const floating* gh, RowGeom* g, Py_ssize_t r, const floating* w,
+                              const floating* b, double mean, double rstd, double* sums,
+                              floating* acc_w, floating* acc_b) noexcept nogil:
     """Gradient sums of row r (sums: sums_per_row zeros), then its dx in cache."""
     cdef Py_ssize_t u
     cdef double k_d, c_0
     for u in range(g.n_units):
-        unit_grad_sums(x + r * g.D, dy + r * g.D, g, u, w, mean, sums)
+        unit_grad_sums(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w, b, mean, rstd, sums)
     row_coefficients(g, r, w, rstd, sums, &k_d, &c_0)
     for u in range(g.n_units):
-        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w, mean, rstd, k_d, c_0,
-                      acc_w, acc_b)
+        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, row_of(gh, r, g.D), g, r, u, w,
+                      mean, rstd, k_d, c_0, acc_w, acc_b)
 
 
 cdef inline double* block_acc(RowGeom* g, double* acc, Py_ssize_t k) noexcept nogil:
@@ -340,10 +406,11 @@ cdef inline void flush_columns(RowGeom* g, double* acc, floating* wacc, Py_ssize
     flush_partials(acc + g.D + s0, wacc + g.D + s0, n)
 
 
-cdef inline void backward_block(const floating* x, const floating* dy, floating* dx, RowGeom* g,
-                                Py_ssize_t n_blocks, Py_ssize_t k, const floating* w,
-                                const double* mean, const double* rstd, double* sums,
-                                double* acc, floating* wacc) noexcept nogil:
+cdef inline void backward_block(const floating* x, const floating* dy, floating* dx,
+                                const floating* gh, RowGeom* g, Py_ssize_t n_blocks, Py_ssize_t k,
+                                const floating* w, const floating* b, const double* mean,
+                                const double* rstd, double* sums, double* acc,
+                                floating* wacc) noexcept nogil:
     """Rows of block k in order. Elementwise mode: acc (2*D) gets the block's
     weight/bias partials (through wacc, see group_ends). Per-channel mode: one
     block per row, sums hold the row's per-run sums afterwards."""
@@ -359,29 +426,30 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
         row_sums = sums + (r * nsum if g.per_channel else 2 * k)
         for i in range(nsum):
             row_sums[i] = 0.0
-        backward_row(x, dy, dx, g, r, w, mean[r] if g.centered else 0.0, rstd[r], row_sums,
-                     wacc, wacc + g.D)
+        backward_row(x, dy, dx, gh, g, r, w, b, mean[r] if g.centered else 0.0, rstd[r],
+                     row_sums, wacc, wacc + g.D)
         if not g.per_channel and group_ends(r, first, stop):
             flush_columns(g, acc, wacc, 0, g.D)
 
 
-cdef void backward_by_row(const floating* x, const floating* dy, floating* dx, RowGeom* g,
-                          Py_ssize_t n_blocks, const floating* w, const double* mean,
-                          const double* rstd, double* sums, double* acc, floating* wacc,
-                          int n_threads) noexcept nogil:
+cdef void backward_by_row(const floating* x, const floating* dy, floating* dx,
+                          const floating* gh, RowGeom* g, Py_ssize_t n_blocks, const floating* w,
+                          const floating* b, const double* mean, const double* rstd,
+                          double* sums, double* acc, floating* wacc, int n_threads) noexcept nogil:
     cdef Py_ssize_t k
     if n_threads == 1:
         for k in range(n_blocks):
-            backward_block(x, dy, dx, g, n_blocks, k, w, mean, rstd, sums, block_acc(g, acc, k),
-                           block_wacc(g, wacc, k))
+            backward_block(x, dy, dx, gh, g, n_blocks, k, w, b, mean, rstd, sums,
+                           block_acc(g, acc, k), block_wacc(g, wacc, k))
     else:
         for k in prange(n_blocks, num_threads=n_threads, schedule="static"):
-            backward_block(x, dy, dx, g, n_blocks, k, w, mean, rstd, sums, block_acc(g, acc, k),
-                           block_wacc(g, wacc, k))
+            backward_block(x, dy, dx, gh, g, n_blocks, k, w, b, mean, rstd, sums,
+                           block_acc(g, acc, k), block_wacc(g, wacc, k))
 
 
-cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx, RowGeom* g,
-                           Py_ssize_t n_blocks, const floating* w, const double* mean,
+cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx,
+                           const floating* gh, RowGeom* g, Py_ssize_t n_blocks,
+                           const floating* w, const floating* b, const double* mean,
                            const double* rstd, double* sums, double* acc, floating* wacc,
                            double* unit_sums, double* coef, int n_threads) noexcept nogil:
     """unit_sums: R * n_units * 2 (elementwise mode only); coef: 2 * R."""
@@ -396,8 +464,8 @@ cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx, 
     for task in prange(g.R * g.n_units, num_threads=n_threads, schedule="static"):
         r = task // g.n_units
         target = sums + r * nsum if g.per_channel else unit_sums + 2 * task
-        unit_grad_sums(x + r * g.D, dy + r * g.D, g, task % g.n_units, w,
-                       mean[r] if g.centered else 0.0, target)
+        unit_grad_sums(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, task % g.n_units, w, b,
+                       mean[r] if g.centered else 0.0, rstd[r], target)
     # fold in unit order, exactly as backward_row accumulates
     for r in range(g.R):
         if g.per_channel:
@@ -413,13 +481,14 @@ cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx, 
     # pass 2: dx; elementwise tasks are (row block, unit) so that each block
     # accumulates its rows in order, as backward_block does
     for task in prange(n_blocks * g.n_units, num_threads=n_threads, schedule="static"):
-        backward_block_unit(x, dy, dx, g, n_blocks, task // g.n_units, task % g.n_units, w, mean,
-                            rstd, coef, block_acc(g, acc, task // g.n_units),
+        backward_block_unit(x, dy, dx, gh, g, n_blocks, task // g.n_units, task % g.n_units, w,
+                            mean, rstd, coef, block_acc(g, acc, task // g.n_units),
                             block_wacc(g, wacc, task // g.n_units))
 
 
 cdef inline void backward_block_unit(const floating* x, const floating* dy, floating* dx,
-                                     RowGeom* g, Py_ssize_t n_blocks, Py_ssize_t k, Py_ssize_t u,
+                                     const floating* gh, RowGeom* g, Py_ssize_t n_blocks,
+                                     Py_ssize_t k, Py_ssize_t u,
                                      const floating* w, const double* mean, const double* rstd,
                                      const double* coef, double* acc,
                                      floating* wacc) noexcept nogil:
@@ -435,7 +504,7 @@ cdef inline void backward_block_unit(const floating* x, const floating* dy, floa
     first = stripe_start(g.R, n_blocks, k)
     stop = stripe_start(g.R, n_blocks, k + 1)
     for r in range(first, stop):
-        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w,
+        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, row_of(gh, r, g.D), g, r, u, w,
                       mean[r] if g.centered else 0.0, rstd[r], coef[2 * r], coef[2 * r + 1],
                       wacc, wacc + g.D)
         if not g.per_channel and group_ends(r, first, stop):
@@ -493,69 +562,83 @@ cdef inline double* f64_ptr(object a):
 def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t R,
                 Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G, bint per_channel, bint centered,
                 double eps, cnp.ndarray y, object mean, cnp.ndarray rstd, object var,
-                int n_threads):
-    """Row statistics and normalization: y = (x - mean) * rstd * weight + bias.
+                int n_threads, int act=ACT_NONE, object residual=None, object h=None):
+    """Row statistics and normalization: y = act((x - mean) * rstd * weight + bias).
 
     IN  x: R rows of D = runs*S values, R*D > 0. per_channel=False: weight,
         bias have D values (one per element, runs = 1); per_channel=True:
         C = G*runs values, run j of row r uses channel (r % G)*runs + j.
         centered=False (RMSNorm): no mean is subtracted, rstd = 1/sqrt(mean(x^2)+eps).
+        act: fused activation code. residual (None or like x): normalize h = x + residual.
     OUT y: like x; mean (None when not centered), rstd, var (None or R values):
-        float64 per-row mean, 1/sqrt(var + eps) and biased variance.
+        float64 per-row mean, 1/sqrt(var + eps) and biased variance; h (like x,
+        given with residual): x + residual.
     """
     cdef RowGeom g = row_geom(R, runs, S, G, per_channel, centered)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
     cdef double* p_var = f64_ptr(var)
-    cdef double* work
-    g.stream = g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
+    cdef void* p_res = data_or_null(residual)
+    cdef void* p_h = data_or_null(h)
+    cdef double* work = NULL
+    g.act = act
+    # an activation rereads its output, which must then stay in cache
+    g.stream = act == ACT_NONE and g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
     if split_by_unit(&g, n_threads):
         scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
         work = <double*>cnp.PyArray_DATA(scratch)
-        if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-            with nogil:
-                forward_by_unit(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), &g,
-                                <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias),
-                                eps, p_mean, p_rstd, p_var, work, work + 3 * g.R * g.n_units,
-                                n_threads)
-        else:
-            with nogil:
-                forward_by_unit(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), &g,
-                                <double*>cnp.PyArray_DATA(weight),
-                                <double*>cnp.PyArray_DATA(bias), eps, p_mean, p_rstd, p_var,
-                                work, work + 3 * g.R * g.n_units, n_threads)
-    elif cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         with nogil:
-            forward_by_row(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), &g,
-                           <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias), eps,
-                           p_mean, p_rstd, p_var, n_threads)
+            _row_forward(<float*>cnp.PyArray_DATA(x), <float*>p_res, <float*>p_h,
+                         <float*>cnp.PyArray_DATA(y), &g, <float*>cnp.PyArray_DATA(weight),
+                         <float*>cnp.PyArray_DATA(bias), eps, p_mean, p_rstd, p_var, work,
+                         n_threads)
     else:
         with nogil:
-            forward_by_row(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), &g,
-                           <double*>cnp.PyArray_DATA(weight), <double*>cnp.PyArray_DATA(bias),
-                           eps, p_mean, p_rstd, p_var, n_threads)
+            _row_forward(<double*>cnp.PyArray_DATA(x), <double*>p_res, <double*>p_h,
+                         <double*>cnp.PyArray_DATA(y), &g, <double*>cnp.PyArray_DATA(weight),
+                         <double*>cnp.PyArray_DATA(bias), eps, p_mean, p_rstd, p_var, work,
+                         n_threads)
+
+
+cdef void _row_forward(const floating* x, const floating* res, floating* h, floating* y,
+                       RowGeom* g, const floating* w, const floating* b, double eps,
+                       double* mean, double* rstd, double* var, double* work,
+                       int n_threads) noexcept nogil:
+    """work: the by-unit strategy's scratch (NULL: by row)."""
+    if work != NULL:
+        forward_by_unit(x, res, h, y, g, w, b, eps, mean, rstd, var, work,
+                        work + 3 * g.R * g.n_units, n_threads)
+    else:
+        forward_by_row(x, res, h, y, g, w, b, eps, mean, rstd, var, n_threads)
 
 
 def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R,
                  Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G, bint per_channel, bint centered,
                  object mean, cnp.ndarray rstd, cnp.ndarray dx, cnp.ndarray grad_weight,
-                 object grad_bias, int n_threads):
+                 object grad_bias, int n_threads, int act=ACT_NONE, object bias=None,
+                 object grad_h=None):
     """Gradients of row_forward (statistics taken from the input).
 
     IN  x, dy: R rows of D values, R*D > 0; weight as in row_forward; mean
-        (None when not centered) and rstd: the forward's float64 statistics.
+        (None when not centered) and rstd: the forward's float64 statistics;
+        act: the forward's activation, with its bias (like weight) when act != 0;
+        grad_h (None or like x): added to dx (a residual stream's gradient).
     OUT dx: like x; grad_weight (and grad_bias unless None): like weight, the
-        sums over rows of dy*xhat and dy.
+        sums over rows of g*xhat and g, g = dy * act'(z) (dy without activation).
     """
     cdef RowGeom g = row_geom(R, runs, S, G, per_channel, centered)
     cdef Py_ssize_t n_blocks = g.R if per_channel else min(g.R, <Py_ssize_t>MAX_STRIPES)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
     cdef void* p_grad_bias = data_or_null(grad_bias)
+    cdef void* p_bias = data_or_null(bias)
+    cdef void* p_gh = data_or_null(grad_h)
     cdef Py_ssize_t n_sums, n_acc, n_unit_sums, n_coef
     cdef bint by_unit
     cdef double* work
     cdef cnp.ndarray partials
+    g.act = act
     by_unit = split_by_unit(&g, n_threads)
     # one float64 scratch array: row sums | block partials | unit sums | coefficients
     n_sums = g.R * sums_per_row(&g) if per_channel else 2 * n_blocks
@@ -568,33 +651,34 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         with nogil:
             _row_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
-                          <float*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
-                          <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd, work, work + n_sums,
-                          <float*>cnp.PyArray_DATA(partials), work + n_sums + n_acc,
-                          work + n_sums + n_acc + n_unit_sums,
+                          <float*>cnp.PyArray_DATA(dx), <float*>p_gh, &g, n_blocks, by_unit,
+                          <float*>cnp.PyArray_DATA(weight), <float*>p_bias, p_mean, p_rstd,
+                          work, work + n_sums, <float*>cnp.PyArray_DATA(partials),
+                          work + n_sums + n_acc, work + n_sums + n_acc + n_unit_sums,
                           <float*>cnp.PyArray_DATA(grad_weight), <float*>p_grad_bias,
                           n_threads)
     else:
         with nogil:
             _row_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
-                          <double*>cnp.PyArray_DATA(dx), &g, n_blocks, by_unit,
-                          <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd, work, work + n_sums,
-                          <double*>cnp.PyArray_DATA(partials), work + n_sums + n_acc,
-                          work + n_sums + n_acc + n_unit_sums,
-                          <double*>cnp.PyArray_DATA(grad_weight),
-                          <double*>p_grad_bias, n_threads)
+                          <double*>cnp.PyArray_DATA(dx), <double*>p_gh, &g, n_blocks, by_unit,
+                          <double*>cnp.PyArray_DATA(weight), <double*>p_bias, p_mean, p_rstd,
+                          work, work + n_sums, <double*>cnp.PyArray_DATA(partials),
+                          work + n_sums + n_acc, work + n_sums + n_acc + n_unit_sums,
+                          <double*>cnp.PyArray_DATA(grad_weight), <double*>p_grad_bias,
+                          n_threads)
 
 
-cdef void _row_backward(const floating* x, const floating* dy, floating* dx, RowGeom* g,
-                        Py_ssize_t n_blocks, bint by_unit, const floating* w, const double* mean,
-                        const double* rstd, double* sums, double* acc, floating* wacc,
-                        double* unit_sums, double* coef, floating* grad_w, floating* grad_b,
-                        int n_threads) noexcept nogil:
+cdef void _row_backward(const floating* x, const floating* dy, floating* dx, const floating* gh,
+                        RowGeom* g, Py_ssize_t n_blocks, bint by_unit, const floating* w,
+                        const floating* b, const double* mean, const double* rstd, double* sums,
+                        double* acc, floating* wacc, double* unit_sums, double* coef,
+                        floating* grad_w, floating* grad_b, int n_threads) noexcept nogil:
     if by_unit:
-        backward_by_unit(x, dy, dx, g, n_blocks, w, mean, rstd, sums, acc, wacc, unit_sums,
-                         coef, n_threads)
+        backward_by_unit(x, dy, dx, gh, g, n_blocks, w, b, mean, rstd, sums, acc, wacc,
+                         unit_sums, coef, n_threads)
     else:
-        backward_by_row(x, dy, dx, g, n_blocks, w, mean, rstd, sums, acc, wacc, n_threads)
+        backward_by_row(x, dy, dx, gh, g, n_blocks, w, b, mean, rstd, sums, acc, wacc,
+                        n_threads)
     fold_param_grads(g, n_blocks, rstd, sums, acc, grad_w, grad_b)
 
 
@@ -616,7 +700,7 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
                             Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
                             const floating* b, double eps, double* mean, double* rstd,
                             double* var, double* ch, double[:, :, ::1] scratch, floating* vec,
-                            int n_threads) noexcept nogil:
+                            int act, int n_threads) noexcept nogil:
     """Sample n. ch: 2*C float64 (channel means, m2); vec: 4*C per-channel coefficients."""
     cdef Py_ssize_t grp, c, cg = C // G
     cdef Moments acc, part
@@ -636,13 +720,14 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
             vec[2 * C + c] = <floating>(rstd[n * G + grp] * w[c])
             vec[3 * C + c] = b[c]
     rows_affine(x + n * S * C, y + n * S * C, S, C, vec, vec + C, vec + 2 * C, vec + 3 * C,
-                ACT_NONE, <const floating*>NULL, n_threads)
+                act, <const floating*>NULL, n_threads)
 
 
 cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,
                      Py_ssize_t G, const floating* w, const floating* b, double eps,
                      double* mean, double* rstd, double* var, double* ch,
-                     double[:, :, :, ::1] scratch, floating* vec, int n_threads) noexcept nogil:
+                     double[:, :, :, ::1] scratch, floating* vec, int act,
+                     int n_threads) noexcept nogil:
     """ch, scratch, vec: one set per thread (see groups_cl_forward)."""
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t n, t
@@ -650,26 +735,30 @@ cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S,
         for n in prange(N, num_threads=n_threads, schedule="static"):
             t = threadid()
             cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch + 2 * C * t,
-                              scratch[t], vec + 4 * C * t, 1)
+                              scratch[t], vec + 4 * C * t, act, 1)
     else:
         for n in range(N):
             cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch, scratch[0],
-                              vec, n_threads)
+                              vec, act, n_threads)
 
 
 cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx, RowPlan* p,
                              Py_ssize_t n, Py_ssize_t S, Py_ssize_t C, Py_ssize_t G,
-                             const floating* w, const double* mean, const double* rstd,
-                             double* sums, double[:, :, ::1] scratch, floating* vec,
-                             int n_threads) noexcept nogil:
+                             const floating* w, const floating* b, const double* mean,
+                             const double* rstd, double* sums, double[:, :, ::1] scratch,
+                             floating* vec, int act, int n_threads) noexcept nogil:
     """Sample n. sums: this sample's 2*C float64 (sum(dy), sum(dy*(x-mean)) per
-    channel, kept for the weight/bias gradients); vec: 5*C coefficients."""
+    channel, kept for the weight/bias gradients); vec: 5*C coefficients. With an
+    activation, g = dy * act'(z) is formed in dx during the sums and replaces dy."""
     cdef Py_ssize_t grp, c, cg = C // G, D = cg * S
     cdef double sum_g, sum_gd, r, k_d, k_0
     for c in range(C):
         split_hi_lo(mean[n * G + c // cg], &vec[c], &vec[C + c])
-    rows_grad_sums(x + n * S * C, dy + n * S * C, p, vec, vec + C, sums, sums + C, scratch,
-                   n_threads)
+        vec[2 * C + c] = <floating>(rstd[n * G + c // cg] * w[c])   # z's scale
+    rows_grad_sums(x + n * S * C, dy + n * S * C, p, vec, vec + C, sums, sums + C, scratch, act,
+                   vec + 2 * C, b, dx + n * S * C, n_threads)
+    if act != ACT_NONE:
+        dy = dx
     for grp in range(G):
         r = rstd[n * G + grp]
         sum_g = 0.0
@@ -680,7 +769,6 @@ cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx
         k_d = -r * r * r * sum_gd / D
         k_0 = -r * sum_g / D
         for c in range(grp * cg, (grp + 1) * cg):
-            vec[2 * C + c] = <floating>(r * w[c])
             vec[3 * C + c] = <floating>k_d
             vec[4 * C + c] = <floating>k_0
     rows_affine_backward(x + n * S * C, dy + n * S * C, dx + n * S * C, S, C, vec, vec + C,
@@ -689,9 +777,9 @@ cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx
 
 cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N,
                       Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
-                      const double* mean, const double* rstd, double* sums,
+                      const floating* b, const double* mean, const double* rstd, double* sums,
                       double[:, :, :, ::1] scratch, floating* vec, floating* grad_w,
-                      floating* grad_b, int n_threads) noexcept nogil:
+                      floating* grad_b, int act, int n_threads) noexcept nogil:
     """sums: 2*C per sample; scratch, vec: one set per thread."""
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t n, t, c, cg = C // G
@@ -699,12 +787,12 @@ cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ss
     if by_sample(N, n_threads):
         for n in prange(N, num_threads=n_threads, schedule="static"):
             t = threadid()
-            cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, mean, rstd, sums + 2 * C * n,
-                               scratch[t], vec + 5 * C * t, 1)
+            cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, b, mean, rstd, sums + 2 * C * n,
+                               scratch[t], vec + 5 * C * t, act, 1)
     else:
         for n in range(N):
-            cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, mean, rstd, sums + 2 * C * n,
-                               scratch[0], vec, n_threads)
+            cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, b, mean, rstd, sums + 2 * C * n,
+                               scratch[0], vec, act, n_threads)
     # weight/bias gradients: samples folded in order
     for c in range(C):
         tw = 0.0
@@ -718,8 +806,9 @@ cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ss
 
 def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t N,
                       Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, double eps, cnp.ndarray y,
-                      cnp.ndarray mean, cnp.ndarray rstd, object var, int n_threads):
-    """GroupNorm forward on channels-last memory.
+                      cnp.ndarray mean, cnp.ndarray rstd, object var, int n_threads,
+                      int act=ACT_NONE):
+    """GroupNorm forward on channels-last memory, y = act(normalized x).
 
     IN  x: (N, S, C) C-contiguous, S > 0; weight, bias: (C,) x's dtype; G divides C.
     OUT y: (N, S, C); mean, rstd (and var unless None): (N*G,) float64 per (n, group).
@@ -737,22 +826,24 @@ def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ss
             cl_forward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, S, C, G,
                        <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias), eps,
                        p_mean, p_rstd, p_var, &ch[0], scratch, <float*>cnp.PyArray_DATA(vec),
-                       n_threads)
+                       act, n_threads)
     else:
         with nogil:
             cl_forward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, S, C, G,
                        <double*>cnp.PyArray_DATA(weight), <double*>cnp.PyArray_DATA(bias), eps,
                        p_mean, p_rstd, p_var, &ch[0], scratch, <double*>cnp.PyArray_DATA(vec),
-                       n_threads)
+                       act, n_threads)
 
 
 def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t N,
                        Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, cnp.ndarray mean,
                        cnp.ndarray rstd, cnp.ndarray dx, cnp.ndarray grad_weight,
-                       cnp.ndarray grad_bias, int n_threads):
+                       cnp.ndarray grad_bias, int n_threads, int act=ACT_NONE,
+                       cnp.ndarray bias=None):
     """GroupNorm backward on channels-last memory.
 
-    IN  x, dy: (N, S, C), S > 0; weight: (C,); mean, rstd: (N*G,) float64 from the forward.
+    IN  x, dy: (N, S, C), S > 0; weight: (C,); mean, rstd: (N*G,) float64 from the forward;
+        act: the forward's activation, with its bias (C,) when act != 0.
     OUT dx: (N, S, C); grad_weight, grad_bias: (C,) in x's dtype.
     """
     cdef RowPlan p = row_plan(S, C)
@@ -762,17 +853,20 @@ def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssi
     cdef cnp.ndarray vec = np.empty(5 * C * sets, dtype=x.dtype)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
+    cdef void* p_bias = data_or_null(bias)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         with nogil:
             cl_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
                         <float*>cnp.PyArray_DATA(dx), N, S, C, G,
-                        <float*>cnp.PyArray_DATA(weight), p_mean, p_rstd, &sums[0], scratch,
-                        <float*>cnp.PyArray_DATA(vec), <float*>cnp.PyArray_DATA(grad_weight),
-                        <float*>cnp.PyArray_DATA(grad_bias), n_threads)
+                        <float*>cnp.PyArray_DATA(weight), <float*>p_bias, p_mean, p_rstd,
+                        &sums[0], scratch, <float*>cnp.PyArray_DATA(vec),
+                        <float*>cnp.PyArray_DATA(grad_weight),
+                        <float*>cnp.PyArray_DATA(grad_bias), act, n_threads)
     else:
         with nogil:
             cl_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
                         <double*>cnp.PyArray_DATA(dx), N, S, C, G,
-                        <double*>cnp.PyArray_DATA(weight), p_mean, p_rstd, &sums[0], scratch,
-                        <double*>cnp.PyArray_DATA(vec), <double*>cnp.PyArray_DATA(grad_weight),
-                        <double*>cnp.PyArray_DATA(grad_bias), n_threads)
+                        <double*>cnp.PyArray_DATA(weight), <double*>p_bias, p_mean, p_rstd,
+                        &sums[0], scratch, <double*>cnp.PyArray_DATA(vec),
+                        <double*>cnp.PyArray_DATA(grad_weight),
+                        <double*>cnp.PyArray_DATA(grad_bias), act, n_threads)

@@ -315,18 +315,21 @@ static inline void fn_affine_out_f64(const double* restrict x, double* restrict 
 #define FN_DEFINE_ELEMENTWISE(T, SUFFIX)                                               \
     /* dx = (w * g + c_0) * k_g + k_d * d (c_0 = -mean(w*g) first, so that it cancels  \
        before the large factor k_g = rstd multiplies), and the weight/bias gradient     \
-       partials of a few rows, in working precision: acc_w += g * d * k_g, acc_b += g */ \
-    static inline void fn_row_backward_##SUFFIX(const T* restrict x, const T* restrict g, \
-                                                const T* restrict w, T* restrict dx,    \
+       partials of a few rows, in working precision: acc_w += g * d * k_g, acc_b += g.  \
+       g may be dx itself (a fused activation's g = dy * act'(z) is kept there): both   \
+       lack restrict, and g[i] is read before dx[i] is written. */                      \
+    static inline void fn_row_backward_##SUFFIX(const T* restrict x, const T* g,        \
+                                                const T* restrict w, T* dx,             \
                                                 ptrdiff_t n, T mean_hi, T mean_lo,      \
                                                 T k_g, T c_0, T k_d,                    \
                                                 T* restrict acc_w, T* restrict acc_b) { \
         _Pragma("omp simd")                                                              \
         for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            T gi = g[i];                                                                 \
             T d = (x[i] - mean_hi) - mean_lo;                                            \
-            dx[i] = (w[i] * g[i] + c_0) * k_g + k_d * d;                                 \
-            acc_w[i] += g[i] * (d * k_g);                                                \
-            acc_b[i] += g[i];                                                            \
+            dx[i] = (w[i] * gi + c_0) * k_g + k_d * d;                                   \
+            acc_w[i] += gi * (d * k_g);                                                  \
+            acc_b[i] += gi;                                                              \
         }                                                                                \
     }                                                                                    \
     /* acc += part, part = 0: a few rows' working-precision partials into float64 */    \

@@ -68,13 +68,16 @@ def check_out(x, out):
         raise ValueError("out must not overlap the input (the input is kept for backward)")
 
 
+def check_like(arr, x, name, x_name="the forward input"):
+    """arr must be a float ndarray of x's shape and dtype (a gradient, a residual)."""
+    check_float_array(arr, name)
+    if arr.shape != x.shape:
+        raise ValueError(f"{name} must have {x_name}'s shape {x.shape}, got {arr.shape}")
+    check_same_dtype(x, arr, name, x_name)
+
+
 def check_grad_output(grad_output, x):
-    check_float_array(grad_output, "grad_output")
-    if grad_output.shape != x.shape:
-        raise ValueError(
-            f"grad_output must have the forward input's shape {x.shape}, got {grad_output.shape}"
-        )
-    check_same_dtype(x, grad_output, "grad_output", "the forward input")
+    check_like(grad_output, x, "grad_output")
 
 
 def check_channels(x, num_channels, what):

@@ -2,7 +2,7 @@
 import numpy as np
 
 from . import functional as F
-from ._activation import check_activation
+from ._activation import activation_repr, check_activation
 from ._layout import kernel_ready
 from ._module import ChannelStatsLayer
 from ._validation import check_channels, check_float_array
@@ -67,7 +67,7 @@ class _BatchNorm(ChannelStatsLayer):
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
                 f"affine={self.affine}, track_running_stats={self.track_running_stats}"
-                + (f", activation={self.activation!r}" if self.activation else ""))
+                + activation_repr(self.activation))
 
 
 class BatchNorm1d(_BatchNorm):

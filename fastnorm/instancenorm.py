@@ -6,11 +6,14 @@ over the batch (as PyTorch does) and eval mode normalizes with them. Unlike
 PyTorch, momentum=None keeps a cumulative average instead of never updating,
 counting its batches in num_batches_tracked (which PyTorch leaves at 0, as we
 do with a numeric momentum, so state dicts match PyTorch's there). Unbatched
-(C, *) input is accepted.
+(C, *) input is accepted. activation= (None, "relu", "silu", "gelu" or
+"gelu_tanh") applies an activation to the output in the same pass; backward
+includes its derivative.
 """
 import numpy as np
 
 from . import functional as F
+from ._activation import activation_repr, check_activation
 from ._layout import kernel_ready
 from ._module import ChannelStatsLayer
 from ._validation import check_channels, check_float_array, check_out
@@ -22,8 +25,9 @@ class _InstanceNorm(ChannelStatsLayer):
     _spatial_dims = 0
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=False,
-                 track_running_stats=False, *, dtype=np.float32):
+                 track_running_stats=False, *, activation=None, dtype=np.float32):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+        self.activation = check_activation(activation)
 
     def _batched(self, x):
         """True for (N, C, *spatial) input, False for unbatched (C, *spatial)."""
@@ -48,7 +52,7 @@ class _InstanceNorm(ChannelStatsLayer):
         x = kernel_ready(x)
         y, mean, rstd = F.native_instance_norm(
             x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
-            self._momentum_now() if updates else 0.0, self.eps,
+            self._momentum_now() if updates else 0.0, self.eps, activation=self.activation,
             out=out if batched or out is None else out[None],
         )
         if updates and x.size and self.momentum is None:   # the cumulative average's count
@@ -75,13 +79,15 @@ class _InstanceNorm(ChannelStatsLayer):
                 )
             grad_output = grad_output[None]
         grad_input, grad_weight, grad_bias = F.instance_norm_backward(
-            grad_output, x, mean, rstd, self.weight, use_input_stats)
+            grad_output, x, mean, rstd, self.weight, use_input_stats, bias=self.bias,
+            activation=self.activation)
         grads = {"weight": grad_weight, "bias": grad_bias} if self.affine else {}
         return (grad_input if batched else grad_input[0]), grads
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}"
+                + activation_repr(self.activation))
 
 
 class InstanceNorm1d(_InstanceNorm):

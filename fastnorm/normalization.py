@@ -1,14 +1,20 @@
 """LayerNorm, RMSNorm and GroupNorm: PyTorch's per-sample normalization layers
 for NumPy arrays. Their statistics come from the input alone, so train and
-eval mode compute the same thing."""
+eval mode compute the same thing.
+
+Fusions (keywords beyond torch's): activation=None | "relu" | "silu" | "gelu" |
+"gelu_tanh" applies the activation to the output in the same pass (backward
+includes its derivative); LayerNorm and RMSNorm also take layer(x, residual=r)
+-> (y, h), h = x + r, y = norm(h), and then backward(grad_y, grad_h=None)."""
 import numpy as np
 
 from . import functional as F
+from ._activation import activation_code, activation_repr, check_activation
 from ._layout import kernel_ready
 from ._module import NormLayer, check_count, check_eps
-from ._validation import check_channels, check_float_array, check_grad_output, check_out
-from .functional._rows import as_shape, contiguous
-from .functional.layer_norm import check_rows_input, rms_eps, rows_backward, rows_forward
+from ._validation import check_channels, check_float_array, check_grad_output, check_like
+from .functional._rows import as_shape
+from .functional.layer_norm import check_rows_forward, rows_backward, rows_forward
 
 __all__ = ["LayerNorm", "RMSNorm", "GroupNorm"]
 
@@ -19,22 +25,36 @@ class _RowNorm(NormLayer):
 
     _centered = True
 
-    def forward(self, input, out=None):
+    def forward(self, input, out=None, *, residual=None):
+        """The normalized input (act of it with an activation). With residual=r
+        (an array like input), returns (y, h): h = input + r and y = norm(h),
+        computed in one pass; backward then gives the gradient with respect to h."""
         shape = self.normalized_shape
-        check_rows_input(input, shape, self.weight, self.bias, type(self).__name__)
-        if out is not None:
-            check_out(input, out)
-        x = contiguous(input)
-        eps = self.eps if self._centered else rms_eps(x.dtype, self.eps)
-        y, mean, rstd = rows_forward(x, shape, self.weight, self.bias, eps, self._centered, out)
-        self._saved = (x, mean, rstd)
-        return y
+        eps, act = check_rows_forward(input, residual, shape, self.weight, self.bias, self.eps,
+                                      self.activation, out, type(self).__name__,
+                                      rms=not self._centered)
+        y, normalized, mean, rstd = rows_forward(input, residual, shape, self.weight, self.bias,
+                                                 eps, self._centered, out, act)
+        self._saved = (normalized, mean, rstd, residual is not None)
+        return y if residual is None else (y, normalized)
 
-    def _backward(self, grad_output, saved):
-        x, mean, rstd = saved
+    def backward(self, grad_output, grad_h=None):
+        """Gradient w.r.t. the last forward's input; after forward(x, residual=r),
+        w.r.t. h (the gradient for x and for r alike) with grad_h, the gradient
+        reaching h from elsewhere (e.g. the residual stream), added when given.
+        Also sets self.grads."""
+        return super().backward(grad_output, grad_h=grad_h)
+
+    def _backward(self, grad_output, saved, grad_h=None):
+        x, mean, rstd, fused_add = saved
         check_grad_output(grad_output, x)
+        if grad_h is not None:
+            if not fused_add:
+                raise ValueError("grad_h is accepted only after a forward with residual=")
+            check_like(grad_h, x, "grad_h", "h")
         grad_input, grad_weight, grad_bias = rows_backward(
-            grad_output, x, self.normalized_shape, self.weight, mean, rstd, self._centered)
+            grad_output, x, self.normalized_shape, self.weight, mean, rstd, self._centered,
+            activation_code(self.activation), self.bias, grad_h)
         grads = {}
         if self.weight is not None:
             grads["weight"] = grad_weight
@@ -42,23 +62,25 @@ class _RowNorm(NormLayer):
             grads["bias"] = grad_bias
         return grad_input, grads
 
+    def extra_repr(self):
+        return (f"{self.normalized_shape}, eps={self.eps}, "
+                f"elementwise_affine={self.elementwise_affine}"
+                + activation_repr(self.activation))
+
 
 class LayerNorm(_RowNorm):
     """Layer normalization over the last len(normalized_shape) dims of (*, *normalized_shape)."""
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, *,
-                 dtype=np.float32):
+                 activation=None, dtype=np.float32):
         super().__init__(dtype)
         self.normalized_shape = as_shape(normalized_shape)
         self.eps = check_eps(eps)
         self.elementwise_affine = bool(elementwise_affine)
+        self.activation = check_activation(activation)
         shape = self.normalized_shape
         self.weight = np.ones(shape, self.dtype) if self.elementwise_affine else None
         self.bias = np.zeros(shape, self.dtype) if self.elementwise_affine and bias else None
-
-    def extra_repr(self):
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
 
 
 class RMSNorm(_RowNorm):
@@ -69,17 +91,15 @@ class RMSNorm(_RowNorm):
     _centered = False
     bias = None
 
-    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=np.float32):
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, activation=None,
+                 dtype=np.float32):
         super().__init__(dtype)
         self.normalized_shape = as_shape(normalized_shape)
         self.eps = None if eps is None else check_eps(eps)
         self.elementwise_affine = bool(elementwise_affine)
+        self.activation = check_activation(activation)
         shape = self.normalized_shape
         self.weight = np.ones(shape, self.dtype) if self.elementwise_affine else None
-
-    def extra_repr(self):
-        return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
 
 
 class GroupNorm(NormLayer):
@@ -87,8 +107,10 @@ class GroupNorm(NormLayer):
     C/num_groups channels; a weight and bias per channel. Channels-last memory
     is processed in place and the output keeps that layout."""
 
-    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, dtype=np.float32):
+    def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, *, activation=None,
+                 dtype=np.float32):
         super().__init__(dtype)
+        self.activation = check_activation(activation)
         self.num_groups = check_count("num_groups", num_groups)
         self.num_channels = check_count("num_channels", num_channels)
         if self.num_channels % self.num_groups:
@@ -109,16 +131,18 @@ class GroupNorm(NormLayer):
         check_channels(input, self.num_channels, "GroupNorm")
         x = kernel_ready(input)
         y, mean, rstd = F.native_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                                            out=out)
+                                            activation=self.activation, out=out)
         self._saved = (x, mean, rstd)
         return y
 
     def _backward(self, grad_output, saved):
         x, mean, rstd = saved
         grad_input, grad_weight, grad_bias = F.group_norm_backward(
-            grad_output, x, self.num_groups, mean, rstd, self.weight)
+            grad_output, x, self.num_groups, mean, rstd, self.weight, bias=self.bias,
+            activation=self.activation)
         grads = {"weight": grad_weight, "bias": grad_bias} if self.affine else {}
         return grad_input, grads
 
     def extra_repr(self):
-        return f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}"
+                + activation_repr(self.activation))

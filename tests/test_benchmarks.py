@@ -111,10 +111,29 @@ def test_every_layer_runs_against_torch_with_a_stub_fastnorm():
     from benchmarks import run
     peer_list = peers.make_peers(_stub_fastnorm())
     runner = run.Runner(_stub_fastnorm(), peer_list, timing.SMOKE, {1: 10.0})
-    selected = [c for c in cases.select_cases(quick=False, tiny_only=True, dtypes=["float32"])]
+    selected = [c for c in cases.select_cases(quick=False, tiny_only=True, dtypes=["float32"])
+                if not c.layer.fusion]   # the NumPy floor has no fused forms
     records = runner.run(selected, [1])
     assert len(records) == len(selected), runner.notes
     assert all(r["speedup"]["torch"] > 0 for r in records)
+
+
+def test_fused_cases_time_torch_composition_and_norm_alone():
+    pytest.importorskip("torch")
+    import fastnorm
+    from benchmarks import run
+    peer_list = peers.make_peers(fastnorm, ["torch", "numpy"])
+    runner = run.Runner(fastnorm, peer_list, timing.SMOKE, {1: 10.0})
+    selected = [c for c in cases.select_cases(quick=False, tiny_only=True, dtypes=["float32"])
+                if c.layer.fusion]
+    assert {c.layer.fusion for c in selected} == {"add", "silu"}
+    records = runner.run(selected, [1])
+    assert len(records) == len(selected), runner.notes
+    for r in records:
+        assert r["fusion"] and r["speedup"]["torch"] > 0 and r["speedup"]["norm-only"] > 0
+        assert "numpy" in r["skipped"]
+    rows = {row["target"]: row for row in targets.evaluate(records)}
+    assert rows["fusions (add+norm, norm+act) vs torch's composition"]["status"] == "not measured"
 
 
 def test_missing_layer_is_skipped_with_a_note():

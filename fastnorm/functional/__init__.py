@@ -10,13 +10,16 @@ from .group_norm import (
     native_instance_norm,
 )
 from .layer_norm import (
-    layer_norm, layer_norm_backward, native_layer_norm, native_rms_norm, rms_norm,
-    rms_norm_backward,
+    add_layer_norm, add_layer_norm_backward, add_rms_norm, add_rms_norm_backward, layer_norm,
+    layer_norm_backward, native_add_layer_norm, native_add_rms_norm, native_layer_norm,
+    native_rms_norm, rms_norm, rms_norm_backward,
 )
 from .local_response_norm import local_response_norm, local_response_norm_backward
 from .sync_batch_norm import native_sync_batch_norm, sync_batch_norm, sync_batch_norm_backward
 
 __all__ = [
+    "add_layer_norm", "add_layer_norm_backward", "native_add_layer_norm",
+    "add_rms_norm", "add_rms_norm_backward", "native_add_rms_norm",
     "batch_norm", "batch_norm_backward", "native_batch_norm",
     "group_norm", "group_norm_backward", "native_group_norm",
     "instance_norm", "instance_norm_backward", "native_instance_norm",

@@ -12,9 +12,14 @@ Channels-last memory (x_nhwc.transpose(0, 3, 1, 2)) is processed in place and
 the output keeps that layout. Each form has a native_* twin that also returns
 the statistics, and a backward taking them. Statistics are float64 (N, G)
 arrays (N, C for instance_norm with input statistics).
+
+activation= (None, "relu", "silu", "gelu" or "gelu_tanh"; beyond torch's API)
+fuses an activation: the output is act(y), computed in the same pass; the
+backward forms take the same activation and the bias and include its derivative.
 """
 import numpy as np
 
+from .._activation import activation_code, check_activation
 from .._kernels import kernels
 from .._layout import deliver, is_channels_last, kernel_view, output_for
 from .._threads import threads_for
@@ -28,38 +33,46 @@ __all__ = [
 ]
 
 
-def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
-    """torch.nn.functional.group_norm for NumPy arrays of shape (N, C, *)."""
-    return native_group_norm(input, num_groups, weight, bias, eps, out=out)[0]
+def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
+               out=None):
+    """torch.nn.functional.group_norm for NumPy arrays of shape (N, C, *)
+    (act of the output with an activation)."""
+    return native_group_norm(input, num_groups, weight, bias, eps, activation=activation,
+                             out=out)[0]
 
 
-def native_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, out=None):
+def native_group_norm(input, num_groups, weight=None, bias=None, eps=1e-5, *, activation=None,
+                      out=None):
     """group_norm returning (output, mean, rstd): float64 (N, G) statistics
     (rstd = 1/sqrt(var + eps)) to pass to group_norm_backward."""
     check_group_input(input, num_groups, weight, bias, "group_norm")
     check_eps_value(eps)
+    act = activation_code(check_activation(activation))
     check_out(input, out)
-    y, mean, rstd, _ = groups_forward(input, num_groups, weight, bias, eps, out)
+    y, mean, rstd, _ = groups_forward(input, num_groups, weight, bias, eps, out, act=act)
     return y, mean, rstd
 
 
-def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight=None):
+def group_norm_backward(grad_output, input, num_groups, mean, rstd, weight=None, *, bias=None,
+                        activation=None):
     """Gradients of group_norm: returns (grad_input, grad_weight, grad_bias).
 
     grad_weight = sum over batch and space of dy * xhat, grad_bias = sum of dy,
     per channel in the input's dtype (computed as if weight were ones when it
-    is None). grad_input has the input's layout.
+    is None). grad_input has the input's layout. With the forward's activation,
+    pass its bias too: dy is first multiplied by act'(y), y recomputed from input.
     """
-    check_group_input(input, num_groups, weight, None, "group_norm_backward")
+    check_group_input(input, num_groups, weight, bias, "group_norm_backward")
     check_grad_output(grad_output, input)
+    act = activation_code(check_activation(activation))
     count = input.shape[0] * num_groups
     mean = check_stat(mean, "mean", count)
     rstd = check_stat(rstd, "rstd", count)
-    return groups_backward(grad_output, input, num_groups, weight, mean, rstd)
+    return groups_backward(grad_output, input, num_groups, weight, mean, rstd, act, bias)
 
 
 def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                  use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None):
+                  use_input_stats=True, momentum=0.1, eps=1e-5, *, activation=None, out=None):
     """torch.nn.functional.instance_norm for NumPy arrays of shape (N, C, *).
 
     use_input_stats=True normalizes each (sample, channel) with its own
@@ -69,24 +82,28 @@ def instance_norm(input, running_mean=None, running_var=None, weight=None, bias=
     use_input_stats=False normalizes with the running statistics.
     """
     return native_instance_norm(input, running_mean, running_var, weight, bias,
-                                use_input_stats, momentum, eps, out=out)[0]
+                                use_input_stats, momentum, eps, activation=activation,
+                                out=out)[0]
 
 
 def native_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None,
-                         use_input_stats=True, momentum=0.1, eps=1e-5, *, out=None):
+                         use_input_stats=True, momentum=0.1, eps=1e-5, *, activation=None,
+                         out=None):
     """instance_norm returning (output, mean, rstd) for instance_norm_backward:
     float64 (N, C) instance statistics, or (C,) running ones when
     use_input_stats=False."""
     x = input
     check_instance_input(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
                          eps)
+    act = activation_code(check_activation(activation))
     check_out(x, out)
     if not use_input_stats:
         return native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
-                                 out=out)
+                                 activation=activation, out=out)
     channels = x.shape[1]
     tracking = running_mean is not None
-    y, mean, rstd, var = groups_forward(x, channels, weight, bias, eps, out, want_var=tracking)
+    y, mean, rstd, var = groups_forward(x, channels, weight, bias, eps, out, want_var=tracking,
+                                        act=act)
     if tracking and x.size:
         spatial = x.size // (x.shape[0] * channels)
         batch_mean = mean.mean(axis=0)
@@ -96,12 +113,14 @@ def native_instance_norm(input, running_mean=None, running_var=None, weight=None
     return y, mean, rstd
 
 
-def instance_norm_backward(grad_output, input, mean, rstd, weight=None, use_input_stats=True):
+def instance_norm_backward(grad_output, input, mean, rstd, weight=None, use_input_stats=True,
+                           *, bias=None, activation=None):
     """Gradients of instance_norm: returns (grad_input, grad_weight, grad_bias).
 
     mean/rstd are what native_instance_norm returned for the same
     use_input_stats. With use_input_stats=False the (running) statistics are
-    constants, as in torch's eval mode.
+    constants, as in torch's eval mode. With the forward's activation, pass its
+    bias too.
     """
     x = input
     check_float_array(x, "input")
@@ -109,8 +128,10 @@ def instance_norm_backward(grad_output, input, mean, rstd, weight=None, use_inpu
         raise ValueError("instance_norm_backward expects an input of shape (N, C, *), "
                          f"got {x.shape}")
     if not use_input_stats:
-        return batch_norm_backward(grad_output, x, mean, rstd, weight, training=False)
-    return group_norm_backward(grad_output, x, x.shape[1], mean, rstd, weight)
+        return batch_norm_backward(grad_output, x, mean, rstd, weight, training=False, bias=bias,
+                                   activation=activation)
+    return group_norm_backward(grad_output, x, x.shape[1], mean, rstd, weight, bias=bias,
+                               activation=activation)
 
 
 # ------------------------------------------------------------------ checks
@@ -159,7 +180,7 @@ def check_instance_input(x, running_mean, running_var, weight, bias, use_input_s
 
 # -------------------------------------------------------------- kernels
 
-def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False):
+def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False, act=0):
     """Checked input -> (output, mean, rstd, var or None), statistics (N, G)."""
     n, channels = x.shape[0], x.shape[1]
     spatial = prod(x.shape[2:])
@@ -175,20 +196,21 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False):
         if x.size:
             kernels.groups_cl_forward(_channels_last_view(x), weight, bias, n, spatial, channels,
                                       num_groups, eps, view.reshape(n, spatial, channels), mean,
-                                      rstd, var, threads)
+                                      rstd, var, threads, act)
         return deliver(target, out), mean, rstd, var
     x = np.ascontiguousarray(x)
     y = out if out is not None and out.flags.c_contiguous else np.empty(x.shape, x.dtype)
     if x.size:
         kernels.row_forward(x, weight, bias, n * num_groups, channels // num_groups, spatial,
-                            num_groups, True, True, eps, y, mean, rstd, var, threads)
+                            num_groups, True, True, eps, y, mean, rstd, var, threads, act)
     return deliver(y, out), mean, rstd, var
 
 
-def groups_backward(grad_output, x, num_groups, weight, mean, rstd):
+def groups_backward(grad_output, x, num_groups, weight, mean, rstd, act=0, bias=None):
     n, channels = x.shape[0], x.shape[1]
     spatial = prod(x.shape[2:])
     weight = param_or(weight, channels, x.dtype, 1)
+    bias = param_or(bias, channels, x.dtype, 0)
     grad_weight = np.zeros(channels, x.dtype)
     grad_bias = np.zeros(channels, x.dtype)
     threads = threads_for(x.size)
@@ -199,7 +221,7 @@ def groups_backward(grad_output, x, num_groups, weight, mean, rstd):
             kernels.groups_cl_backward(_channels_last_view(x), dy.reshape(n, spatial, channels),
                                        weight, n, spatial, channels, num_groups, mean, rstd,
                                        grad_view.reshape(n, spatial, channels), grad_weight,
-                                       grad_bias, threads)
+                                       grad_bias, threads, act, bias)
         return grad_input, grad_weight, grad_bias
     x = np.ascontiguousarray(x)
     dy = np.ascontiguousarray(grad_output)
@@ -207,7 +229,7 @@ def groups_backward(grad_output, x, num_groups, weight, mean, rstd):
     if x.size:
         kernels.row_backward(x, dy, weight, n * num_groups, channels // num_groups, spatial,
                              num_groups, True, True, mean, rstd, grad_input, grad_weight,
-                             grad_bias, threads)
+                             grad_bias, threads, act, bias)
     return grad_input, grad_weight, grad_bias
 
 
