@@ -449,6 +449,10 @@ def channel_moments(const floating[:, :, ::1] x, double[::1] mean, double[::1] m
     IN  x: (N, C, S) C-contiguous, N*S > 0.
     OUT mean, m2: (C,) float64.
     """
+    _moments(x, mean, m2, n_threads)
+
+
+cdef _moments(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2, int n_threads):
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef SegmentPlan sp
     cdef RowPlan rp
@@ -493,12 +497,12 @@ cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
     """y = act(z) without dy (NULL), y = dy * act'(z) with it (dy laid out like x)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task
     cdef SegmentPlan sp
-    cdef floating[::1] mean_hi, mean_lo, scale_w, shift_w
+    cdef floating[:, ::1] w
     if S == 1:
-        mean_hi, mean_lo, scale_w, shift_w = _working_copies(x, mean, scale, shift)
+        w = _working_copies(x, &mean[0], &scale[0], &shift[0], NULL)
         with nogil:
-            rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, &mean_hi[0], &mean_lo[0],
-                        &scale_w[0], &shift_w[0], act, dy, n_threads)
+            rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, &w[0, 0], &w[1, 0], &w[2, 0], &w[3, 0],
+                        act, dy, n_threads)
     else:
         sp = segment_plan(N, C, S)
         with nogil:
@@ -533,16 +537,15 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
                     segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, c, g, m.mean,
                                           norm.scale, norm.shift, act, NULL)
         return
-    m2 = np.empty(C)
-    scales = np.empty(C)
-    shifts = np.empty(C)
-    channel_moments(x, mean, m2, n_threads)
+    work = np.empty((3, C))
+    m2, scales, shifts = work[0], work[1], work[2]
+    _moments(x, mean, m2, n_threads)
     for c in range(C):
         norm = normalize_coefficients(m2[c], <double>(N * S), weight[c], bias[c], eps)
         var[c] = norm.var
         scales[c] = norm.scale
         shifts[c] = norm.shift
-    channel_normalize(x, mean, scales, shifts, y, n_threads, act)
+    _channel_elementwise(x, NULL, mean, scales, shifts, act, y, n_threads)
 
 
 def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
@@ -557,13 +560,13 @@ def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     cdef RowPlan rp
     cdef double[:, :, ::1] scratch
     cdef double[::1] flat
-    cdef floating[::1] mean_hi, mean_lo
+    cdef floating[:, ::1] w
     if S == 1:
         rp = row_plan(N, C)
         scratch = np.empty((rp.n_stripes * rp.n_blocks, 2, rp.block))
-        mean_hi, mean_lo = _working_copies(x, mean)
+        w = _working_copies(x, &mean[0], NULL, NULL, NULL)
         with nogil:
-            rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &mean_hi[0], &mean_lo[0], &sum_dy[0],
+            rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &w[0, 0], &w[1, 0], &sum_dy[0],
                            &sum_dy_xmu[0], scratch, ACT_NONE, NULL, NULL, NULL, n_threads)
         return
     sp = segment_plan(N, C, S)
@@ -606,12 +609,12 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
     """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task, c
     cdef SegmentPlan sp
-    cdef floating[::1] mean_hi, mean_lo, kd, kx, k0
+    cdef floating[:, ::1] w
     if S == 1:
-        mean_hi, mean_lo, kd, kx, k0 = _working_copies(x, mean, k_dy, k_x, k_0)
+        w = _working_copies(x, &mean[0], &k_dy[0], &k_x[0], &k_0[0])
         with nogil:
-            rows_affine_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], N, C, &mean_hi[0],
-                                 &mean_lo[0], &kd[0], &kx[0], &k0[0], n_threads)
+            rows_affine_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], N, C, &w[0, 0],
+                                 &w[1, 0], &w[2, 0], &w[3, 0], &w[4, 0], n_threads)
         return
     sp = segment_plan(N, C, S)
     with nogil:
@@ -676,10 +679,19 @@ def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     channel_backward_apply(x, dy, mean, kd, kx, k0, dx, n_threads)
 
 
-def _working_copies(x, *per_channel):
-    """Per-channel float64 arrays as x's dtype; the first is split into hi and lo parts."""
-    dtype = np.asarray(x).dtype
-    mean = np.asarray(per_channel[0])
-    hi = mean.astype(dtype)
-    lo = (mean - hi.astype(np.float64)).astype(dtype)
-    return (hi, lo) + tuple(np.asarray(a).astype(dtype) for a in per_channel[1:])
+cdef floating[:, ::1] _working_copies(const floating[:, :, ::1] x, const double* mean,
+                                      const double* a, const double* b, const double* c):
+    """Per-channel float64 values in x's precision, for the rows strategy: rows 0 and 1
+    of the result are mean split into hi and lo parts, rows 2, 3, 4 the arrays a, b, c
+    (NULL skips one). Filled in C: a tiny call cannot afford a NumPy call per array."""
+    cdef Py_ssize_t C = x.shape[1], i
+    cdef floating[:, ::1] w = np.empty((5, C), np.float32 if floating is float else np.float64)
+    for i in range(C):
+        split_hi_lo(mean[i], &w[0, i], &w[1, i])
+        if a != NULL:
+            w[2, i] = <floating>a[i]
+        if b != NULL:
+            w[3, i] = <floating>b[i]
+        if c != NULL:
+            w[4, i] = <floating>c[i]
+    return w
