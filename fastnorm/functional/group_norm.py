@@ -16,6 +16,7 @@ arrays (N, C for instance_norm with input statistics).
 import numpy as np
 
 from .._kernels import kernels
+from .._overflow import refit_rows
 from .._layout import deliver, is_channels_last, kernel_view, output_for
 from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_out
@@ -182,6 +183,7 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False):
     if x.size:
         kernels.row_forward(x, weight, bias, n * num_groups, channels // num_groups, spatial,
                             num_groups, True, True, eps, y, mean, rstd, var, threads)
+        refit_rows(x, y, weight, bias, mean, rstd, var, eps, num_groups, spatial)
     return deliver(y, out), mean, rstd, var
 
 

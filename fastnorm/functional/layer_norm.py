@@ -12,6 +12,7 @@ input's leading dims (x.shape[:-len(normalized_shape)]).
 import numpy as np
 
 from .._kernels import kernels
+from .._overflow import refit_rows
 from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_out
 from ._rows import (
@@ -112,10 +113,10 @@ def rows_forward(x, shape, weight, bias, eps, centered, out):
     rstd = np.empty(lead)
     mean = np.empty(lead) if centered else None
     if x.size:
-        dtype = x.dtype
-        kernels.row_forward(x, param_or(weight, size, dtype, 1), param_or(bias, size, dtype, 0),
-                            rows, 1, size, 1, False, centered, eps, y, mean, rstd, None,
-                            threads_for(x.size))
+        weight, bias = param_or(weight, size, x.dtype, 1), param_or(bias, size, x.dtype, 0)
+        kernels.row_forward(x, weight, bias, rows, 1, size, 1, False, centered, eps, y, mean,
+                            rstd, None, threads_for(x.size))
+        refit_rows(x, y, weight, bias, mean, rstd, None, eps)   # huge values: see _overflow.py
     else:  # no values: statistics of empty rows are undefined
         rstd.fill(np.nan)
         if mean is not None:
