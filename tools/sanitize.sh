@@ -38,7 +38,9 @@ export PYTHONFAULTHANDLER=1
 
 "$python" -c "import fastnorm; fastnorm.show_config()"
 if [[ $# -eq 0 ]]; then
-    set -- tests -m "not slow and not mpi"
+    # test_benchmarks times runs and imports matplotlib, whose import aborts under the
+    # preloaded ASan runtime (not fastnorm code): left out of the default run
+    set -- tests -m "not slow and not mpi" --ignore=tests/test_benchmarks.py
 fi
 echo "== pytest $*"
 start=$SECONDS
