@@ -26,6 +26,12 @@ class NormLayer:
     Subclasses list their attribute names in _parameter_names/_buffer_names
     (an attribute may be None, as in torch) and implement forward() and
     _backward(grad_output, saved) -> (grad_input, grads).
+
+    Threads: separate layer objects may run in separate Python threads at once
+    (the kernels release the GIL). One layer object is not thread-safe: forward
+    saves its input and statistics on the object for backward and updates the
+    running statistics in place, so concurrent calls on the same object race.
+    Use one layer per thread, or hold a lock around each forward+backward pair.
     """
 
     _parameter_names = ("weight", "bias")

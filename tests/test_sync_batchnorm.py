@@ -520,6 +520,21 @@ def test_mpi_channel_disagreement_fails_instead_of_hanging():
     assert proc.returncode != 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.mpi
+def test_mpi_rank_that_raises_aborts_the_job_instead_of_hanging():
+    proc = mpirun(2, "raise")
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert "rank 1 fails on purpose" in proc.stderr
+    assert "rank 0: no error" not in proc.stdout
+
+
+@pytest.mark.mpi
+def test_mpi_communicator_returning_wrong_results_is_a_clear_error():
+    proc = mpirun(2, "wrong-results")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok:") == 2, proc.stdout
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,6 +14,7 @@ import numpy as np
 
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
+from .._overflow import overflowed_channels
 from .._layout import deliver, input_view, kernel_view, output_for
 from .._threads import threads_for
 from .._validation import (
@@ -62,6 +63,9 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
         if count > 0:
             kernels.channel_forward_train(view, weight64, bias64, float(eps), y_view, mean, var,
                                           n_threads, act)
+            if overflowed_channels(view, mean, var):   # huge values: see _overflow.py
+                kernels.channel_normalize(view, mean, weight64 / np.sqrt(var + eps), bias64,
+                                          y_view, n_threads, act)
             if running_mean is not None:
                 _update_running(running_mean, running_var, mean, var, count, momentum)
         invstd = 1.0 / np.sqrt(var + eps)

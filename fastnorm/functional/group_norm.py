@@ -21,6 +21,7 @@ import numpy as np
 
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
+from .._overflow import refit_rows
 from .._layout import deliver, is_channels_last, kernel_view, output_for
 from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_out
@@ -203,6 +204,8 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False, act=0)
     if x.size:
         kernels.row_forward(x, weight, bias, n * num_groups, channels // num_groups, spatial,
                             num_groups, True, True, eps, y, mean, rstd, var, threads, act)
+        if not act:  # huge values: see _overflow.py (outputs of fused activations are not refit)
+            refit_rows(x, y, weight, bias, mean, rstd, var, eps, num_groups, spatial)
     return deliver(y, out), mean, rstd, var
 
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
+from .._overflow import refit_rows
 from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_like, check_out
 from ._rows import (
@@ -225,10 +226,11 @@ def rows_forward(x, residual, shape, weight, bias, eps, centered, out, act=0):
     rstd = np.empty(lead)
     mean = np.empty(lead) if centered else None
     if x.size:
-        dtype = x.dtype
-        kernels.row_forward(x, param_or(weight, size, dtype, 1), param_or(bias, size, dtype, 0),
-                            rows, 1, size, 1, False, centered, eps, y, mean, rstd, None,
-                            threads_for(x.size), act, residual, h)
+        weight, bias = param_or(weight, size, x.dtype, 1), param_or(bias, size, x.dtype, 0)
+        kernels.row_forward(x, weight, bias, rows, 1, size, 1, False, centered, eps, y, mean,
+                            rstd, None, threads_for(x.size), act, residual, h)
+        if not act:  # huge values: see _overflow.py (outputs of fused activations are not refit)
+            refit_rows(x if residual is None else h, y, weight, bias, mean, rstd, None, eps)
     else:  # no values: statistics of empty rows are undefined
         rstd.fill(np.nan)
         if mean is not None:

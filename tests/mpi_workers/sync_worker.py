@@ -112,10 +112,41 @@ def disagree_on_channels():
     layer(np.ones((2, 3 + RANK), np.float32))
 
 
+def one_rank_raises():
+    """Rank 1 fails between collective calls while rank 0 waits in the next one:
+    under `python -m mpi4py` the uncaught exception aborts the whole job."""
+    layer = fn.SyncBatchNorm(3, comm=COMM)
+    x = np.random.default_rng(RANK).standard_normal((4, 3)).astype(np.float32)
+    layer(x)
+    if RANK == 1:
+        raise RuntimeError("rank 1 fails on purpose")
+    layer.backward(x)
+    print(f"rank {RANK}: no error", flush=True)
+
+
+def wrong_communicator_results():
+    """A duck-typed communicator that writes nothing or the wrong values: a clear error."""
+
+    class Silent:           # leaves recvbuf as it came (zeros)
+        def Allreduce(self, sendbuf, recvbuf, op=None):
+            pass
+
+    x = np.ones((4, 3), np.float32)
+    expect(RuntimeError, lambda: fn.SyncBatchNorm(3, comm=Silent())(x), "did not sum")
+    expect(TypeError, lambda: fn.SyncBatchNorm(3, comm=lambda a: a[:-1])(x), "shape")
+    expect(TypeError, lambda: fn.SyncBatchNorm(3, comm=lambda a: a.astype(np.float32))(x),
+           "float64")
+    print(f"ok: rank {RANK} of {WORLD}", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["channels"]:
         disagree_on_channels()
         print(f"rank {RANK}: no error", flush=True)
+    elif sys.argv[1:] == ["raise"]:
+        one_rank_raises()
+    elif sys.argv[1:] == ["wrong-results"]:
+        wrong_communicator_results()
     else:
         check_scenarios()
         check_collective_count()
