@@ -494,23 +494,25 @@ def channel_act_grad(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
 cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
                           const double[::1] mean, const double[::1] scale,
                           const double[::1] shift, int act, floating[:, :, ::1] y, int n_threads):
-    """y = act(z) without dy (NULL), y = dy * act'(z) with it (dy laid out like x)."""
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task
-    cdef SegmentPlan sp
-    cdef floating[:, ::1] w
+    """y = act(z) without dy (NULL), y = dy * act'(z) with it (dy laid out like x).
+    Either layout is walked in memory order (a channel-major walk over (N, C, S)
+    restarts the hardware prefetchers at every run and ran at half the copy speed)."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], run, c
+    cdef floating[:, ::1] w = _working_copies(x, &mean[0], &scale[0], &shift[0], NULL)
     if S == 1:
-        w = _working_copies(x, &mean[0], &scale[0], &shift[0], NULL)
         with nogil:
             rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, &w[0, 0], &w[1, 0], &w[2, 0], &w[3, 0],
                         act, dy, n_threads)
-    else:
-        sp = segment_plan(N, C, S)
-        with nogil:
-            for task in prange(C * sp.n_stripes, num_threads=n_threads, schedule="static"):
-                segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, task // sp.n_stripes,
-                                      task % sp.n_stripes, mean[task // sp.n_stripes],
-                                      scale[task // sp.n_stripes], shift[task // sp.n_stripes],
-                                      act, dy)
+        return
+    with nogil:
+        for run in prange(N * C, num_threads=n_threads, schedule="static"):
+            c = run % C
+            if dy == NULL:
+                run_affine_act(&x[0, 0, 0] + run * S, &y[0, 0, 0] + run * S, S, w[0, c], w[1, c],
+                               w[2, c], w[3, c], act)
+            else:
+                run_affine_act_grad(&x[0, 0, 0] + run * S, dy + run * S, &y[0, 0, 0] + run * S,
+                                    S, w[0, c], w[1, c], w[2, c], w[3, c], act)
 
 
 def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
@@ -606,22 +608,21 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
     """dx = k_dy[c]*dy + k_x[c]*(x - mean[c]) + k_0[c].
 
     IN  x, dy: (N, C, S); mean, k_dy, k_x, k_0: (C,) float64.  OUT dx: like x.
+    Walked in memory order, as _channel_elementwise.
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task, c
-    cdef SegmentPlan sp
-    cdef floating[:, ::1] w
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], run, c
+    cdef floating[:, ::1] w = _working_copies(x, &mean[0], &k_dy[0], &k_x[0], &k_0[0])
     if S == 1:
-        w = _working_copies(x, &mean[0], &k_dy[0], &k_x[0], &k_0[0])
         with nogil:
             rows_affine_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], N, C, &w[0, 0],
                                  &w[1, 0], &w[2, 0], &w[3, 0], &w[4, 0], n_threads)
         return
-    sp = segment_plan(N, C, S)
     with nogil:
-        for task in prange(C * sp.n_stripes, num_threads=n_threads, schedule="static"):
-            c = task // sp.n_stripes
-            segment_stripe_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &sp, c,
-                                    task % sp.n_stripes, mean[c], k_dy[c], k_x[c], k_0[c])
+        for run in prange(N * C, num_threads=n_threads, schedule="static"):
+            c = run % C
+            run_affine_backward(&x[0, 0, 0] + run * S, &dy[0, 0, 0] + run * S,
+                                &dx[0, 0, 0] + run * S, S, w[0, c], w[1, c], w[2, c], w[3, c],
+                                w[4, c])
 
 
 def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
@@ -681,7 +682,7 @@ def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
 
 cdef floating[:, ::1] _working_copies(const floating[:, :, ::1] x, const double* mean,
                                       const double* a, const double* b, const double* c):
-    """Per-channel float64 values in x's precision, for the rows strategy: rows 0 and 1
+    """Per-channel float64 values in x's precision for the elementwise kernels: rows 0 and 1
     of the result are mean split into hi and lo parts, rows 2, 3, 4 the arrays a, b, c
     (NULL skips one). Filled in C: a tiny call cannot afford a NumPy call per array."""
     cdef Py_ssize_t C = x.shape[1], i

@@ -44,6 +44,14 @@ def overflowed_channels(view, mean, var):
     return True
 
 
+def overflowed_rows(mean, rstd):
+    """Rows (of the statistics' shape) whose statistics came out non-finite."""
+    bad = ~(rstd > 0)          # 1/sqrt(inf) = 0; NaN fails the test too
+    if mean is not None:
+        bad |= ~np.isfinite(mean)
+    return bad
+
+
 def refit_rows(x, y, weight, bias, mean, rstd, var, eps, groups=1, spatial=None):
     """Rows whose statistics overflowed in row_forward: recompute their mean,
     rstd (and var when given) and output in place.
@@ -53,9 +61,7 @@ def refit_rows(x, y, weight, bias, mean, rstd, var, eps, groups=1, spatial=None)
     channel of (N, C, spatial) data in `groups` groups (row r is group r % groups).
     mean is None for RMSNorm (not centered). A variance of inf gives rstd = 0."""
     rstd_flat = rstd.reshape(-1)
-    bad = ~(rstd_flat > 0)          # 1/sqrt(inf) = 0; NaN fails the test too
-    if mean is not None:
-        bad |= ~np.isfinite(mean.reshape(-1))
+    bad = overflowed_rows(mean, rstd).reshape(-1)
     if not bad.any():
         return
     rows = rstd_flat.size

@@ -21,7 +21,7 @@ import numpy as np
 
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
-from .._overflow import refit_rows
+from .._overflow import overflowed_rows, refit_rows
 from .._layout import deliver, is_channels_last, kernel_view, output_for
 from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_out
@@ -198,6 +198,11 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False, act=0)
             kernels.groups_cl_forward(_channels_last_view(x), weight, bias, n, spatial, channels,
                                       num_groups, eps, view.reshape(n, spatial, channels), mean,
                                       rstd, var, threads, act)
+            if not act and overflowed_rows(mean, rstd).any():   # huge values: see _overflow.py
+                refit = np.ascontiguousarray(target)  # refit_rows works on (N, C, *) memory
+                refit_rows(np.ascontiguousarray(x), refit, weight, bias, mean, rstd, var, eps,
+                           num_groups, spatial)
+                target[...] = refit
         return deliver(target, out), mean, rstd, var
     x = np.ascontiguousarray(x)
     y = out if out is not None and out.flags.c_contiguous else np.empty(x.shape, x.dtype)
