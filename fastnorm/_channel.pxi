@@ -30,9 +30,9 @@ from cython cimport floating
 from cython.parallel cimport prange
 
 from fastnorm._common cimport (
-    FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, UNIT_ELEMS, Moments, block_moments, chan_merge,
-    cols_grad_sums, cols_moments, cols_shifted_sums, fn_column_rows_per_lane, run_affine_backward,
-    run_grad_sums, split_hi_lo, stripe_start,
+    FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, block_moments,
+    chan_merge, cols_grad_sums, cols_moments, cols_shifted_sums, fn_column_rows_per_lane,
+    fn_stream_fence, run_affine_backward, run_affine_out, run_grad_sums, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
     ACT_NONE, run_act_grad, run_activate, run_affine_act, run_affine_act_grad,
@@ -160,8 +160,10 @@ cdef void segment_moments_split(const floating* x, SegmentPlan* p, double* mean,
 
 cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPlan* p,
                                        Py_ssize_t c, Py_ssize_t g, double mean, double scale,
-                                       double shift, int act, const floating* dy) noexcept nogil:
-    """y = act(z), z = (x - mean) * scale + shift; or, given dy, y = dy * act'(z)."""
+                                       double shift, int act, const floating* dy,
+                                       bint stream=False) noexcept nogil:
+    """y = act(z), z = (x - mean) * scale + shift; or, given dy, y = dy * act'(z).
+    stream (act none, no dy): y written with non-temporal stores."""
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
@@ -171,7 +173,10 @@ cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPl
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
             at = offset + r * p.C * p.S
-            if dy == NULL:
+            if stream:
+                run_affine_out(x + at, y + at, NULL, NULL, ncols, mean_hi, mean_lo,
+                               <floating>scale, <floating>shift, True)
+            elif dy == NULL:
                 run_affine_act(x + at, y + at, ncols, mean_hi, mean_lo, <floating>scale,
                                <floating>shift, act)
             else:
@@ -504,10 +509,17 @@ cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
             rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, &w[0, 0], &w[1, 0], &w[2, 0], &w[3, 0],
                         act, dy, n_threads)
         return
+    # a large plain output goes straight to memory (non-temporal stores)
+    cdef bint stream = (act == ACT_NONE and dy == NULL
+                        and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
     with nogil:
         for run in prange(N * C, num_threads=n_threads, schedule="static"):
             c = run % C
-            if dy == NULL:
+            if stream:
+                run_affine_out(&x[0, 0, 0] + run * S, &y[0, 0, 0] + run * S, NULL, NULL, S,
+                               w[0, c], w[1, c], w[2, c], w[3, c], True)
+                fn_stream_fence()
+            elif dy == NULL:
                 run_affine_act(&x[0, 0, 0] + run * S, &y[0, 0, 0] + run * S, S, w[0, c], w[1, c],
                                w[2, c], w[3, c], act)
             else:
@@ -528,6 +540,7 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
     cdef Moments m
     cdef Normalization norm
     cdef double[::1] m2, scales, shifts
+    cdef bint stream = act == ACT_NONE and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     if S > 1 and fuse_per_channel(&sp, sizeof(floating), n_threads):
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):
@@ -537,7 +550,9 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
                 var[c] = norm.var
                 for g in range(sp.n_stripes):
                     segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, c, g, m.mean,
-                                          norm.scale, norm.shift, act, NULL)
+                                          norm.scale, norm.shift, act, NULL, stream)
+                if stream:
+                    fn_stream_fence()
         return
     work = np.empty((3, C))
     m2, scales, shifts = work[0], work[1], work[2]

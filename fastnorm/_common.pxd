@@ -18,6 +18,10 @@ cdef enum:
     # stripe is the piece of work one thread takes. Fixed by the shape, never
     # by the thread count, so partial results always merge the same way.
     MAX_STRIPES = 16
+    # Forward outputs of at least this size are written with non-temporal
+    # stores: they would not stay in cache anyway, and the stores then skip
+    # reading each output line first (a third of the traffic).
+    STREAM_BYTES = 16 << 20
 
 
 cdef struct Moments:
@@ -42,16 +46,6 @@ cdef inline void chan_merge(Moments* acc, Moments part) noexcept nogil:
 
 
 cdef extern from "_simd.h" nogil:
-    double fn_sum_f32(const float* x, Py_ssize_t n)
-    double fn_sum_f64(const double* x, Py_ssize_t n)
-    void fn_centered_sums_f32(const float* x, Py_ssize_t n, float mean_hi, float mean_lo,
-                              double* sum_d, double* sum_dd)
-    void fn_centered_sums_f64(const double* x, Py_ssize_t n, double mean_hi, double mean_lo,
-                              double* sum_d, double* sum_dd)
-    void fn_grad_sums_f32(const float* x, const float* g, Py_ssize_t n, float mean_hi,
-                          float mean_lo, double* sum_g, double* sum_gd)
-    void fn_grad_sums_f64(const double* x, const double* g, Py_ssize_t n, double mean_hi,
-                          double mean_lo, double* sum_g, double* sum_gd)
     enum: FN_COLUMN_ROWS
     enum: FN_COLUMN_BLOCK
     Py_ssize_t fn_column_rows_per_lane(Py_ssize_t nc, Py_ssize_t stride)
@@ -117,32 +111,12 @@ cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept 
     lo[0] = <floating>(value - <double>hi[0])
 
 
-cdef inline double run_sum(const floating* x, Py_ssize_t n) noexcept nogil:
-    """sum(x) over n contiguous values (float64 total of short blocks)."""
-    if floating is float:
-        return fn_sum_f32(x, n)
-    else:
-        return fn_sum_f64(x, n)
-
-
-cdef inline void run_centered_sums(const floating* x, Py_ssize_t n, floating shift,
-                                   double* sum_d, double* sum_dd) noexcept nogil:
-    """Add sum(x - shift) and sum((x - shift)**2) over n contiguous values."""
-    if floating is float:
-        fn_centered_sums_f32(x, n, shift, 0.0, sum_d, sum_dd)
-    else:
-        fn_centered_sums_f64(x, n, shift, 0.0, sum_d, sum_dd)
-
-
 cdef inline void run_grad_sums(const floating* x, const floating* dy, Py_ssize_t n, double mean,
                                double* sum_dy, double* sum_dy_xmu) noexcept nogil:
     """Add sum(dy) and sum(dy * (x - mean)) over n contiguous values (centered)."""
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
-    if floating is float:
-        fn_grad_sums_f32(x, dy, n, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
-    else:
-        fn_grad_sums_f64(x, dy, n, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
+    row_grad_sums(x, dy, NULL, n, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
 
 
 cdef inline void cols_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t stride,
@@ -196,49 +170,6 @@ cdef inline double row_sum(const floating* x, Py_ssize_t n) noexcept nogil:
         return fn_row_sum_f64(x, n)
 
 
-cdef enum:
-    # values whose mean is the first guess of a block's mean (see row_block_moments)
-    PILOT_ELEMS = 64
-
-
-cdef inline Moments row_block_moments(const floating* x, Py_ssize_t n) noexcept nogil:
-    """Moments of n contiguous values that stay in cache, centered in full precision.
-
-    The sums are taken around a shift: first the mean of the first
-    PILOT_ELEMS values; if that is more than half a standard deviation from
-    the block's mean (sorted or structured data), the sums are taken again
-    around the block's mean, as a plain two-pass algorithm would. Either way
-    (x - shift) is small, so float32 sums lose nothing to cancellation."""
-    cdef Moments m
-    cdef double sum_d = 0.0, sum_dd = 0.0, delta
-    cdef Py_ssize_t pilot = min(n, <Py_ssize_t>PILOT_ELEMS)
-    cdef floating shift = <floating>(row_sum(x, pilot) / pilot)
-    m.count = <double>n
-    row_centered_sums(x, n, shift, &sum_d, &sum_dd)
-    delta = sum_d / m.count                      # mean - shift
-    if delta * delta * m.count * 4.0 > sum_dd - sum_d * delta:
-        shift = <floating>(shift + delta)
-        sum_d = 0.0
-        sum_dd = 0.0
-        row_centered_sums(x, n, shift, &sum_d, &sum_dd)
-        delta = sum_d / m.count
-    m.mean = <double>shift + delta
-    m.m2 = sum_dd - sum_d * delta
-    if m.m2 < 0.0:
-        m.m2 = 0.0
-    return m
-
-
-cdef inline double row_sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
-    """sum(x**2) over n contiguous values."""
-    cdef double sum_d = 0.0, sum_dd = 0.0
-    if floating is float:
-        fn_row_centered_sums_f32(x, n, 0.0, 0.0, &sum_d, &sum_dd)
-    else:
-        fn_row_centered_sums_f64(x, n, 0.0, 0.0, &sum_d, &sum_dd)
-    return sum_dd
-
-
 cdef inline void row_grad_sums(const floating* x, const floating* dy, const floating* w,
                                Py_ssize_t n, floating mean_hi, floating mean_lo,
                                double* sum_g, double* sum_gd) noexcept nogil:
@@ -282,26 +213,53 @@ cdef inline void flush_partials(double* acc, floating* part, Py_ssize_t n) noexc
         fn_flush_partials_f64(acc, part, n)
 
 
+cdef inline double row_sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:
+    """sum(x**2) over n contiguous values."""
+    cdef double sum_d = 0.0, sum_dd = 0.0
+    if floating is float:
+        fn_row_centered_sums_f32(x, n, 0.0, 0.0, &sum_d, &sum_dd)
+    else:
+        fn_row_centered_sums_f64(x, n, 0.0, 0.0, &sum_d, &sum_dd)
+    return sum_dd
+
+
+cdef enum:
+    # values whose mean is the first guess of a block's mean (see block_moments)
+    PILOT_ELEMS = 64
+
+
 cdef inline Moments block_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t ncols,
                                   Py_ssize_t row_stride) noexcept nogil:
-    """Exact two-pass moments of a small block (it stays in cache between passes)."""
+    """Moments of a block that stays in cache (nrows runs of ncols contiguous values,
+    row_stride apart), centered in full precision, in one pass as a rule.
+
+    The sums are taken around a shift: first the mean of the first
+    PILOT_ELEMS values; if that is more than half a standard deviation from
+    the block's mean (sorted or structured data), the sums are taken again
+    around the block's mean, as a plain two-pass algorithm would. Either way
+    (x - shift) is small, so float32 sums lose nothing to cancellation."""
     cdef Moments m
-    cdef Py_ssize_t r
-    cdef double total = 0.0, sum_d = 0.0, sum_dd = 0.0
+    cdef double sum_d = 0.0, sum_dd = 0.0, delta
+    cdef Py_ssize_t r, pilot = min(ncols, <Py_ssize_t>PILOT_ELEMS)
     cdef floating shift
     m.count = <double>(nrows * ncols)
     if nrows * ncols == 0:
         m.mean = 0.0
         m.m2 = 0.0
         return m
+    shift = <floating>(row_sum(x, pilot) / pilot)
     for r in range(nrows):
-        total += run_sum(x + r * row_stride, ncols)
-    shift = <floating>(total / m.count)
-    for r in range(nrows):
-        run_centered_sums(x + r * row_stride, ncols, shift, &sum_d, &sum_dd)
-    # sum_d is the rounding residue of the first pass: it corrects the mean.
-    m.mean = <double>shift + sum_d / m.count
-    m.m2 = sum_dd - sum_d * sum_d / m.count
+        row_centered_sums(x + r * row_stride, ncols, shift, &sum_d, &sum_dd)
+    delta = sum_d / m.count                      # mean - shift
+    if delta * delta * m.count * 4.0 > sum_dd - sum_d * delta:
+        shift = <floating>(shift + delta)
+        sum_d = 0.0
+        sum_dd = 0.0
+        for r in range(nrows):
+            row_centered_sums(x + r * row_stride, ncols, shift, &sum_d, &sum_dd)
+        delta = sum_d / m.count
+    m.mean = <double>shift + delta
+    m.m2 = sum_dd - sum_d * delta
     if m.m2 < 0.0:
         m.m2 = 0.0
     return m

@@ -13,7 +13,7 @@
 # Units: a row is cut into contiguous units of at most UNIT_ELEMS values:
 #   S >= UNIT_ELEMS: a unit is a piece of UNIT_ELEMS values of one run;
 #   S <  UNIT_ELEMS: a unit is UNIT_ELEMS // S whole runs.
-# A unit's moments are exact (row_block_moments: float64 totals of centered
+# A unit's moments are exact (block_moments: float64 totals of centered
 # working-precision sums), units are merged with Chan's formula. Every per-row
 # result is folded over units in unit order, so it depends on the shape only.
 # Two strategies compute exactly the same arithmetic:
@@ -55,17 +55,13 @@ from cython.parallel cimport prange, threadid
 from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
-    MAX_STRIPES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence,
-    row_block_moments, row_grad_sums, row_sum_squares, run_add, run_affine_backward,
+    MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence,
+    block_moments, row_grad_sums, row_sum_squares, run_add, run_affine_backward,
     run_affine_out, run_backward_weighted, split_hi_lo, stripe_start,
 )
 
 cnp.import_array()
 
-# Forward outputs of at least this size are written with non-temporal stores:
-# they would not stay in cache anyway, and the stores then skip reading each
-# output line first (a third of the traffic).
-cdef Py_ssize_t STREAM_BYTES = 16 << 20
 # Elementwise weight/bias gradient partials are summed over this many rows in
 # working precision before going into float64 (fewer stores than float64 per row).
 cdef Py_ssize_t ROW_GROUP = 8
@@ -127,7 +123,7 @@ cdef inline Moments unit_moments(const floating* x, Py_ssize_t n, bint centered)
     """Moments of n contiguous values; uncentered (RMSNorm): mean 0, m2 = sum(x**2)."""
     cdef Moments m
     if centered:
-        return row_block_moments(x, n)
+        return block_moments(x, 1, n, n)
     m.count = <double>n
     m.mean = 0.0
     m.m2 = row_sum_squares(x, n)

@@ -1,14 +1,13 @@
-/* Vectorized reduction primitives for the Cython kernels.
+/* Vectorized primitives for the Cython kernels.
  *
  * Why C: a float reduction (s += x[i]) vectorizes only if the compiler may
  * reorder the additions. We never build with -ffast-math, and Cython cannot
- * emit the one pragma that grants exactly this permission for one loop:
- * `omp simd reduction(+: ...)` (compiled with -fopenmp or -fopenmp-simd).
- * The order then depends on the build's vector width, never on the thread
- * count, so results are reproducible.
+ * say so for one loop. Here the reductions keep several explicit vector
+ * accumulators (GCC/Clang vector extensions), so the summation order is
+ * written down: it is the same in every build and for every thread count.
  *
  * Blocked accumulation: values are summed in the working precision over
- * blocks of FN_BLOCK (a few terms per vector lane, so float32 loses almost
+ * short blocks (a few terms per vector lane, so float32 loses almost
  * nothing), and block sums are added in float64. That keeps the inner loop
  * at full float32 vector width while the total is accumulated in float64.
  *
@@ -23,75 +22,6 @@
 #include <math.h>
 #include <stddef.h>
 #include <string.h>
-
-#define FN_BLOCK 128
-
-/* The reductions are kept out of line: inlined into some callers (e.g.
- * block_moments inside a row loop), gcc 12 lowers their `omp simd reduction`
- * to scalar code, 5-10x slower; compiled once on their own they vectorize. */
-#if defined(__GNUC__)
-#define FN_REDUCTION static __attribute__((noinline))
-#else
-#define FN_REDUCTION static
-#endif
-
-#define FN_DEFINE_REDUCTIONS(T, SUFFIX)                                                \
-    /* sum(x) */                                                                         \
-    FN_REDUCTION double fn_sum_##SUFFIX(const T* x, ptrdiff_t n) {                     \
-        double total = 0;                                                                \
-        for (ptrdiff_t b = 0; b < n; b += FN_BLOCK) {                                    \
-            const T* xb = x + b;                                                         \
-            ptrdiff_t m = n - b < FN_BLOCK ? n - b : FN_BLOCK;                           \
-            T s = 0;                                                                     \
-            _Pragma("omp simd simdlen(16) reduction(+: s)")                              \
-            for (ptrdiff_t i = 0; i < m; i++) s += xb[i];                                \
-            total += (double)s;                                                          \
-        }                                                                                \
-        return total;                                                                    \
-    }                                                                                    \
-    /* *sum_d += sum(d), *sum_dd += sum(d*d) with d = (x - mean_hi) - mean_lo */       \
-    FN_REDUCTION void fn_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,     \
-                                                 T mean_lo, double* sum_d,              \
-                                                 double* sum_dd) {                      \
-        double total_d = 0, total_dd = 0;                                                \
-        for (ptrdiff_t b = 0; b < n; b += FN_BLOCK) {                                    \
-            const T* xb = x + b;                                                         \
-            ptrdiff_t m = n - b < FN_BLOCK ? n - b : FN_BLOCK;                           \
-            T s = 0, q = 0;                                                              \
-            _Pragma("omp simd simdlen(16) reduction(+: s, q)")                           \
-            for (ptrdiff_t i = 0; i < m; i++) {                                          \
-                T d = (xb[i] - mean_hi) - mean_lo;                                       \
-                s += d;                                                                  \
-                q += d * d;                                                              \
-            }                                                                            \
-            total_d += (double)s;                                                        \
-            total_dd += (double)q;                                                       \
-        }                                                                                \
-        *sum_d += total_d;                                                               \
-        *sum_dd += total_dd;                                                             \
-    }                                                                                    \
-    /* *sum_g += sum(g), *sum_gd += sum(g*d) with d = (x - mean_hi) - mean_lo */       \
-    FN_REDUCTION void fn_grad_sums_##SUFFIX(const T* x, const T* g, ptrdiff_t n,        \
-                                             T mean_hi, T mean_lo, double* sum_g,       \
-                                             double* sum_gd) {                          \
-        double total_g = 0, total_gd = 0;                                                \
-        for (ptrdiff_t b = 0; b < n; b += FN_BLOCK) {                                    \
-            const T* xb = x + b;                                                         \
-            const T* gb = g + b;                                                         \
-            ptrdiff_t m = n - b < FN_BLOCK ? n - b : FN_BLOCK;                           \
-            T s = 0, q = 0;                                                              \
-            _Pragma("omp simd simdlen(16) reduction(+: s, q)")                           \
-            for (ptrdiff_t i = 0; i < m; i++) {                                          \
-                s += gb[i];                                                              \
-                q += gb[i] * ((xb[i] - mean_hi) - mean_lo);                              \
-            }                                                                            \
-            total_g += (double)s;                                                        \
-            total_gd += (double)q;                                                       \
-        }                                                                                \
-        *sum_g += total_g;                                                               \
-        *sum_gd += total_gd;                                                             \
-    }
-
 
 /* Row reductions (LayerNorm/RMSNorm/GroupNorm rows): contiguous runs reduced
  * with four independent accumulators of explicit 32-byte vectors (GCC/Clang
@@ -347,10 +277,6 @@ FN_DEFINE_ELEMENTWISE(double, f64)
 
 #undef FN_DEFINE_ELEMENTWISE
 
-FN_DEFINE_REDUCTIONS(float, f32)
-FN_DEFINE_REDUCTIONS(double, f64)
-
-#undef FN_DEFINE_REDUCTIONS
 
 /* Column kernels: `nrows` rows of `nc` contiguous channels, rows `stride`
  * values apart (channels-last data), one result per channel.
