@@ -10,10 +10,18 @@
  * element and the compiler vectorizes it.
  *
  * glibc's exp/erf/tanh are scalar calls unless built with -ffast-math (which
- * we never use), so exp is our own: n = round(x / ln2), r = x - n*ln2 (ln2
- * split in two so n*ln2_hi is exact), a Taylor polynomial on |r| <= ln2/2,
- * then a multiplication by 2^n built from exponent bits, in two factors so
- * overflow (inf) and gradual underflow come out right. Error: about 1 ulp.
+ * we never use), so exp is our own (fn_exp_neg_T, e^-x: a minimax polynomial
+ * and one 2^n factor made from exponent bits, see there), and callers clamp
+ * its argument once, to bounds chosen so that each limit comes out exact.
+ *
+ * Measured against long double (|z| <= 100 dense, every 1021st float32 bit
+ * pattern, special values; tests/test_activation_accuracy.py checks the same
+ * against float64), max |error| / max(|exact|, 0.25), float32 AVX2/generic:
+ *   silu 2.2e-7 / 2.0e-7, silu' 2.4e-7, gelu_tanh 1.7e-7, gelu_tanh' 2.7e-7,
+ *   gelu 2.9e-7 / 3.2e-7, gelu' 5.1e-7 / 5.5e-7 (1.4e-7 absolute where gelu'
+ *   ~ 0.27, the cancellation of Phi(z) + z pdf(z) near z = -0.3; it was 5.3e-7
+ *   before), float64 all <= 5.2e-16. Limits: act(-inf) = -0, act(+inf) = +inf,
+ *   act'(+-inf) = 1 / 0 (within 1e-30), NaN gives NaN.
  *
  *   relu       max(z, 0) (NaN stays NaN); derivative 0 where z <= 0
  *   silu       z * sigmoid(z)
@@ -21,10 +29,9 @@
  *              u = sqrt(2/pi) (z + 0.044715 z^3), computed as z * sigmoid(2u)
  *              (the same value without the cancellation of 1 + tanh near -1)
  *   gelu       exact: z * Phi(z), Phi the standard normal CDF = erfc(-z/sqrt2)/2.
- *              float32: erfc by Numerical Recipes' erfc approximation (relative
- *              error < 1.2e-7 everywhere, and Phi = erfc/2 or 1 - erfc/2 keeps it
- *              relative), vectorized. float64: libm's erfc (double-accurate, but
- *              a scalar call: float64 gelu is the one activation not vectorized).
+ *              float32: the upper tail Q as t G(t) exp(-z^2/2) (fn_norm_tail_f32),
+ *              vectorized. float64: libm's erfc (double-accurate, but a scalar
+ *              call: float64 gelu is the one activation not vectorized).
  */
 #ifndef FASTNORM_ACTIVATIONS_H
 #define FASTNORM_ACTIVATIONS_H
@@ -43,7 +50,6 @@ enum {
 };
 
 #define FN_INLINE static inline __attribute__((always_inline))
-#define FN_CLAMP(v, lo, hi) ((v) < (lo) ? (lo) : ((v) > (hi) ? (hi) : (v))) /* NaN stays */
 
 /* ------------------------------------------------------------------ exp */
 
@@ -52,126 +58,193 @@ FN_INLINE uint32_t fn_f32_bits(float f) { uint32_t u; memcpy(&u, &f, sizeof u); 
 FN_INLINE double fn_f64_from_bits(uint64_t u) { double f; memcpy(&f, &u, sizeof f); return f; }
 FN_INLINE uint64_t fn_f64_bits(double f) { uint64_t u; memcpy(&u, &f, sizeof u); return u; }
 
-/* round(v) for |v| < 2^22 (float) / 2^51 (double): adding 1.5 * 2^mant drops the fraction */
-#define FN_SHIFTER_f32 0x1.8p23f
-#define FN_SHIFTER_f64 0x1.8p52
+/* Adding 1.5 * 2^mant rounds to an integer n held in the low mantissa bits; the
+ * extra bias (127 / 1023) puts n's biased exponent there, so shifting the bits
+ * left by the mantissa width gives 2^n directly, one integer operation. */
+#define FN_EXP_SHIFTER_f32 (0x1.8p23f + 127)
+#define FN_EXP_SHIFTER_f64 (0x1.8p52 + 1023)
 
-/* 2^n for an integral n within the normal exponent range, without a
- * float-to-int conversion: n's integer sits in the low bits of n + shifter. */
-FN_INLINE float fn_exp2i_f32(float n) {
-    uint32_t k = fn_f32_bits(n + FN_SHIFTER_f32) - fn_f32_bits(FN_SHIFTER_f32);
-    return fn_f32_from_bits((k + 127u) << 23);
-}
-FN_INLINE double fn_exp2i_f64(double n) {
-    uint64_t k = fn_f64_bits(n + FN_SHIFTER_f64) - fn_f64_bits(FN_SHIFTER_f64);
-    return fn_f64_from_bits((k + 1023u) << 52);
+/* e^-x (the callers' form: the sign sits in the constants, which keeps their
+ * clamps single min/max instructions) for x in [-88.7, 88.3] (callers clamp;
+ * NaN gives NaN): 2^n p(r), n = round(-x / ln2), r = -x - n ln2 in
+ * [-ln2/2, ln2/2]. p is a degree-5 polynomial, minimax (Lawson) for relative
+ * error: 1.05e-7 with its float32 coefficients (degree 6 would be 3e-9 and cost
+ * one more FMA per value without changing any activation's measured error
+ * noticeably). With FMA, r takes one rounding: ln2's own float error adds
+ * |n| 1.9e-9 relative, which matters only in far tails (|n| > 50), where the
+ * activations are below their absolute ulp; without FMA ln2 is split in two so
+ * n ln2_hi is exact. Measured against exp: within 2.1e-7 relative over the domain.
+ * The scale is one factor, so the domain's ends saturate a little early:
+ * n = 128 is the inf bit pattern (x < -88.38 gives +inf) and n = -127 is +0
+ * (x > 87.68 gives 0 instead of a subnormal). */
+FN_INLINE float fn_exp_neg_f32(float x) {
+    float t = x * -1.44269504088896341f + FN_EXP_SHIFTER_f32;
+    float n = t - FN_EXP_SHIFTER_f32;
+#ifdef __FMA__
+    float m = x + n * 0.693147182f; /* m = -r */
+#else
+    float m = (x + n * 0.693359375f) - n * 2.12194440e-4f; /* ln2 = hi - lo */
+#endif
+    float p = -0x1.106252p-7f; /* p(-m), coefficients with alternating signs */
+    p = p * m + 0x1.572a66p-5f;
+    p = p * m - 0x1.5557b0p-3f;
+    p = p * m + 0x1.fffdfcp-2f;
+    p = p * m - 1.0f;
+    p = p * m + 1.0f;
+    return p * fn_f32_from_bits(fn_f32_bits(t) << 23);
 }
 
-FN_INLINE float fn_exp_f32(float x) {
-    /* beyond the clamp, exp is 0 or inf in float32 anyway: n in [-150, 129] */
-    float xc = FN_CLAMP(x, -104.0f, 89.0f);
-    float n = (xc * 1.44269504088896341f + FN_SHIFTER_f32) - FN_SHIFTER_f32;
-    float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f; /* Cephes' ln2 = hi - lo */
-    float p = 1.0f / 5040;
-    p = p * r + 1.0f / 720;
-    p = p * r + 1.0f / 120;
-    p = p * r + 1.0f / 24;
-    p = p * r + 1.0f / 6;
-    p = p * r + 0.5f;
-    p = p * r + 1.0f;
-    p = p * r + 1.0f;
-    /* 2^n as 2^n1 * 2^n2, each factor a normal number */
-    float n1 = (n * 0.5f + FN_SHIFTER_f32) - FN_SHIFTER_f32;
-    return p * fn_exp2i_f32(n1) * fn_exp2i_f32(n - n1);
-}
-
-FN_INLINE double fn_exp_f64(double x) {
-    double xc = FN_CLAMP(x, -746.0, 710.0); /* n in [-1077, 1025] */
-    double n = (xc * 1.4426950408889634 + FN_SHIFTER_f64) - FN_SHIFTER_f64;
-    double r = (xc - n * 6.93145751953125e-1) - n * 1.42860682030941723212e-6;
-    double p = 1.0 / 6227020800.0; /* 1/13! */
-    p = p * r + 1.0 / 479001600.0;
-    p = p * r + 1.0 / 39916800.0;
-    p = p * r + 1.0 / 3628800.0;
-    p = p * r + 1.0 / 362880.0;
-    p = p * r + 1.0 / 40320.0;
-    p = p * r + 1.0 / 5040.0;
-    p = p * r + 1.0 / 720.0;
-    p = p * r + 1.0 / 120.0;
-    p = p * r + 1.0 / 24.0;
-    p = p * r + 1.0 / 6.0;
-    p = p * r + 0.5;
-    p = p * r + 1.0;
-    p = p * r + 1.0;
-    double n1 = (n * 0.5 + FN_SHIFTER_f64) - FN_SHIFTER_f64;
-    return p * fn_exp2i_f64(n1) * fn_exp2i_f64(n - n1);
+/* e^-x for x in [-710.1, 709.4], the same way: degree-11 polynomial (Chebyshev
+ * fit, relative error ~1e-17, Taylor needed degree 13); x < -709.44 gives +inf,
+ * x > 708.75 gives 0. */
+FN_INLINE double fn_exp_neg_f64(double x) {
+    double t = x * -1.4426950408889634 + FN_EXP_SHIFTER_f64;
+    double n = t - FN_EXP_SHIFTER_f64;
+    double m = (x + n * 6.93145751953125e-1) + n * 1.42860682030941723212e-6;
+    double p = -0x1.af38a9b0ec855p-26;
+    p = p * m + 0x1.289185613a3d6p-22;
+    p = p * m - 0x1.71de0dae63bb3p-19;
+    p = p * m + 0x1.a019b90d2ae7ap-16;
+    p = p * m - 0x1.a01a01a7c41d5p-13;
+    p = p * m + 0x1.6c16c1788bd90p-10;
+    p = p * m - 0x1.11111111109b3p-7;
+    p = p * m + 0x1.5555555553d63p-5;
+    p = p * m - 0x1.5555555555556p-3;
+    p = p * m + 0x1.0000000000001p-1;
+    p = p * m - 1.0;
+    p = p * m + 1.0;
+    return p * fn_f64_from_bits(fn_f64_bits(t) << 52);
 }
 
 /* ------------------------------------------------------ standard normal CDF */
 
-FN_INLINE float fn_norm_cdf_f32(float z) {
-    float u = z * -0.70710678118654752f; /* Phi(z) = erfc(u) / 2 */
-    float a = fabsf(u);
-    float t = 1.0f / (1.0f + 0.5f * a);
-    float q = 0.17087277f;
-    q = q * t - 0.82215223f;
-    q = q * t + 1.48851587f;
-    q = q * t - 1.13520398f;
-    q = q * t + 0.27886807f;
-    q = q * t - 0.18628806f;
-    q = q * t + 0.09678418f;
-    q = q * t + 0.37409196f;
-    q = q * t + 1.00002368f;
-    q = q * t - 1.26551223f;
-    float half_erfc = 0.5f * t * fn_exp_f32(q - a * a); /* erfc(|u|) / 2 */
-    return u >= 0.0f ? half_erfc : 1.0f - half_erfc;
-}
-
-FN_INLINE double fn_norm_cdf_f64(double z) { return 0.5 * erfc(z * -0.70710678118654752); }
-
-/* ------------------------------------------- activations and derivatives */
-
 #define FN_SQRT_2_OVER_PI 0.79788456080286536
 #define FN_INV_SQRT_2PI 0.39894228040143268
 
-/* Derivatives use s = sigmoid(v) = 1 / (1 + e), e = exp(-v), and 1 - s = e * s
- * (no cancellation when s is near 1). Beyond |z| = SILU_FLAT / GELU_TANH_FLAT
- * the activation is flat to working precision (and e still finite): z is
- * clamped there, so huge inputs give 0 or 1 instead of inf * 0. */
-#define FN_DEFINE_ACTIVATION_MATH(T, SUFFIX, SILU_FLAT, GELU_TANH_FLAT)                   \
-    FN_INLINE T fn_relu_##SUFFIX(T z) { return z < 0 ? (T)0 : z; }                       \
-    FN_INLINE T fn_relu_grad_##SUFFIX(T z, T dy) { return z <= 0 ? (T)0 : dy; }          \
-    FN_INLINE T fn_silu_##SUFFIX(T z) { return z / ((T)1 + fn_exp_##SUFFIX(-z)); }       \
-    FN_INLINE T fn_silu_grad_##SUFFIX(T z, T dy) {                                        \
-        T zc = FN_CLAMP(z, (T)-SILU_FLAT, (T)SILU_FLAT);                                  \
-        T e = fn_exp_##SUFFIX(-zc);                                                       \
-        T s = (T)1 / ((T)1 + e);                                                          \
-        return dy * (s * ((T)1 + zc * (e * s)));                                          \
-    }                                                                                     \
-    /* tanh approximation: u = sqrt(2/pi) (z + 0.044715 z^3), gelu = z * sigmoid(2u) */   \
-    FN_INLINE T fn_gelu_tanh_u_##SUFFIX(T zc) {                                           \
-        return (T)FN_SQRT_2_OVER_PI * (zc + (T)0.044715 * zc * zc * zc);                  \
-    }                                                                                     \
-    FN_INLINE T fn_gelu_tanh_##SUFFIX(T z) {                                              \
-        T zc = FN_CLAMP(z, (T)-GELU_TANH_FLAT, (T)GELU_TANH_FLAT);                        \
-        return z / ((T)1 + fn_exp_##SUFFIX((T)-2 * fn_gelu_tanh_u_##SUFFIX(zc)));         \
-    }                                                                                     \
-    FN_INLINE T fn_gelu_tanh_grad_##SUFFIX(T z, T dy) {                                   \
-        T zc = FN_CLAMP(z, (T)-GELU_TANH_FLAT, (T)GELU_TANH_FLAT);                        \
-        T e = fn_exp_##SUFFIX((T)-2 * fn_gelu_tanh_u_##SUFFIX(zc));                       \
-        T s = (T)1 / ((T)1 + e);                                                          \
-        T du = (T)FN_SQRT_2_OVER_PI * ((T)1 + (T)(3 * 0.044715) * zc * zc);               \
-        return dy * (s * ((T)1 + (T)2 * zc * (e * s) * du));                              \
-    }                                                                                     \
-    FN_INLINE T fn_gelu_##SUFFIX(T z) { return z * fn_norm_cdf_##SUFFIX(z); }             \
-    FN_INLINE T fn_gelu_grad_##SUFFIX(T z, T dy) {                                        \
-        T zc = FN_CLAMP(z, (T)-40, (T)40);                                                \
-        T pdf = (T)FN_INV_SQRT_2PI * fn_exp_##SUFFIX((T)-0.5 * zc * zc);                  \
-        return dy * (fn_norm_cdf_##SUFFIX(zc) + zc * pdf);                                \
+/* float32: Phi(z) = Q(-z) for z < 0 and 1 - Q(z) otherwise, Q(x) = P(X > x) the
+ * upper tail, written Q(x) = t G(t) exp(-x^2/2) with t = 1 / (1 + 0.35 x): G is a
+ * degree-8 polynomial fitted (Lawson) for minimax relative error over
+ * x in [0, 13.25], 8.2e-8 with its float32 coefficients. The rounding of x^2
+ * adds up to x^2 * 3e-8 relative in the far tail (gelu(-5) = -1.4e-6 is off by
+ * 1e-12). One division and one exp per value, shared by the derivative:
+ * returns Q(x) + w pdf(x) = e (t G(t) + w / sqrt(2 pi)), e = exp(-x^2/2) given,
+ * w = 0 (forward) or -x (gelu' = Phi(z) + z pdf(z)). Takes x = |z| <= 13.25 (in
+ * fn_exp_neg_f32's domain, and e = 0 there exactly). */
+FN_INLINE float fn_norm_tail_f32(float x, float e, float w) {
+    float t = 1.0f / (1.0f + 0.35f * x);
+    float g = -0.029108852f;
+    g = g * t + 0.14378785f;
+    g = g * t - 0.25532654f;
+    g = g * t + 0.15872121f;
+    g = g * t - 0.022790227f;
+    g = g * t + 0.10536899f;
+    g = g * t + 0.11986914f;
+    g = g * t + 0.13985670f;
+    g = g * t + 0.13962170f;
+    return e * (t * g + w * (float)FN_INV_SQRT_2PI);
+}
+#define FN_GELU_FLAT_f32 13.25f
+
+/* float64: libm's erfc (double-accurate, but a scalar call: float64 gelu is the
+ * one activation not vectorized). Phi(-37.5) ~ 1e-308, so 37.5 is flat too. */
+FN_INLINE double fn_norm_cdf_f64(double z) { return 0.5 * erfc(z * -0.70710678118654752); }
+#define FN_GELU_FLAT_f64 37.5
+
+/* ------------------------------------------- activations and derivatives */
+
+#define FN_MAX(v, lo) ((v) < (lo) ? (lo) : (v)) /* NaN stays NaN */
+#define FN_MIN(v, hi) ((v) > (hi) ? (hi) : (v))
+#define FN_CLAMP(v, lo, hi) FN_MIN(FN_MAX(v, lo), hi)
+
+/* silu and gelu_tanh are z * s, s = sigmoid(v) = 1 / (1 + e), e = exp(-v), with
+ * v = z (silu) or 2u, u = sqrt(2/pi) (z + 0.044715 z^3) (gelu_tanh, torch's
+ * approximate="tanh": 0.5 z (1 + tanh(u)) without the cancellation near -1).
+ *
+ * Forward: y = zlo / (1 + e), zlo = max(z, lo) with exp(-lo) = inf, so y = -0
+ * for z <= lo (the true value is below 1e-36 / 1e-300 there, and -inf gives -0,
+ * not -inf / inf); v is also clamped at hi, where e is negligible against 1,
+ * which keeps exp in its domain while huge and +inf z still give y = z.
+ * Derivative: s (1 + z v'(z) (1 - s)) with 1 - s = e s (no cancellation when s
+ * is near 1), one division for both; z is clamped to +-flat where the
+ * derivative is flat to working precision (e stays finite, so the result is
+ * 0 or 1, never inf * 0).
+ *
+ * The bounds are arguments, not literals: the runs pass them through
+ * FN_OPAQUE, because gcc 12 folds a literal bound into the code after the
+ * clamp and if-converts each case separately (compares, blends and duplicated
+ * arithmetic, 25% slower); an opaque bound compiles to one maxps / minps. */
+#define FN_DEFINE_ACTIVATION_MATH(T, SUFFIX)                                                  \
+    FN_INLINE T fn_relu_##SUFFIX(T z) { return z < 0 ? (T)0 : z; }                           \
+    FN_INLINE T fn_relu_grad_##SUFFIX(T z, T dy) { return z <= 0 ? (T)0 : dy; }              \
+    FN_INLINE T fn_silu_##SUFFIX(T z, T lo, T hi) {                                           \
+        T zlo = FN_MAX(z, lo);                                                                \
+        return zlo / ((T)1 + fn_exp_neg_##SUFFIX(FN_MIN(zlo, hi)));                            \
+    }                                                                                         \
+    FN_INLINE T fn_silu_grad_##SUFFIX(T z, T dy, T flat) {                                    \
+        T zc = FN_CLAMP(z, -flat, flat);                                                      \
+        T e = fn_exp_neg_##SUFFIX(zc);                                                        \
+        T s = (T)1 / ((T)1 + e);                                                              \
+        return dy * (s * ((T)1 + zc * (e * s)));                                              \
+    }                                                                                         \
+    /* v = 2u = z (a + b z^2) */                                                              \
+    FN_INLINE T fn_gelu_tanh_v_##SUFFIX(T z) {                                                \
+        return z * ((T)(2 * FN_SQRT_2_OVER_PI) + (T)(2 * FN_SQRT_2_OVER_PI * 0.044715) * z * z); \
+    }                                                                                         \
+    /* lo: zlo's floor, vlo / vhi: v's clamp (exp(-vlo) = inf) */                             \
+    FN_INLINE T fn_gelu_tanh_##SUFFIX(T z, T lo, T vlo, T vhi) {                              \
+        T zlo = FN_MAX(z, lo);                                                                \
+        T v = FN_CLAMP(fn_gelu_tanh_v_##SUFFIX(zlo), vlo, vhi);                               \
+        return zlo / ((T)1 + fn_exp_neg_##SUFFIX(v));                                          \
+    }                                                                                         \
+    FN_INLINE T fn_gelu_tanh_grad_##SUFFIX(T z, T dy, T flat) {                               \
+        T zc = FN_CLAMP(z, -flat, flat);                                                      \
+        T e = fn_exp_neg_##SUFFIX(fn_gelu_tanh_v_##SUFFIX(zc));                                \
+        T s = (T)1 / ((T)1 + e);                                                              \
+        T dv = (T)(2 * FN_SQRT_2_OVER_PI) + (T)(6 * FN_SQRT_2_OVER_PI * 0.044715) * zc * zc;  \
+        return dy * (s * ((T)1 + zc * (e * s) * dv));                                         \
     }
 
-FN_DEFINE_ACTIVATION_MATH(float, f32, 80, 10)   /* exp(87) < FLT_MAX */
-FN_DEFINE_ACTIVATION_MATH(double, f64, 700, 20)
+FN_DEFINE_ACTIVATION_MATH(float, f32)
+FN_DEFINE_ACTIVATION_MATH(double, f64)
+
+/* Bounds, float32: exp(88.5) = inf, exp(-80) ~ 1.8e-35 is normal and negligible
+ * against 1; silu' is flat beyond |z| = 80, gelu_tanh' beyond 10 (|v(10)| = 87.3,
+ * e finite and normal); gelu_tanh: v(-11) < -88.5. float64: exp(709.8) = inf,
+ * exp(-700) ~ 1e-304; gelu_tanh': |v(20)| = 603; v(-25) < -709.8. */
+#define FN_SILU_LO_f32 -88.5f
+#define FN_SILU_HI_f32 80.0f
+#define FN_SILU_FLAT_f32 80.0f
+#define FN_GELU_TANH_LO_f32 -11.0f
+#define FN_GELU_TANH_FLAT_f32 10.0f
+#define FN_SILU_LO_f64 -709.8
+#define FN_SILU_HI_f64 700.0
+#define FN_SILU_FLAT_f64 700.0
+#define FN_GELU_TANH_LO_f64 -25.0
+#define FN_GELU_TANH_FLAT_f64 20.0
+
+/* gelu = z Phi(z), gelu' = Phi(z) + z pdf(z), z clamped to +-flat = FN_GELU_FLAT
+ * (below, gelu is -0 and both derivatives 0 or 1; +inf still gives +inf) */
+FN_INLINE float fn_gelu_f32(float z, float flat) {
+    float zlo = FN_MAX(z, -flat);
+    float x = FN_MIN(fabsf(zlo), flat);
+    float q = fn_norm_tail_f32(x, fn_exp_neg_f32(0.5f * x * x), 0.0f);
+    return zlo * (zlo < 0.0f ? q : 1.0f - q);
+}
+FN_INLINE float fn_gelu_grad_f32(float z, float dy, float flat) {
+    float zc = FN_CLAMP(z, -flat, flat);
+    float x = fabsf(zc);
+    float h = fn_norm_tail_f32(x, fn_exp_neg_f32(0.5f * x * x), -x);
+    return dy * (zc < 0.0f ? h : 1.0f - h);
+}
+FN_INLINE double fn_gelu_f64(double z, double flat) {
+    double zlo = FN_MAX(z, -flat);
+    return zlo * fn_norm_cdf_f64(zlo);
+}
+FN_INLINE double fn_gelu_grad_f64(double z, double dy, double flat) {
+    double zc = FN_CLAMP(z, -flat, flat);
+    double pdf = FN_INV_SQRT_2PI * fn_exp_neg_f64(0.5 * zc * zc);
+    return dy * (fn_norm_cdf_f64(zc) + zc * pdf);
+}
 
 /* ------------------------------------------------------- elementwise runs */
 
@@ -181,25 +254,59 @@ FN_DEFINE_ACTIVATION_MATH(double, f64, 700, 20)
         for (ptrdiff_t i = 0; i < n; i++) STATEMENT; \
     } while (0)
 
+/* hides a bound's value from the optimizer (see FN_DEFINE_ACTIVATION_MATH); used
+ * once per run, outside the loop */
+#if defined(__GNUC__)
+#define FN_OPAQUE(v) __asm__("" : "+m"(v))
+#else
+#define FN_OPAQUE(v) ((void)0)
+#endif
+
 #define FN_DEFINE_ACTIVATION_RUNS(T, SUFFIX)                                                   \
     /* y = act(y) over n contiguous values (FN_ACT_NONE: unchanged) */                         \
     static inline void fn_activate_##SUFFIX(T* y, ptrdiff_t n, int act) {                       \
+        T lo, hi, vlo, flat;                                                                    \
         switch (act) {                                                                          \
         case FN_ACT_RELU: FN_ACT_LOOP(y[i] = fn_relu_##SUFFIX(y[i])); break;                    \
-        case FN_ACT_SILU: FN_ACT_LOOP(y[i] = fn_silu_##SUFFIX(y[i])); break;                    \
-        case FN_ACT_GELU: FN_ACT_LOOP(y[i] = fn_gelu_##SUFFIX(y[i])); break;                    \
-        case FN_ACT_GELU_TANH: FN_ACT_LOOP(y[i] = fn_gelu_tanh_##SUFFIX(y[i])); break;          \
+        case FN_ACT_SILU:                                                                       \
+            lo = FN_SILU_LO_##SUFFIX, hi = FN_SILU_HI_##SUFFIX;                                 \
+            FN_OPAQUE(lo); FN_OPAQUE(hi);                                                       \
+            FN_ACT_LOOP(y[i] = fn_silu_##SUFFIX(y[i], lo, hi));                                 \
+            break;                                                                              \
+        case FN_ACT_GELU:                                                                       \
+            flat = FN_GELU_FLAT_##SUFFIX;                                                       \
+            FN_OPAQUE(flat);                                                                    \
+            FN_ACT_LOOP(y[i] = fn_gelu_##SUFFIX(y[i], flat));                                   \
+            break;                                                                              \
+        case FN_ACT_GELU_TANH:                                                                  \
+            lo = FN_GELU_TANH_LO_##SUFFIX, vlo = FN_SILU_LO_##SUFFIX, hi = FN_SILU_HI_##SUFFIX; \
+            FN_OPAQUE(lo); FN_OPAQUE(vlo); FN_OPAQUE(hi);                                       \
+            FN_ACT_LOOP(y[i] = fn_gelu_tanh_##SUFFIX(y[i], lo, vlo, hi));                       \
+            break;                                                                              \
         default: break;                                                                         \
         }                                                                                       \
     }                                                                                           \
     /* g = dy * act'(z) over n contiguous values; g may be z (FN_ACT_NONE: g = dy) */          \
     static inline void fn_act_grad_##SUFFIX(const T* z, const T* dy, T* g, ptrdiff_t n,         \
                                             int act) {                                          \
+        T flat;                                                                                 \
         switch (act) {                                                                          \
         case FN_ACT_RELU: FN_ACT_LOOP(g[i] = fn_relu_grad_##SUFFIX(z[i], dy[i])); break;        \
-        case FN_ACT_SILU: FN_ACT_LOOP(g[i] = fn_silu_grad_##SUFFIX(z[i], dy[i])); break;        \
-        case FN_ACT_GELU: FN_ACT_LOOP(g[i] = fn_gelu_grad_##SUFFIX(z[i], dy[i])); break;        \
-        case FN_ACT_GELU_TANH: FN_ACT_LOOP(g[i] = fn_gelu_tanh_grad_##SUFFIX(z[i], dy[i])); break; \
+        case FN_ACT_SILU:                                                                       \
+            flat = FN_SILU_FLAT_##SUFFIX;                                                       \
+            FN_OPAQUE(flat);                                                                    \
+            FN_ACT_LOOP(g[i] = fn_silu_grad_##SUFFIX(z[i], dy[i], flat));                       \
+            break;                                                                              \
+        case FN_ACT_GELU:                                                                       \
+            flat = FN_GELU_FLAT_##SUFFIX;                                                       \
+            FN_OPAQUE(flat);                                                                    \
+            FN_ACT_LOOP(g[i] = fn_gelu_grad_##SUFFIX(z[i], dy[i], flat));                       \
+            break;                                                                              \
+        case FN_ACT_GELU_TANH:                                                                  \
+            flat = FN_GELU_TANH_FLAT_##SUFFIX;                                                  \
+            FN_OPAQUE(flat);                                                                    \
+            FN_ACT_LOOP(g[i] = fn_gelu_tanh_grad_##SUFFIX(z[i], dy[i], flat));                  \
+            break;                                                                              \
         default: if (g != dy) memmove(g, dy, (size_t)n * sizeof(T)); break;                     \
         }                                                                                       \
     }
