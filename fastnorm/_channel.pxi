@@ -3,20 +3,25 @@
 #
 # Every input is a C-contiguous (N, C, S) view: (N, C), (N, C, L), NCHW and
 # NCDHW reshape to it, and channels-last memory (NHWC, NDHWC) is (rows, C, 1).
-# Two strategies share one arithmetic:
-#   * segments (S > 1): channel c is N runs of S contiguous values;
+# Three strategies for the statistics, chosen by the shape alone:
+#   * runs (many samples of short runs, see use_runs): memory is read in order,
+#     sample after sample; each of the C runs of a sample goes into its
+#     channel's partial sums. Stripes are groups of whole samples;
+#   * segments (other S > 1): channel c is N runs of S contiguous values, cut
+#     into units (see _common.pxd), units into stripes;
 #   * rows (S == 1): a row holds one value of every channel, so inner loops
 #     run along channels with one accumulator per channel.
-# A channel's values are cut into units (see _common.pxd), units into
-# stripes, and partial results folded in unit then stripe order: the result
-# depends on the shape only, never on the thread count or the code path.
+# Partial results are folded in unit then stripe order: the result depends on
+# the shape only, never on the thread count or the code path. Elementwise
+# passes (normalize, backward apply) always walk memory in order.
 #
 # Public entry points (the Python layer validates everything first; these
 # trust their inputs, never raise, and run without the GIL):
 #   channel_moments         IN x               OUT mean, m2 (float64, per channel)
 #   channel_normalize       IN x, mean, scale, shift   OUT y = act((x - mean)*scale + shift)
 #   channel_forward_train   both of the above, fused per channel when it fits in cache
-#   channel_act_grad        IN x, dy, mean, scale, shift   OUT g = dy * act'((x - mean)*scale + shift)
+#   channel_act_grad        IN x, dy, mean, scale, shift
+#                           OUT g = dy * act'((x - mean)*scale + shift)
 #   channel_grad_sums       IN x, dy, mean     OUT sum(dy), sum(dy * (x - mean))
 #   channel_backward_apply  IN x, dy, mean, k_dy, k_x, k_0   OUT dx = k_dy*dy + k_x*(x-mean) + k_0
 #   channel_backward        grad sums, coefficients and apply, fused per channel when it fits
@@ -32,7 +37,8 @@ from cython.parallel cimport prange
 from fastnorm._common cimport (
     FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, block_moments,
     chan_merge, cols_grad_sums, cols_moments, cols_shifted_sums, fn_column_rows_per_lane,
-    fn_stream_fence, run_affine_backward, run_affine_out, run_grad_sums, split_hi_lo, stripe_start,
+    fn_stream_fence, row_centered_sums, row_grad_sums, run_affine_backward, run_affine_out,
+    run_grad_sums, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
     ACT_NONE, run_act_grad, run_activate, run_affine_act, run_affine_act_grad,
@@ -98,10 +104,27 @@ cdef inline RowPlan row_plan(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
     return p
 
 
-cdef inline bint fuse_per_channel(SegmentPlan* p, Py_ssize_t itemsize, int n_threads) noexcept nogil:
-    """Whole channels per thread when the channel fits in cache and there are
-    enough channels to keep every thread busy; otherwise split the reduction."""
-    return p.N * p.S * itemsize <= FUSE_CHANNEL_BYTES and p.C >= 2 * n_threads
+cdef enum:
+    # The runs strategy takes (N, C, S) data with at least this many samples
+    # (enough stripes for every thread) and runs of at most this many bytes
+    # (a channel-major walk restarts the prefetchers at each run and crosses
+    # a page per run; longer runs amortize that).
+    RUNS_MIN_SAMPLES = 8
+    RUNS_MAX_BYTES = 16384
+
+
+cdef inline bint use_runs(Py_ssize_t N, Py_ssize_t S, Py_ssize_t itemsize) noexcept nogil:
+    return S > 1 and N >= RUNS_MIN_SAMPLES and S * itemsize <= RUNS_MAX_BYTES
+
+
+cdef inline bint fuse_per_channel(SegmentPlan* p, Py_ssize_t itemsize, int arrays,
+                                  int n_threads) noexcept nogil:
+    """Whole channels per thread when the channel (of `arrays` inputs) fits in
+    cache and there are enough channels to keep every thread busy; otherwise
+    split the reduction. Never for shapes of the runs strategy (its arithmetic
+    is another, and a choice that depends on n_threads must not change it)."""
+    return (not use_runs(p.N, p.S, itemsize) and p.C >= 2 * n_threads
+            and p.N * p.S * itemsize * arrays <= FUSE_CHANNEL_BYTES)
 
 
 # --------------------------------------------------- segments: statistics
@@ -211,6 +234,102 @@ cdef inline void segment_stripe_backward(const floating* x, const floating* dy, 
             at = offset + r * p.C * p.S
             run_affine_backward(x + at, dy + at, dx + at, ncols, mean_hi, mean_lo,
                                 <floating>k_dy, <floating>k_x, <floating>k_0)
+
+
+# ------------------------------------------------------- runs strategy
+
+cdef void runs_stripe_moments(const floating* x, Py_ssize_t C, Py_ssize_t S, Py_ssize_t n0,
+                              Py_ssize_t n1, double* part) noexcept nogil:
+    """Per-channel mean and m2 of samples [n0, n1) into part[c], part[C + c]
+    (part: 3 * C doubles, the last C scratch).
+
+    One pass in memory order: channel c's runs are summed about a shift K, the
+    exact mean of the stripe's first run of c rounded to the working precision.
+    Shifted sums lose a factor 1 + ((mean - K) / std)**2 of the working
+    precision, so they are kept while K is within 2 standard deviations of the
+    mean; otherwise (drifting data) the channel's runs are reduced again
+    exactly, run by run (block_moments, Chan merges)."""
+    cdef Py_ssize_t n, c
+    cdef double count = <double>((n1 - n0) * S), s1, s2, delta
+    cdef double* shift = part + 2 * C
+    cdef Moments acc
+    for c in range(C):
+        shift[c] = <double><floating>block_moments(x + (n0 * C + c) * S, 1, S, S).mean
+        part[c] = 0.0
+        part[C + c] = 0.0
+    for n in range(n0, n1):
+        for c in range(C):
+            row_centered_sums(x + (n * C + c) * S, S, <floating>shift[c], &part[c], &part[C + c])
+    for c in range(C):
+        s1 = part[c]
+        s2 = part[C + c]
+        delta = s1 / count                      # mean - K
+        if delta * delta * count > 4.0 * (s2 - s1 * delta):
+            acc.count = 0.0
+            acc.mean = 0.0
+            acc.m2 = 0.0
+            for n in range(n0, n1):
+                chan_merge(&acc, block_moments(x + (n * C + c) * S, 1, S, S))
+            part[c] = acc.mean
+            part[C + c] = acc.m2
+        else:
+            part[c] = shift[c] + delta
+            part[C + c] = max(s2 - s1 * delta, 0.0)
+
+
+cdef void runs_moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                       double* mean, double* m2, double* scratch, int n_threads) noexcept nogil:
+    """Per-channel statistics of (N, C, S) data, runs strategy. scratch: 3*C*stripes."""
+    cdef Py_ssize_t n_stripes = min(N, <Py_ssize_t>MAX_STRIPES), g, c
+    cdef Moments acc, part
+    for g in prange(n_stripes, num_threads=n_threads, schedule="static"):
+        runs_stripe_moments(x, C, S, stripe_start(N, n_stripes, g),
+                            stripe_start(N, n_stripes, g + 1), scratch + 3 * C * g)
+    for c in range(C):
+        acc.count = 0.0
+        acc.mean = 0.0
+        acc.m2 = 0.0
+        for g in range(n_stripes):
+            part.count = <double>(S * (stripe_start(N, n_stripes, g + 1)
+                                       - stripe_start(N, n_stripes, g)))
+            part.mean = scratch[3 * C * g + c]
+            part.m2 = scratch[3 * C * g + C + c]
+            chan_merge(&acc, part)
+        mean[c] = acc.mean
+        m2[c] = acc.m2
+
+
+cdef void runs_stripe_grad_sums(const floating* x, const floating* dy, Py_ssize_t C,
+                                Py_ssize_t S, Py_ssize_t n0, Py_ssize_t n1,
+                                const floating* mean_hi, const floating* mean_lo,
+                                double* part) noexcept nogil:
+    """Per-channel sum(dy), sum(dy*(x-mean)) of samples [n0, n1) into part[c], part[C + c]."""
+    cdef Py_ssize_t n, c, at
+    for c in range(2 * C):
+        part[c] = 0.0
+    for n in range(n0, n1):
+        for c in range(C):
+            at = (n * C + c) * S
+            row_grad_sums(x + at, dy + at, NULL, S, mean_hi[c], mean_lo[c], &part[c],
+                          &part[C + c])
+
+
+cdef void runs_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, Py_ssize_t C,
+                         Py_ssize_t S, const floating* mean_hi, const floating* mean_lo,
+                         double* sum_dy, double* sum_dy_xmu, double* scratch,
+                         int n_threads) noexcept nogil:
+    """Per-channel sum(dy), sum(dy*(x-mean)), runs strategy. scratch: 2*C*stripes."""
+    cdef Py_ssize_t n_stripes = min(N, <Py_ssize_t>MAX_STRIPES), g, c
+    for g in prange(n_stripes, num_threads=n_threads, schedule="static"):
+        runs_stripe_grad_sums(x, dy, C, S, stripe_start(N, n_stripes, g),
+                              stripe_start(N, n_stripes, g + 1), mean_hi, mean_lo,
+                              scratch + 2 * C * g)
+    for c in range(C):
+        sum_dy[c] = 0.0
+        sum_dy_xmu[c] = 0.0
+        for g in range(n_stripes):
+            sum_dy[c] += scratch[2 * C * g + c]
+            sum_dy_xmu[c] += scratch[2 * C * g + C + c]
 
 
 # ------------------------------------------------------- rows strategy
@@ -463,7 +582,11 @@ cdef _moments(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2, int
     cdef RowPlan rp
     cdef double[:, :, ::1] scratch
     cdef double[::1] flat
-    if S == 1:
+    if use_runs(N, S, sizeof(floating)):
+        flat = np.empty(3 * C * min(N, <Py_ssize_t>MAX_STRIPES))
+        with nogil:
+            runs_moments(&x[0, 0, 0], N, C, S, &mean[0], &m2[0], &flat[0], n_threads)
+    elif S == 1:
         rp = row_plan(N, C)
         scratch = np.empty((rp.n_stripes * rp.n_blocks, 4, rp.block))
         with nogil:
@@ -541,7 +664,7 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
     cdef Normalization norm
     cdef double[::1] m2, scales, shifts
     cdef bint stream = act == ACT_NONE and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
-    if S > 1 and fuse_per_channel(&sp, sizeof(floating), n_threads):
+    if S > 1 and fuse_per_channel(&sp, sizeof(floating), 1, n_threads):
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):
                 m = segment_channel_moments(&x[0, 0, 0], &sp, c)
@@ -585,6 +708,13 @@ def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
         with nogil:
             rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &w[0, 0], &w[1, 0], &sum_dy[0],
                            &sum_dy_xmu[0], scratch, ACT_NONE, NULL, NULL, NULL, n_threads)
+        return
+    if use_runs(N, S, sizeof(floating)):
+        w = _working_copies(x, &mean[0], NULL, NULL, NULL)
+        flat = np.empty(2 * C * min(N, <Py_ssize_t>MAX_STRIPES))
+        with nogil:
+            runs_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], N, C, S, &w[0, 0], &w[1, 0], &sum_dy[0],
+                           &sum_dy_xmu[0], &flat[0], n_threads)
         return
     sp = segment_plan(N, C, S)
     flat = np.zeros(C * sp.n_stripes * 2)
@@ -659,7 +789,7 @@ def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     cdef double stripe_dy, stripe_dy_xmu, count = <double>(N * S)
     cdef double[::1] kd, kx, k0
     cdef const floating* grad      # dy, or g = dy * act'(z) stored in dx
-    if S > 1 and fuse_per_channel(&sp, 2 * sizeof(floating), n_threads):
+    if S > 1 and fuse_per_channel(&sp, sizeof(floating), 2, n_threads):
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):
                 grad = &dy[0, 0, 0]
