@@ -214,6 +214,30 @@ def test_channels_last_statistics_on_awkward_row_orders(pattern):
     np.testing.assert_allclose(invstd, 1 / np.sqrt(expected.var + 1e-5), rtol=1e-6)
 
 
+@pytest.mark.parametrize("pattern", ["drift", "outlier_sample_first"])
+@pytest.mark.parametrize("spatial", [(5, 7), (64,)])
+def test_sample_order_statistics_on_awkward_sample_orders(pattern, spatial):
+    """NCHW data with many samples of short runs is reduced sample after sample about a
+    shift from each stripe's first run: samples drifting along the batch, or a first
+    sample far from the rest, must fall back to exact sums (forward and backward)."""
+    n, channels = 128, 5   # 16 stripes of 8 samples
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((n, channels) + spatial) + 1e4
+    if pattern == "drift":
+        x += np.linspace(0.0, 400.0, n).reshape((n,) + (1,) * (x.ndim - 1))
+    else:
+        # the first sample of every stripe 100 std off: the shift it gives is over
+        # 2 standard deviations from the stripe's mean, so the stripe is redone exactly
+        x[::8] += 100.0
+    x = x.astype(np.float32)
+    layer = fn.BatchNorm1d(channels) if len(spatial) == 1 else fn.BatchNorm2d(channels)
+    y = layer(x)
+    expected = ref.batch_norm_forward(x, None, None, 1e-5)
+    assert np.abs(y - expected.y).max() <= 2e-5
+    _, _, invstd = F.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    np.testing.assert_allclose(invstd, 1 / np.sqrt(expected.var + 1e-5), rtol=1e-6)
+
+
 def test_constant_channel_gives_bias_exactly():
     x = np.full((4, 3, 5), 7.25, np.float32)
     layer = fn.BatchNorm1d(3)
