@@ -4,8 +4,10 @@ Kernels see one of two C-contiguous 3-D views of the very same memory:
   * channels-first (N, C, S), S = prod(spatial): contiguous NCHW and friends;
   * channels-last (N * prod(spatial), C, 1): NHWC/NDHWC memory, i.e. an array
     made as x_nhwc.transpose(0, 3, 1, 2), processed in place without a copy.
-Any other strides cost one contiguous copy. Outputs are allocated in the
-input's layout, so a channels-last input gives a channels-last output.
+Any other strides cost one contiguous copy, and so does memory that is not
+aligned for its dtype (kernels may use aligned vector accesses; misaligned
+floats are undefined behaviour in C). Outputs are allocated in the input's
+layout, so a channels-last input gives a channels-last output.
 """
 import math
 
@@ -13,25 +15,35 @@ import numpy as np
 
 
 def is_channels_last(x):
-    """True for memory ordered (N, *spatial, C) behind an (N, C, *spatial) shape."""
-    return x.ndim >= 3 and not x.flags.c_contiguous and np.moveaxis(x, 1, -1).flags.c_contiguous
+    """True for aligned memory ordered (N, *spatial, C) behind an (N, C, *spatial) shape."""
+    return (x.ndim >= 3 and x.flags.aligned and not x.flags.c_contiguous
+            and np.moveaxis(x, 1, -1).flags.c_contiguous)
+
+
+def contiguous(a):
+    """a itself when it is C-contiguous and aligned, else such a copy."""
+    return a if a.flags.c_contiguous and a.flags.aligned else np.require(a, requirements="CA")
+
+
+def is_kernel_output(out):
+    """Whether kernels may write into out directly as a C-contiguous array."""
+    return out.flags.c_contiguous and out.flags.aligned
 
 
 def kernel_view(x, channels_last):
     """A 3-D C-contiguous view of x in the given layout (a copy only if needed)."""
     n, c = x.shape[0], x.shape[1]
     if channels_last:
-        last = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-        return last.reshape(-1, c, 1)
-    return np.ascontiguousarray(x).reshape(n, c, math.prod(x.shape[2:]))
+        return contiguous(np.moveaxis(x, 1, -1)).reshape(-1, c, 1)
+    return contiguous(x).reshape(n, c, math.prod(x.shape[2:]))
 
 
 def kernel_ready(x):
     """x itself when its memory is already a kernel layout, else one contiguous copy
     (same shape and values). Layers keep this array for backward."""
-    if x.flags.c_contiguous or is_channels_last(x):
+    if is_kernel_output(x) or is_channels_last(x):
         return x
-    return np.ascontiguousarray(x)
+    return contiguous(x)
 
 
 def input_view(x):
@@ -66,9 +78,11 @@ def deliver(target, out):
 
 def _writable_view(out, channels_last):
     n, c = out.shape[0], out.shape[1]
+    if not out.flags.aligned:
+        return None
     if channels_last:
         moved = np.moveaxis(out, 1, -1)
         return moved.reshape(-1, c, 1) if moved.flags.c_contiguous else None
-    if out.flags.c_contiguous:
+    if is_kernel_output(out):
         return out.reshape(n, c, math.prod(out.shape[2:]))
     return None

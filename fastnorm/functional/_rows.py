@@ -9,6 +9,7 @@ import operator
 
 import numpy as np
 
+from .._layout import contiguous
 from .._validation import check_same_dtype
 
 
@@ -24,7 +25,7 @@ def param_or(param, length, dtype, value):
     """A C-contiguous parameter for the kernels, or a constant vector when it is None."""
     if param is None:
         return constant_vector(length, dtype, value)
-    return param if param.flags.c_contiguous else np.ascontiguousarray(param)
+    return contiguous(param)
 
 
 def check_param(x, param, name, shape):
@@ -80,8 +81,6 @@ def check_trailing(x, shape, what):
         )
 
 
-def contiguous(a):
-    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
 
 
 def check_stat(stat, name, count):
@@ -89,7 +88,7 @@ def check_stat(stat, name, count):
     if not isinstance(stat, np.ndarray) or stat.size != count:
         shape = getattr(stat, "shape", type(stat).__name__)
         raise ValueError(f"{name} must be an array of {count} values (one per row), got {shape}")
-    return np.ascontiguousarray(stat, dtype=np.float64).reshape(-1)
+    return np.require(stat, np.float64, "CA").reshape(-1)
 
 
 def prod(shape):

@@ -101,8 +101,8 @@ def batch_norm_backward(grad_output, input, save_mean, save_invstd, weight=None,
     sum_dy = np.zeros(channels)
     sum_dy_xmu = np.zeros(channels)
     if x.size > 0:
-        kernels.channel_backward(view, grad_view, np.ascontiguousarray(save_mean, np.float64),
-                                 np.ascontiguousarray(save_invstd, np.float64),
+        kernels.channel_backward(view, grad_view, np.require(save_mean, np.float64, "CA"),
+                                 np.require(save_invstd, np.float64, "CA"),
                                  _per_channel(weight, channels, 1.0), bool(training),
                                  grad_input_view, sum_dy, sum_dy_xmu, threads_for(x.size), act,
                                  _per_channel(bias, channels, 0.0))

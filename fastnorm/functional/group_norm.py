@@ -22,7 +22,9 @@ import numpy as np
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
 from .._overflow import overflowed_rows, refit_rows
-from .._layout import deliver, is_channels_last, kernel_view, output_for
+from .._layout import (
+    contiguous, deliver, is_channels_last, is_kernel_output, kernel_view, output_for,
+)
 from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_out
 from ._rows import check_eps_value, check_param, check_stat, param_or, prod
@@ -199,13 +201,13 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False, act=0)
                                       num_groups, eps, view.reshape(n, spatial, channels), mean,
                                       rstd, var, threads, act)
             if not act and overflowed_rows(mean, rstd).any():   # huge values: see _overflow.py
-                refit = np.ascontiguousarray(target)  # refit_rows works on (N, C, *) memory
-                refit_rows(np.ascontiguousarray(x), refit, weight, bias, mean, rstd, var, eps,
+                refit = contiguous(target)  # refit_rows works on (N, C, *) memory
+                refit_rows(contiguous(x), refit, weight, bias, mean, rstd, var, eps,
                            num_groups, spatial)
                 target[...] = refit
         return deliver(target, out), mean, rstd, var
-    x = np.ascontiguousarray(x)
-    y = out if out is not None and out.flags.c_contiguous else np.empty(x.shape, x.dtype)
+    x = contiguous(x)
+    y = out if out is not None and is_kernel_output(out) else np.empty(x.shape, x.dtype)
     if x.size:
         kernels.row_forward(x, weight, bias, n * num_groups, channels // num_groups, spatial,
                             num_groups, True, True, eps, y, mean, rstd, var, threads, act)
@@ -231,8 +233,8 @@ def groups_backward(grad_output, x, num_groups, weight, mean, rstd, act=0, bias=
                                        grad_view.reshape(n, spatial, channels), grad_weight,
                                        grad_bias, threads, act, bias)
         return grad_input, grad_weight, grad_bias
-    x = np.ascontiguousarray(x)
-    dy = np.ascontiguousarray(grad_output)
+    x = contiguous(x)
+    dy = contiguous(grad_output)
     grad_input = np.empty(x.shape, x.dtype)
     if x.size:
         kernels.row_backward(x, dy, weight, n * num_groups, channels // num_groups, spatial,

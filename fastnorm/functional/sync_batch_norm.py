@@ -181,8 +181,8 @@ def sync_batch_norm_backward(grad_output, input, save_mean, save_invstd, count, 
         act = activation_code(check_activation(activation))
     x = input
     channels = x.shape[1]
-    mean = np.ascontiguousarray(save_mean, np.float64)
-    invstd = np.ascontiguousarray(save_invstd, np.float64)
+    mean = np.require(save_mean, np.float64, "CA")
+    invstd = np.require(save_invstd, np.float64, "CA")
     view, channels_last = input_view(x)
     grad_view = kernel_view(grad_output, channels_last)
     grad_input, grad_input_view = output_for(x, channels_last)
@@ -239,7 +239,7 @@ def _shift_for(shift, running_mean, channels):
     if shift.shape != (channels,) or shift.dtype.kind != "f":
         raise ValueError(f"shift must be a float array of shape ({channels},), got "
                          f"{shift.dtype} array of shape {shift.shape}")
-    return np.ascontiguousarray(shift, np.float64)
+    return np.require(shift, np.float64, "CA")
 
 
 # ------------------------------------------------------------- collective
@@ -311,7 +311,7 @@ def _disagreement(what, processes, total):
 
 def _fingerprint(*values):
     """A 16-bit checksum of arrays and numbers (processes compare it, not the data)."""
-    data = b"".join(np.ascontiguousarray(v, np.float64).tobytes() for v in values)
+    data = b"".join(np.require(v, np.float64, "CA").tobytes() for v in values)
     return zlib.crc32(data) & _FIELD_MASK
 
 
