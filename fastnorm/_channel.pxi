@@ -36,9 +36,9 @@ from cython.parallel cimport prange
 
 from fastnorm._common cimport (
     FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, block_moments,
-    chan_merge, cols_grad_sums, cols_moments, cols_shifted_sums, fn_column_rows_per_lane,
-    fn_stream_fence, row_centered_sums, row_grad_sums, run_affine_backward, run_affine_out,
-    run_grad_sums, split_hi_lo, stripe_start,
+    chan_merge, channels_affine, cols_grad_sums, cols_moments, cols_shifted_sums,
+    fn_column_rows_per_lane, fn_stream_fence, row_centered_sums, row_grad_sums,
+    run_affine_backward, run_affine_out, run_grad_sums, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
     ACT_NONE, run_act_grad, run_activate, run_affine_act, run_affine_act_grad,
@@ -479,27 +479,36 @@ cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floa
                                 const floating* shift, int act) noexcept nogil:
     """Channels [c0, stop) of one row: y = act(z), z = (x - mean[c]) * scale[c] + shift[c];
     or, given dyrow, y = dy * act'(z)."""
-    cdef Py_ssize_t c
-    for c in range(c0, stop):
-        yrow[c] = ((xrow[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
+    channels_affine(xrow + c0, yrow + c0, stop - c0, mean_hi + c0, mean_lo + c0, scale + c0,
+                    shift + c0, False)
     if dyrow == NULL:
         run_activate(yrow + c0, stop - c0, act)
     else:
         run_act_grad(yrow + c0, dyrow + c0, yrow + c0, stop - c0, act)
 
 
+cdef enum:
+    AFFINE_BLOCK_ROWS = 64  # rows per task of the channels-last elementwise pass
+
+
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* mean_hi, const floating* mean_lo, const floating* scale,
                       const floating* shift, int act, const floating* dy,
                       int n_threads) noexcept nogil:
-    """row_affine_act over every row and channel (dy NULL: forward)."""
-    cdef Py_ssize_t r
-    cdef const floating* dyrow
-    for r in prange(R, num_threads=n_threads, schedule="static"):
-        dyrow = NULL
-        if dy != NULL:
-            dyrow = dy + r * C
-        row_affine_act(x + r * C, y + r * C, dyrow, 0, C, mean_hi, mean_lo, scale, shift, act)
+    """row_affine_act over every row and channel (dy NULL: forward). A large plain
+    forward output is written with non-temporal stores, a fence after each block."""
+    cdef Py_ssize_t r, block, n_blocks = (R + AFFINE_BLOCK_ROWS - 1) // AFFINE_BLOCK_ROWS
+    cdef bint stream = (act == ACT_NONE and dy == NULL
+                        and R * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
+    for block in prange(n_blocks, num_threads=n_threads, schedule="static"):
+        if stream:
+            for r in range(block * AFFINE_BLOCK_ROWS, min(R, (block + 1) * AFFINE_BLOCK_ROWS)):
+                channels_affine(x + r * C, y + r * C, C, mean_hi, mean_lo, scale, shift, True)
+            fn_stream_fence()
+        else:
+            for r in range(block * AFFINE_BLOCK_ROWS, min(R, (block + 1) * AFFINE_BLOCK_ROWS)):
+                row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C,
+                               mean_hi, mean_lo, scale, shift, act)
 
 
 cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,

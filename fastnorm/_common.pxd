@@ -89,6 +89,12 @@ cdef extern from "_simd.h" nogil:
                               float mean_hi, float mean_lo, double* sum_g, double* sum_gd)
     void fn_row_grad_sums_f64(const double* x, const double* g, const double* w, Py_ssize_t n,
                               double mean_hi, double mean_lo, double* sum_g, double* sum_gd)
+    void fn_channels_affine_f32(const float* x, float* y, Py_ssize_t n, const float* mean_hi,
+                                const float* mean_lo, const float* scale, const float* shift,
+                                bint stream)
+    void fn_channels_affine_f64(const double* x, double* y, Py_ssize_t n,
+                                const double* mean_hi, const double* mean_lo,
+                                const double* scale, const double* shift, bint stream)
     void fn_affine_out_f32(const float* x, float* y, const float* w, const float* b,
                            Py_ssize_t n, float mean_hi, float mean_lo, float scale, float shift,
                            int stream)
@@ -180,6 +186,18 @@ cdef inline void row_grad_sums(const floating* x, const floating* dy, const floa
         fn_row_grad_sums_f32(x, dy, w, n, mean_hi, mean_lo, sum_g, sum_gd)
     else:
         fn_row_grad_sums_f64(x, dy, w, n, mean_hi, mean_lo, sum_g, sum_gd)
+
+
+cdef inline void channels_affine(const floating* x, floating* y, Py_ssize_t n,
+                                 const floating* mean_hi, const floating* mean_lo,
+                                 const floating* scale, const floating* shift,
+                                 bint stream) noexcept nogil:
+    """One channels-last row: y = ((x - mean_hi) - mean_lo) * scale + shift, parameters
+    per channel; stream: non-temporal stores (same values)."""
+    if floating is float:
+        fn_channels_affine_f32(x, y, n, mean_hi, mean_lo, scale, shift, stream)
+    else:
+        fn_channels_affine_f64(x, y, n, mean_hi, mean_lo, scale, shift, stream)
 
 
 cdef inline void run_affine_out(const floating* x, floating* y, const floating* w,
