@@ -45,6 +45,8 @@ def native_threads():
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+@pytest.mark.skipif("libasan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="AddressSanitizer's quarantine holds freed memory (tools/sanitize.sh)")
 def test_no_memory_growth_over_thousands_of_calls():
     cases = every_layer() + [(layer.train(False), x) for layer, x in every_layer(np.float64)]
 
