@@ -697,6 +697,33 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
     _channel_elementwise(x, NULL, mean, scales, shifts, act, y, n_threads)
 
 
+def channel_update_running(floating[:] running_mean, floating[:] running_var,
+                           const double[::1] mean, const double[::1] var, double count,
+                           double momentum):
+    """running = (1 - momentum) * running + momentum * batch statistic, the variance
+    unbiased (count > 1 values per channel), computed in float64 then rounded to the
+    running arrays' dtype. In C: a tiny batch cannot afford six NumPy calls."""
+    cdef Py_ssize_t c
+    cdef double unbias = count / (count - 1.0)
+    for c in range(mean.shape[0]):
+        running_mean[c] = <floating>((1.0 - momentum) * running_mean[c] + momentum * mean[c])
+        running_var[c] = <floating>((1.0 - momentum) * running_var[c]
+                                    + momentum * (var[c] * unbias))
+
+
+def channel_invstd(const double[::1] mean, const double[::1] var, double eps,
+                   double[::1] invstd):
+    """invstd = 1 / sqrt(var + eps); returns whether any mean or var is not finite
+    (an overflowed or NaN statistic: see _overflow.py)."""
+    cdef Py_ssize_t c
+    cdef bint finite = True
+    for c in range(var.shape[0]):
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+        # x - x is 0 for finite x, NaN for inf and NaN
+        finite = finite and var[c] - var[c] == 0.0 and mean[c] - mean[c] == 0.0
+    return not finite
+
+
 def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
                       const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu,
                       int n_threads):

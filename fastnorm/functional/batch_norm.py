@@ -58,17 +58,23 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
     bias64 = _per_channel(bias, channels, 0.0)
     n_threads = threads_for(x.size)
     if training:
-        mean = np.zeros(channels)
-        var = np.ones(channels)
+        stats = np.empty((3, channels))
+        mean, var, invstd = stats
         if count > 0:
             kernels.channel_forward_train(view, weight64, bias64, float(eps), y_view, mean, var,
                                           n_threads, act)
-            if overflowed_channels(view, mean, var):   # huge values: see _overflow.py
+            # huge values overflow the kernels' sums: see _overflow.py
+            if kernels.channel_invstd(mean, var, eps, invstd) and overflowed_channels(
+                    view, mean, var):
                 kernels.channel_normalize(view, mean, weight64 / np.sqrt(var + eps), bias64,
                                           y_view, n_threads, act)
+                kernels.channel_invstd(mean, var, eps, invstd)
             if running_mean is not None:
-                _update_running(running_mean, running_var, mean, var, count, momentum)
-        invstd = 1.0 / np.sqrt(var + eps)
+                kernels.channel_update_running(running_mean, running_var, mean, var, count,
+                                               momentum)
+        else:
+            mean[:], var[:] = 0.0, 1.0
+            invstd[:] = 1.0 / np.sqrt(1.0 + eps)
     else:
         mean = running_mean.astype(np.float64)
         invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
@@ -162,9 +168,3 @@ def _per_channel(param, channels, default):
     if param is None:
         return np.full(channels, default)
     return param.astype(np.float64)
-
-
-def _update_running(running_mean, running_var, mean, var, count, momentum):
-    unbiased = var * (count / (count - 1))  # count > 1: checked before
-    running_mean[...] = (1.0 - momentum) * running_mean + momentum * mean
-    running_var[...] = (1.0 - momentum) * running_var + momentum * unbiased

@@ -73,7 +73,7 @@ from .._threads import threads_for
 from .._validation import check_channels, check_count, check_float_array, check_vector
 from ..comm import as_allreduce
 from .batch_norm import (
-    _check_backward, _check_forward, _per_channel, _update_running, batch_norm_backward,
+    _check_backward, _check_forward, _per_channel, batch_norm_backward,
     native_batch_norm,
 )
 
@@ -153,7 +153,7 @@ def native_sync_batch_norm(input, weight, bias, running_mean, running_var, train
         kernels.channel_normalize(view, mean, scale, _per_channel(bias, channels, 0.0), y_view,
                                   threads_for(x.size), act)
     if running_mean is not None:
-        _update_running(running_mean, running_var, mean, var, count, momentum)
+        kernels.channel_update_running(running_mean, running_var, mean, var, count, momentum)
     return deliver(target, out), mean, invstd, count
 
 

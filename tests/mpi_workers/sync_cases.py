@@ -151,7 +151,12 @@ def compare(c, rank, mine, expected, grad_sums):
     if not c["track_running_stats"]:  # eval then uses this rank's own batch statistics
         bn = BATCHNORM[len(c["tail"]) + 1](c["tail"][0], **_layer_arguments(c)).eval()
         want_eval = bn(local_part(c, rank, global_batch(c, c["steps"])[0]))
-    _close(mine["y_eval"], want_eval, tol, f"rank {rank}: eval")
+    # eval normalizes with running statistics stored in the working dtype: a batch mean
+    # that differs in its last bits (global vs one-process reduction) may round to the
+    # neighbouring float32, which shifts every output by that ulp (1e-3 at mean 1e4)
+    ulp = np.finfo(want_eval.dtype).eps
+    np.testing.assert_allclose(mine["y_eval"], want_eval, rtol=4 * ulp, atol=tol,
+                               err_msg=f"rank {rank}: eval")
 
 
 def _close(got, want, tol, what, same_dtype=True):
