@@ -36,8 +36,8 @@ from cython.parallel cimport prange
 
 from fastnorm._common cimport (
     FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, block_moments,
-    chan_merge, channels_affine, cols_grad_sums, cols_moments, cols_shifted_sums,
-    fn_column_rows_per_lane, fn_stream_fence, row_centered_sums, row_grad_sums,
+    affine_coefficients, chan_merge, channels_affine, cols_grad_sums, cols_moments,
+    cols_shifted_sums, fn_column_rows_per_lane, fn_stream_fence, row_centered_sums, row_grad_sums,
     run_affine_backward, run_affine_out, run_grad_sums, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
@@ -433,11 +433,12 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
 cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
                          const floating* mean_hi, const floating* mean_lo, double* sum_dy,
                          double* sum_dy_xmu, double[:, :, ::1] scratch, int act,
-                         const floating* scale, const floating* shift, floating* g_out,
-                         int n_threads) noexcept nogil:
+                         const floating* z_hi, const floating* z_scale, const floating* z_shift,
+                         floating* g_out, int n_threads) noexcept nogil:
     """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: (tasks, 2, block).
-    With an activation, each unit first gets g = dy * act'(z) written to g_out,
-    z = (x - mean[c]) * scale[c] + shift[c], while it is in cache; g is summed instead."""
+    With an activation, each unit first gets g = dy * act'(z) written to g_out, z from
+    the coefficients z_* (affine_coefficients; z_hi may be NULL), while it is in cache;
+    g is summed instead."""
     cdef Py_ssize_t task, g, b, u, first, stop, r0, r, c, c0, nc
     cdef double* part_g
     cdef double* part_gx
@@ -459,7 +460,7 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
             if act != ACT_NONE:
                 for r in range(r0, min(p.R, r0 + p.unit_rows)):
                     row_affine_act(x + r * p.C, g_out + r * p.C, dy + r * p.C, c0, c0 + nc,
-                                   mean_hi, mean_lo, scale, shift, act)
+                                   z_hi, z_scale, z_shift, act)
             cols_grad_sums(x + r0 * p.C + c0,
                            (dy if act == ACT_NONE else g_out) + r0 * p.C + c0,
                            min(p.R, r0 + p.unit_rows) - r0, p.C, nc, mean_hi + c0, mean_lo + c0,
@@ -474,13 +475,13 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
 
 
 cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floating* dyrow,
-                                Py_ssize_t c0, Py_ssize_t stop, const floating* mean_hi,
-                                const floating* mean_lo, const floating* scale,
-                                const floating* shift, int act) noexcept nogil:
-    """Channels [c0, stop) of one row: y = act(z), z = (x - mean[c]) * scale[c] + shift[c];
-    or, given dyrow, y = dy * act'(z)."""
-    channels_affine(xrow + c0, yrow + c0, stop - c0, mean_hi + c0, mean_lo + c0, scale + c0,
-                    shift + c0, False)
+                                Py_ssize_t c0, Py_ssize_t stop, const floating* hi,
+                                const floating* scale, const floating* shift,
+                                int act) noexcept nogil:
+    """Channels [c0, stop) of one row: y = act(z), z = (x - hi[c]) * scale[c] + shift[c]
+    (affine_coefficients; hi NULL: x * scale + shift); or, given dyrow, y = dy * act'(z)."""
+    channels_affine(xrow + c0, yrow + c0, stop - c0, NULL if hi == NULL else hi + c0,
+                    scale + c0, shift + c0, False)
     if dyrow == NULL:
         run_activate(yrow + c0, stop - c0, act)
     else:
@@ -492,9 +493,8 @@ cdef enum:
 
 
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
-                      const floating* mean_hi, const floating* mean_lo, const floating* scale,
-                      const floating* shift, int act, const floating* dy,
-                      int n_threads) noexcept nogil:
+                      const floating* hi, const floating* scale, const floating* shift,
+                      int act, const floating* dy, int n_threads) noexcept nogil:
     """row_affine_act over every row and channel (dy NULL: forward). A large plain
     forward output is written with non-temporal stores, a fence after each block."""
     cdef Py_ssize_t r, block, n_blocks = (R + AFFINE_BLOCK_ROWS - 1) // AFFINE_BLOCK_ROWS
@@ -503,12 +503,25 @@ cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
     for block in prange(n_blocks, num_threads=n_threads, schedule="static"):
         if stream:
             for r in range(block * AFFINE_BLOCK_ROWS, min(R, (block + 1) * AFFINE_BLOCK_ROWS)):
-                channels_affine(x + r * C, y + r * C, C, mean_hi, mean_lo, scale, shift, True)
+                channels_affine(x + r * C, y + r * C, C, hi, scale, shift, True)
             fn_stream_fence()
         else:
             for r in range(block * AFFINE_BLOCK_ROWS, min(R, (block + 1) * AFFINE_BLOCK_ROWS)):
                 row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C,
-                               mean_hi, mean_lo, scale, shift, act)
+                               hi, scale, shift, act)
+
+
+cdef floating* affine_rows_coefficients(const double* mean, const double* scale,
+                                        const double* shift, Py_ssize_t C,
+                                        floating* out) noexcept nogil:
+    """out[0:C] = hi, out[C:2C] = scale, out[2C:3C] = shift (affine_coefficients per
+    channel); returns out's hi part, or NULL when every hi is 0 (no subtraction)."""
+    cdef Py_ssize_t c
+    cdef bint centered = True
+    for c in range(C):
+        affine_coefficients(mean[c], scale[c], shift[c], &out[c], &out[C + c], &out[2 * C + c])
+        centered = centered and out[c] == 0
+    return NULL if centered else out
 
 
 cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,
@@ -635,12 +648,16 @@ cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
     Either layout is walked in memory order (a channel-major walk over (N, C, S)
     restarts the hardware prefetchers at every run and ran at half the copy speed)."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], run, c
-    cdef floating[:, ::1] w = _working_copies(x, &mean[0], &scale[0], &shift[0], NULL)
+    cdef floating[:, ::1] w
+    cdef floating* hi
     if S == 1:
+        w = np.empty((3, C), np.float32 if floating is float else np.float64)
         with nogil:
-            rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, &w[0, 0], &w[1, 0], &w[2, 0], &w[3, 0],
-                        act, dy, n_threads)
+            hi = affine_rows_coefficients(&mean[0], &scale[0], &shift[0], C, &w[0, 0])
+            rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, hi, &w[1, 0], &w[2, 0], act, dy,
+                        n_threads)
         return
+    w = _working_copies(x, &mean[0], &scale[0], &shift[0], NULL)
     # a large plain output goes straight to memory (non-temporal stores)
     cdef bint stream = (act == ACT_NONE and dy == NULL
                         and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
@@ -743,7 +760,8 @@ def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
         w = _working_copies(x, &mean[0], NULL, NULL, NULL)
         with nogil:
             rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &w[0, 0], &w[1, 0], &sum_dy[0],
-                           &sum_dy_xmu[0], scratch, ACT_NONE, NULL, NULL, NULL, n_threads)
+                           &sum_dy_xmu[0], scratch, ACT_NONE, NULL, NULL, NULL, NULL,
+                           n_threads)
         return
     if use_runs(N, S, sizeof(floating)):
         w = _working_copies(x, &mean[0], NULL, NULL, NULL)

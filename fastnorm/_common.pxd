@@ -10,6 +10,7 @@
 # accumulators; see there why they are C).
 
 from cython cimport floating
+from libc.math cimport fabs
 
 # Values per unit: 4096 float32 (16 KiB) or float64 (32 KiB) fit in L1/L2.
 cdef enum:
@@ -90,11 +91,10 @@ cdef extern from "_simd.h" nogil:
     void fn_row_grad_sums_f64(const double* x, const double* g, const double* w, Py_ssize_t n,
                               double mean_hi, double mean_lo, double* sum_g, double* sum_gd)
     void fn_channels_affine_f32(const float* x, float* y, Py_ssize_t n, const float* mean_hi,
-                                const float* mean_lo, const float* scale, const float* shift,
-                                bint stream)
+                                const float* scale, const float* shift, bint stream)
     void fn_channels_affine_f64(const double* x, double* y, Py_ssize_t n,
-                                const double* mean_hi, const double* mean_lo,
-                                const double* scale, const double* shift, bint stream)
+                                const double* mean_hi, const double* scale,
+                                const double* shift, bint stream)
     void fn_affine_out_f32(const float* x, float* y, const float* w, const float* b,
                            Py_ssize_t n, float mean_hi, float mean_lo, float scale, float shift,
                            int stream)
@@ -189,15 +189,31 @@ cdef inline void row_grad_sums(const floating* x, const floating* dy, const floa
 
 
 cdef inline void channels_affine(const floating* x, floating* y, Py_ssize_t n,
-                                 const floating* mean_hi, const floating* mean_lo,
-                                 const floating* scale, const floating* shift,
-                                 bint stream) noexcept nogil:
-    """One channels-last row: y = ((x - mean_hi) - mean_lo) * scale + shift, parameters
-    per channel; stream: non-temporal stores (same values)."""
+                                 const floating* mean_hi, const floating* scale,
+                                 const floating* shift, bint stream) noexcept nogil:
+    """One channels-last row: y = (x - mean_hi) * scale + shift with parameters per
+    channel (x * scale + shift when mean_hi is NULL); stream: non-temporal stores."""
     if floating is float:
-        fn_channels_affine_f32(x, y, n, mean_hi, mean_lo, scale, shift, stream)
+        fn_channels_affine_f32(x, y, n, mean_hi, scale, shift, stream)
     else:
-        fn_channels_affine_f64(x, y, n, mean_hi, mean_lo, scale, shift, stream)
+        fn_channels_affine_f64(x, y, n, mean_hi, scale, shift, stream)
+
+
+cdef inline void affine_coefficients(double mean, double scale, double shift, floating* hi,
+                                     floating* scale_out, floating* shift_out) noexcept nogil:
+    """Coefficients of z = (x - mean) * scale + shift for channels_affine, as exact as
+    ((x - hi) - lo) * scale + shift: the mean's tail lo folds into the shift. hi is 0
+    (the whole mean folds in) when |mean * scale| <= 4: z = fma(x, scale, shift') then
+    errs by under an ulp of a value of that size, and rows whose channels all have
+    hi = 0 skip the subtraction (see rows_affine)."""
+    cdef floating lo
+    if fabs(mean * scale) <= 4.0:
+        hi[0] = 0
+        shift_out[0] = <floating>(shift - mean * scale)
+    else:
+        split_hi_lo(mean, hi, &lo)
+        shift_out[0] = <floating>(shift - <double>lo * scale)
+    scale_out[0] = <floating>scale
 
 
 cdef inline void run_affine_out(const floating* x, floating* y, const floating* w,

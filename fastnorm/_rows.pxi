@@ -55,8 +55,8 @@ from cython.parallel cimport prange, threadid
 from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
-    MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, chan_merge, flush_partials, fn_stream_fence,
-    block_moments, row_grad_sums, row_sum_squares, run_add, run_affine_backward,
+    MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, affine_coefficients, chan_merge,
+    flush_partials, fn_stream_fence, block_moments, row_grad_sums, row_sum_squares, run_add, run_affine_backward,
     run_affine_out, run_backward_weighted, split_hi_lo, stripe_start,
 )
 
@@ -697,9 +697,11 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
                             const floating* b, double eps, double* mean, double* rstd,
                             double* var, double* ch, double[:, :, ::1] scratch, floating* vec,
                             int act, int n_threads) noexcept nogil:
-    """Sample n. ch: 2*C float64 (channel means, m2); vec: 4*C per-channel coefficients."""
+    """Sample n. ch: 3*C float64 (channel means, m2, then the normalization's per-channel
+    mean, scale, shift); vec: 3*C per-channel coefficients."""
     cdef Py_ssize_t grp, c, cg = C // G
     cdef Moments acc, part
+    cdef floating* hi
     rows_moments(x + n * S * C, p, ch, ch + C, scratch, n_threads)
     for grp in range(G):
         acc.count = 0.0
@@ -712,11 +714,12 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
             chan_merge(&acc, part)
         store_row_stats(acc, eps, n * G + grp, mean, rstd, var)
         for c in range(grp * cg, (grp + 1) * cg):
-            split_hi_lo(acc.mean, &vec[c], &vec[C + c])
-            vec[2 * C + c] = <floating>(rstd[n * G + grp] * w[c])
-            vec[3 * C + c] = b[c]
-    rows_affine(x + n * S * C, y + n * S * C, S, C, vec, vec + C, vec + 2 * C, vec + 3 * C,
-                act, <const floating*>NULL, n_threads)
+            ch[c] = acc.mean
+            ch[C + c] = rstd[n * G + grp] * w[c]
+            ch[2 * C + c] = b[c]
+    hi = affine_rows_coefficients(ch, ch + C, ch + 2 * C, C, vec)
+    rows_affine(x + n * S * C, y + n * S * C, S, C, hi, vec + C, vec + 2 * C, act,
+                <const floating*>NULL, n_threads)
 
 
 cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,
@@ -730,8 +733,8 @@ cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S,
     if by_sample(N, n_threads):
         for n in prange(N, num_threads=n_threads, schedule="static"):
             t = threadid()
-            cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch + 2 * C * t,
-                              scratch[t], vec + 4 * C * t, act, 1)
+            cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch + 3 * C * t,
+                              scratch[t], vec + 3 * C * t, act, 1)
     else:
         for n in range(N):
             cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch, scratch[0],
@@ -744,15 +747,21 @@ cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx
                              const double* rstd, double* sums, double[:, :, ::1] scratch,
                              floating* vec, int act, int n_threads) noexcept nogil:
     """Sample n. sums: this sample's 2*C float64 (sum(dy), sum(dy*(x-mean)) per
-    channel, kept for the weight/bias gradients); vec: 5*C coefficients. With an
+    channel, kept for the weight/bias gradients); vec: 6*C coefficients. With an
     activation, g = dy * act'(z) is formed in dx during the sums and replaces dy."""
     cdef Py_ssize_t grp, c, cg = C // G, D = cg * S
     cdef double sum_g, sum_gd, r, k_d, k_0
+    cdef floating* z_hi = NULL
     for c in range(C):
         split_hi_lo(mean[n * G + c // cg], &vec[c], &vec[C + c])
         vec[2 * C + c] = <floating>(rstd[n * G + c // cg] * w[c])   # z's scale
+    if act != ACT_NONE:   # z's coefficients (vec[3C:4C] is free until k_d is stored)
+        z_hi = vec + 5 * C
+        for c in range(C):
+            affine_coefficients(mean[n * G + c // cg], rstd[n * G + c // cg] * w[c], b[c],
+                                &z_hi[c], &vec[2 * C + c], &vec[3 * C + c])
     rows_grad_sums(x + n * S * C, dy + n * S * C, p, vec, vec + C, sums, sums + C, scratch, act,
-                   vec + 2 * C, b, dx + n * S * C, n_threads)
+                   z_hi, vec + 2 * C, vec + 3 * C, dx + n * S * C, n_threads)
     if act != ACT_NONE:
         dy = dx
     for grp in range(G):
@@ -784,7 +793,7 @@ cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ss
         for n in prange(N, num_threads=n_threads, schedule="static"):
             t = threadid()
             cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, b, mean, rstd, sums + 2 * C * n,
-                               scratch[t], vec + 5 * C * t, act, 1)
+                               scratch[t], vec + 6 * C * t, act, 1)
     else:
         for n in range(N):
             cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, b, mean, rstd, sums + 2 * C * n,
@@ -812,8 +821,8 @@ def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ss
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t sets = n_threads if by_sample(N, n_threads) else 1
     cdef double[:, :, :, ::1] scratch = np.empty((sets, p.n_stripes * p.n_blocks, 4, p.block))
-    cdef double[::1] ch = np.empty(2 * C * sets)
-    cdef cnp.ndarray vec = np.empty(4 * C * sets, dtype=x.dtype)
+    cdef double[::1] ch = np.empty(3 * C * sets)
+    cdef cnp.ndarray vec = np.empty(3 * C * sets, dtype=x.dtype)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
     cdef double* p_var = f64_ptr(var)
@@ -846,7 +855,7 @@ def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssi
     cdef Py_ssize_t sets = n_threads if by_sample(N, n_threads) else 1
     cdef double[:, :, :, ::1] scratch = np.empty((sets, p.n_stripes * p.n_blocks, 2, p.block))
     cdef double[::1] sums = np.empty(2 * C * N)
-    cdef cnp.ndarray vec = np.empty(5 * C * sets, dtype=x.dtype)
+    cdef cnp.ndarray vec = np.empty(6 * C * sets, dtype=x.dtype)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
     cdef void* p_bias = data_or_null(bias)

@@ -240,33 +240,41 @@ static inline void fn_affine_out_f64(const double* restrict x, double* restrict 
 #undef FN_AFFINE_AT
 
 /* One channels-last row of n channels, parameters per channel:
- *   y[c] = ((x[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c]
- * stream != 0 writes with non-temporal stores as fn_affine_out does, with the
- * same arithmetic either way (one fma). */
+ *   y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c],  or  x[c] * scale[c] + shift[c]
+ * when mean_hi is NULL. The callers fold the rest into shift (affine_coefficients in
+ * _channel.pxi): one fma and at most three parameter loads per value, as a plain
+ * scale-and-shift has. stream != 0 writes with non-temporal stores as fn_affine_out
+ * does, with the same arithmetic either way. */
 #if FN_HAVE_STREAM
-#define FN_CHANNELS_STREAM(T, V, NL, LOAD, SUB, FMA, STORE)                               \
+#define FN_CHANNELS_STREAM(V, NL, LOAD, SUB, FMA, STORE)                                   \
     if (stream) {                                                                          \
         for (; c < n && ((size_t)(y + c) & 31); c++)                                       \
-            y[c] = ((x[c] - mean_hi[c]) - mean_lo[c]) * scale[c] + shift[c];              \
-        for (; c + NL <= n; c += NL) {                                                     \
-            V d = SUB(SUB(LOAD(x + c), LOAD(mean_hi + c)), LOAD(mean_lo + c));             \
-            STORE(y + c, FMA(d, LOAD(scale + c), LOAD(shift + c)));                        \
-        }                                                                                  \
+            y[c] = (x[c] - (mean_hi ? mean_hi[c] : 0)) * scale[c] + shift[c];              \
+        if (mean_hi)                                                                       \
+            for (; c + NL <= n; c += NL)                                                   \
+                STORE(y + c, FMA(SUB(LOAD(x + c), LOAD(mean_hi + c)), LOAD(scale + c),     \
+                                 LOAD(shift + c)));                                        \
+        else                                                                               \
+            for (; c + NL <= n; c += NL)                                                   \
+                STORE(y + c, FMA(LOAD(x + c), LOAD(scale + c), LOAD(shift + c)));          \
     }
 #else
-#define FN_CHANNELS_STREAM(T, V, NL, LOAD, SUB, FMA, STORE) (void)stream;
+#define FN_CHANNELS_STREAM(V, NL, LOAD, SUB, FMA, STORE) (void)stream;
 #endif
 #define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX, V, NL, LOAD, SUB, FMA, STORE)                 \
     static inline void fn_channels_affine_##SUFFIX(const T* restrict x, T* restrict y,    \
                                                    ptrdiff_t n, const T* restrict mean_hi, \
-                                                   const T* restrict mean_lo,             \
                                                    const T* restrict scale,               \
                                                    const T* restrict shift, int stream) { \
         ptrdiff_t c = 0;                                                                   \
-        FN_CHANNELS_STREAM(T, V, NL, LOAD, SUB, FMA, STORE)                                \
-        _Pragma("omp simd")                                                                \
-        for (ptrdiff_t j = c; j < n; j++)                                                  \
-            y[j] = ((x[j] - mean_hi[j]) - mean_lo[j]) * scale[j] + shift[j];               \
+        FN_CHANNELS_STREAM(V, NL, LOAD, SUB, FMA, STORE)                                   \
+        if (mean_hi) {                                                                     \
+            _Pragma("omp simd")                                                            \
+            for (ptrdiff_t j = c; j < n; j++) y[j] = (x[j] - mean_hi[j]) * scale[j] + shift[j]; \
+        } else {                                                                           \
+            _Pragma("omp simd")                                                            \
+            for (ptrdiff_t j = c; j < n; j++) y[j] = x[j] * scale[j] + shift[j];           \
+        }                                                                                  \
     }
 FN_DEFINE_CHANNELS_AFFINE(float, f32, __m256, 8, _mm256_loadu_ps, _mm256_sub_ps,
                           _mm256_fmadd_ps, _mm256_stream_ps)
