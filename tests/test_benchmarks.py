@@ -162,3 +162,21 @@ def test_smoke_run_writes_json_markdown_and_restores_threads(tmp_path, capsys):
     assert markdown.startswith("<!-- bench:start -->") and "<!-- bench:end -->" in markdown
     assert "BatchNorm2d" in capsys.readouterr().out
     assert result["meta"]["mode"] == "smoke"
+
+
+@pytest.mark.mpi
+def test_sync_ranks_benchmark_runs_one_and_two_ranks():
+    """benchmarks/sync_ranks.py launches its MPI workers and prints one row per rank count."""
+    import shutil
+    import subprocess
+    pytest.importorskip("mpi4py")
+    beside_python = os.path.dirname(sys.executable)
+    if not (shutil.which("mpiexec") or shutil.which("mpiexec", path=beside_python)):
+        pytest.skip("mpiexec not found")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sync_ranks.py"),
+                           "--ranks", "1,2", "--shape", "4,8,4,4", "--steps", "3"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert [row[0] for row in rows] == ["1", "2"]
