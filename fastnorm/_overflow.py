@@ -60,8 +60,6 @@ def refit_rows(x, y, weight, bias, mean, rstd, var, eps, groups=1, spatial=None)
     one value per row element (LayerNorm/RMSNorm), or, given spatial, one per
     channel of (N, C, spatial) data in `groups` groups (row r is group r % groups).
     mean is None for RMSNorm (not centered). A variance of inf gives rstd = 0."""
-    if rstd.size == 0 or (rstd.min() + (0.0 if mean is None else 0.0 * mean.sum())) > 0:
-        return   # the common case, in two reductions (0 * inf and NaN fail the test)
     rstd_flat = rstd.reshape(-1)
     bad = overflowed_rows(mean, rstd).reshape(-1)
     if not bad.any():

@@ -55,9 +55,9 @@ from cython.parallel cimport prange, threadid
 from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
-    MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, affine_coefficients, chan_merge,
-    flush_partials, fn_stream_fence, block_moments, row_grad_sums, row_sum_squares, run_add, run_affine_backward,
-    run_affine_out, run_backward_weighted, split_hi_lo, stripe_start,
+    MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, affine_coefficients, block_moments,
+    chan_merge, flush_partials, fn_stream_fence, row_grad_sums, row_sum_squares, run_add,
+    run_affine_backward, run_affine_out, run_backward_weighted, split_hi_lo, stripe_start,
 )
 
 cnp.import_array()
@@ -569,6 +569,7 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     OUT y: like x; mean (None when not centered), rstd, var (None or R values):
         float64 per-row mean, 1/sqrt(var + eps) and biased variance; h (like x,
         given with residual): x + residual.
+    Returns whether some row's statistics are not finite (see _overflow.py).
     """
     cdef RowGeom g = row_geom(R, runs, S, G, per_channel, centered)
     cdef double* p_mean = f64_ptr(mean)
@@ -595,6 +596,18 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
                          <double*>cnp.PyArray_DATA(y), &g, <double*>cnp.PyArray_DATA(weight),
                          <double*>cnp.PyArray_DATA(bias), eps, p_mean, p_rstd, p_var, work,
                          n_threads)
+    return _statistics_overflowed(p_mean, p_rstd, R)
+
+
+cdef bint _statistics_overflowed(const double* mean, const double* rstd,
+                                 Py_ssize_t rows) noexcept nogil:
+    """Whether some row's statistics came out non-finite (rstd = 0 for an infinite
+    variance, NaN for NaN; mean may be NULL): see _overflow.py."""
+    cdef Py_ssize_t r
+    for r in range(rows):
+        if not (rstd[r] > 0.0) or (mean != NULL and mean[r] - mean[r] != 0.0):
+            return True
+    return False
 
 
 cdef void _row_forward(const floating* x, const floating* res, floating* h, floating* y,

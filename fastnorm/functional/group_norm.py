@@ -209,9 +209,10 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False, act=0)
     x = contiguous(x)
     y = out if out is not None and is_kernel_output(out) else np.empty(x.shape, x.dtype)
     if x.size:
-        kernels.row_forward(x, weight, bias, n * num_groups, channels // num_groups, spatial,
-                            num_groups, True, True, eps, y, mean, rstd, var, threads, act)
-        if not act:  # huge values: see _overflow.py (outputs of fused activations are not refit)
+        overflowed = kernels.row_forward(x, weight, bias, n * num_groups, channels // num_groups,
+                                         spatial, num_groups, True, True, eps, y, mean, rstd,
+                                         var, threads, act)
+        if overflowed and not act:  # huge values: see _overflow.py (fused activations: not refit)
             refit_rows(x, y, weight, bias, mean, rstd, var, eps, num_groups, spatial)
     return deliver(y, out), mean, rstd, var
 

@@ -228,9 +228,10 @@ def rows_forward(x, residual, shape, weight, bias, eps, centered, out, act=0):
     mean = np.empty(lead) if centered else None
     if x.size:
         weight, bias = param_or(weight, size, x.dtype, 1), param_or(bias, size, x.dtype, 0)
-        kernels.row_forward(x, weight, bias, rows, 1, size, 1, False, centered, eps, y, mean,
-                            rstd, None, threads_for(x.size), act, residual, h)
-        if not act:  # huge values: see _overflow.py (outputs of fused activations are not refit)
+        overflowed = kernels.row_forward(x, weight, bias, rows, 1, size, 1, False, centered,
+                                         eps, y, mean, rstd, None, threads_for(x.size), act,
+                                         residual, h)
+        if overflowed and not act:  # huge values: see _overflow.py (fused activations: not refit)
             refit_rows(x if residual is None else h, y, weight, bias, mean, rstd, None, eps)
     else:  # no values: statistics of empty rows are undefined
         rstd.fill(np.nan)
