@@ -147,6 +147,18 @@ def assert_same_state(before, layer):
         assert np.array_equal(before[k], after[k], equal_nan=True), f"{k} changed"
 
 
+def configured(layer, w, b, track, training):
+    """A per-channel layer with the drawn parameters (when affine), non-trivial running
+    statistics (when tracked) and the drawn mode."""
+    if layer.weight is not None:
+        layer.weight[...], layer.bias[...] = w, b
+    if track:
+        channels = layer.running_mean.shape[0]
+        layer.running_mean[...] = np.linspace(-1, 1, channels)
+        layer.running_var[...] = np.linspace(0.5, 2, channels)
+    return layer.train(training)
+
+
 def run_rejected(layer, x, exc):
     """A call that must raise exc and change nothing."""
     before = state_of(layer)
@@ -206,12 +218,7 @@ def test_batch_norm_layers(data):
                                      comm=lambda a: a.copy(), dtype=dtype)
         else:
             layer = BATCH_NORMS[ndim](channels, eps, momentum, affine, track, dtype=dtype)
-        if affine:
-            layer.weight[...], layer.bias[...] = w, b
-        if track:
-            layer.running_mean[...] = np.linspace(-1, 1, channels)
-            layer.running_var[...] = np.linspace(0.5, 2, channels)
-        return layer.train(training)
+        return configured(layer, w, b, track, training)
 
     layer = make_layer()
     x = draw(data_arrays(shape, dtype))
@@ -275,12 +282,7 @@ def test_instance_norm_layers(data):
 
     def make_layer():
         layer = INSTANCE_NORMS[ndim](channels, eps, momentum, affine, track, dtype=dtype)
-        if affine:
-            layer.weight[...], layer.bias[...] = w, b
-        if track:
-            layer.running_mean[...] = np.linspace(-1, 1, channels)
-            layer.running_var[...] = np.linspace(0.5, 2, channels)
-        return layer.train(training)
+        return configured(layer, w, b, track, training)
 
     layer = make_layer()
     x = draw(data_arrays(shape, dtype))
