@@ -36,9 +36,10 @@ from cython.parallel cimport prange
 
 from fastnorm._common cimport (
     FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, block_moments,
-    affine_coefficients, chan_merge, channels_affine, cols_grad_sums, cols_moments,
-    cols_shifted_sums, fn_column_rows_per_lane, fn_stream_fence, row_centered_sums, row_grad_sums,
-    run_affine_backward, run_affine_out, run_grad_sums, split_hi_lo, stripe_start,
+    affine_coefficients, chan_merge, channels_affine, channels_backward, cols_grad_sums,
+    cols_moments, cols_shifted_sums, fn_column_rows_per_lane, fn_stream_fence,
+    row_centered_sums, row_grad_sums, run_affine_backward, run_affine_out, run_grad_sums,
+    split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
     ACT_NONE, run_act_grad, run_activate, run_affine_act, run_affine_act_grad,
@@ -481,34 +482,21 @@ cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floa
     """Channels [c0, stop) of one row: y = act(z), z = (x - hi[c]) * scale[c] + shift[c]
     (affine_coefficients; hi NULL: x * scale + shift); or, given dyrow, y = dy * act'(z)."""
     channels_affine(xrow + c0, yrow + c0, stop - c0, NULL if hi == NULL else hi + c0,
-                    scale + c0, shift + c0, False)
+                    scale + c0, shift + c0)
     if dyrow == NULL:
         run_activate(yrow + c0, stop - c0, act)
     else:
         run_act_grad(yrow + c0, dyrow + c0, yrow + c0, stop - c0, act)
 
 
-cdef enum:
-    AFFINE_BLOCK_ROWS = 64  # rows per task of the channels-last elementwise pass
-
-
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* hi, const floating* scale, const floating* shift,
                       int act, const floating* dy, int n_threads) noexcept nogil:
-    """row_affine_act over every row and channel (dy NULL: forward). A large plain
-    forward output is written with non-temporal stores, a fence after each block."""
-    cdef Py_ssize_t r, block, n_blocks = (R + AFFINE_BLOCK_ROWS - 1) // AFFINE_BLOCK_ROWS
-    cdef bint stream = (act == ACT_NONE and dy == NULL
-                        and R * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
-    for block in prange(n_blocks, num_threads=n_threads, schedule="static"):
-        if stream:
-            for r in range(block * AFFINE_BLOCK_ROWS, min(R, (block + 1) * AFFINE_BLOCK_ROWS)):
-                channels_affine(x + r * C, y + r * C, C, hi, scale, shift, True)
-            fn_stream_fence()
-        else:
-            for r in range(block * AFFINE_BLOCK_ROWS, min(R, (block + 1) * AFFINE_BLOCK_ROWS)):
-                row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C,
-                               hi, scale, shift, act)
+    """row_affine_act over every row and channel (dy NULL: forward)."""
+    cdef Py_ssize_t r
+    for r in prange(R, num_threads=n_threads, schedule="static"):
+        row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C, hi,
+                       scale, shift, act)
 
 
 cdef floating* affine_rows_coefficients(const double* mean, const double* scale,
@@ -526,19 +514,13 @@ cdef floating* affine_rows_coefficients(const double* mean, const double* scale,
 
 cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,
                                Py_ssize_t R, Py_ssize_t C, const floating* mean_hi,
-                               const floating* mean_lo, const floating* k_dy,
-                               const floating* k_x, const floating* k_0,
+                               const floating* k_dy, const floating* k_x, const floating* k_0,
                                int n_threads) noexcept nogil:
-    cdef Py_ssize_t r, c
-    cdef const floating* xrow
-    cdef const floating* grow
-    cdef floating* dxrow
+    """dx = k_dy * dy + k_x * (x - mean_hi) + k_0 per channel over (R, C) rows, k_0 with
+    the mean's tail folded in (see channels_backward)."""
+    cdef Py_ssize_t r
     for r in prange(R, num_threads=n_threads, schedule="static"):
-        xrow = x + r * C
-        grow = dy + r * C
-        dxrow = dx + r * C
-        for c in range(C):
-            dxrow[c] = k_dy[c] * grow[c] + k_x[c] * ((xrow[c] - mean_hi[c]) - mean_lo[c]) + k_0[c]
+        channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0)
 
 
 # --------------------------------------------------------- coefficients
@@ -812,9 +794,11 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], run, c
     cdef floating[:, ::1] w = _working_copies(x, &mean[0], &k_dy[0], &k_x[0], &k_0[0])
     if S == 1:
+        for c in range(C):   # the mean's tail folds into k_0
+            w[4, c] = <floating>(k_0[c] - k_x[c] * (mean[c] - <double>w[0, c]))
         with nogil:
             rows_affine_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], N, C, &w[0, 0],
-                                 &w[1, 0], &w[2, 0], &w[3, 0], &w[4, 0], n_threads)
+                                 &w[2, 0], &w[3, 0], &w[4, 0], n_threads)
         return
     with nogil:
         for run in prange(N * C, num_threads=n_threads, schedule="static"):

@@ -91,10 +91,16 @@ cdef extern from "_simd.h" nogil:
     void fn_row_grad_sums_f64(const double* x, const double* g, const double* w, Py_ssize_t n,
                               double mean_hi, double mean_lo, double* sum_g, double* sum_gd)
     void fn_channels_affine_f32(const float* x, float* y, Py_ssize_t n, const float* mean_hi,
-                                const float* scale, const float* shift, bint stream)
+                                const float* scale, const float* shift)
     void fn_channels_affine_f64(const double* x, double* y, Py_ssize_t n,
                                 const double* mean_hi, const double* scale,
-                                const double* shift, bint stream)
+                                const double* shift)
+    void fn_channels_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
+                                  const float* mean_hi, const float* k_dy, const float* k_x,
+                                  const float* k_0)
+    void fn_channels_backward_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
+                                  const double* mean_hi, const double* k_dy, const double* k_x,
+                                  const double* k_0)
     void fn_affine_out_f32(const float* x, float* y, const float* w, const float* b,
                            Py_ssize_t n, float mean_hi, float mean_lo, float scale, float shift,
                            int stream)
@@ -190,13 +196,24 @@ cdef inline void row_grad_sums(const floating* x, const floating* dy, const floa
 
 cdef inline void channels_affine(const floating* x, floating* y, Py_ssize_t n,
                                  const floating* mean_hi, const floating* scale,
-                                 const floating* shift, bint stream) noexcept nogil:
+                                 const floating* shift) noexcept nogil:
     """One channels-last row: y = (x - mean_hi) * scale + shift with parameters per
-    channel (x * scale + shift when mean_hi is NULL); stream: non-temporal stores."""
+    channel (x * scale + shift when mean_hi is NULL)."""
     if floating is float:
-        fn_channels_affine_f32(x, y, n, mean_hi, scale, shift, stream)
+        fn_channels_affine_f32(x, y, n, mean_hi, scale, shift)
     else:
-        fn_channels_affine_f64(x, y, n, mean_hi, scale, shift, stream)
+        fn_channels_affine_f64(x, y, n, mean_hi, scale, shift)
+
+
+cdef inline void channels_backward(const floating* x, const floating* dy, floating* dx,
+                                   Py_ssize_t n, const floating* mean_hi, const floating* k_dy,
+                                   const floating* k_x, const floating* k_0) noexcept nogil:
+    """One channels-last row: dx = k_dy * dy + k_x * (x - mean_hi) + k_0, coefficients per
+    channel, the mean's tail folded into k_0 (k_0 - k_x * mean_lo); dx may be dy."""
+    if floating is float:
+        fn_channels_backward_f32(x, dy, dx, n, mean_hi, k_dy, k_x, k_0)
+    else:
+        fn_channels_backward_f64(x, dy, dx, n, mean_hi, k_dy, k_x, k_0)
 
 
 cdef inline void affine_coefficients(double mean, double scale, double shift, floating* hi,

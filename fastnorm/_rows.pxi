@@ -788,9 +788,9 @@ cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx
         k_0 = -r * sum_g / D
         for c in range(grp * cg, (grp + 1) * cg):
             vec[3 * C + c] = <floating>k_d
-            vec[4 * C + c] = <floating>k_0
-    rows_affine_backward(x + n * S * C, dy + n * S * C, dx + n * S * C, S, C, vec, vec + C,
-                         vec + 2 * C, vec + 3 * C, vec + 4 * C, n_threads)
+            vec[4 * C + c] = <floating>(k_0 - k_d * <double>vec[C + c])   # mean's tail folded
+    rows_affine_backward(x + n * S * C, dy + n * S * C, dx + n * S * C, S, C, vec, vec + 2 * C,
+                         vec + 3 * C, vec + 4 * C, n_threads)
 
 
 cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N,

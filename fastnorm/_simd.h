@@ -242,46 +242,43 @@ static inline void fn_affine_out_f64(const double* restrict x, double* restrict 
 /* One channels-last row of n channels, parameters per channel:
  *   y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c],  or  x[c] * scale[c] + shift[c]
  * when mean_hi is NULL. The callers fold the rest into shift (affine_coefficients in
- * _channel.pxi): one fma and at most three parameter loads per value, as a plain
- * scale-and-shift has. stream != 0 writes with non-temporal stores as fn_affine_out
- * does, with the same arithmetic either way. */
-#if FN_HAVE_STREAM
-#define FN_CHANNELS_STREAM(V, NL, LOAD, SUB, FMA, STORE)                                   \
-    if (stream) {                                                                          \
-        for (; c < n && ((size_t)(y + c) & 31); c++)                                       \
-            y[c] = (x[c] - (mean_hi ? mean_hi[c] : 0)) * scale[c] + shift[c];              \
-        if (mean_hi)                                                                       \
-            for (; c + NL <= n; c += NL)                                                   \
-                STORE(y + c, FMA(SUB(LOAD(x + c), LOAD(mean_hi + c)), LOAD(scale + c),     \
-                                 LOAD(shift + c)));                                        \
-        else                                                                               \
-            for (; c + NL <= n; c += NL)                                                   \
-                STORE(y + c, FMA(LOAD(x + c), LOAD(scale + c), LOAD(shift + c)));          \
-    }
-#else
-#define FN_CHANNELS_STREAM(V, NL, LOAD, SUB, FMA, STORE) (void)stream;
-#endif
-#define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX, V, NL, LOAD, SUB, FMA, STORE)                 \
+ * _common.pxd): one fma and at most three parameter loads per value, as a plain
+ * scale-and-shift has. (Non-temporal stores were slower here: rows of a few hundred
+ * bytes, measured 1.9x slower on 24 and 48 MiB outputs.) */
+#define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX)                                                \
     static inline void fn_channels_affine_##SUFFIX(const T* restrict x, T* restrict y,    \
                                                    ptrdiff_t n, const T* restrict mean_hi, \
                                                    const T* restrict scale,               \
-                                                   const T* restrict shift, int stream) { \
-        ptrdiff_t c = 0;                                                                   \
-        FN_CHANNELS_STREAM(V, NL, LOAD, SUB, FMA, STORE)                                   \
+                                                   const T* restrict shift) {             \
         if (mean_hi) {                                                                     \
             _Pragma("omp simd")                                                            \
-            for (ptrdiff_t j = c; j < n; j++) y[j] = (x[j] - mean_hi[j]) * scale[j] + shift[j]; \
+            for (ptrdiff_t c = 0; c < n; c++) y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c]; \
         } else {                                                                           \
             _Pragma("omp simd")                                                            \
-            for (ptrdiff_t j = c; j < n; j++) y[j] = x[j] * scale[j] + shift[j];           \
+            for (ptrdiff_t c = 0; c < n; c++) y[c] = x[c] * scale[c] + shift[c];           \
         }                                                                                  \
     }
-FN_DEFINE_CHANNELS_AFFINE(float, f32, __m256, 8, _mm256_loadu_ps, _mm256_sub_ps,
-                          _mm256_fmadd_ps, _mm256_stream_ps)
-FN_DEFINE_CHANNELS_AFFINE(double, f64, __m256d, 4, _mm256_loadu_pd, _mm256_sub_pd,
-                          _mm256_fmadd_pd, _mm256_stream_pd)
+FN_DEFINE_CHANNELS_AFFINE(float, f32)
+FN_DEFINE_CHANNELS_AFFINE(double, f64)
 #undef FN_DEFINE_CHANNELS_AFFINE
-#undef FN_CHANNELS_STREAM
+
+/* One channels-last row of a backward pass, coefficients per channel:
+ *   dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c]
+ * the mean's tail folded into k_0 by the caller. dx may be dy (no restrict there:
+ * each element is read before it is written). */
+#define FN_DEFINE_CHANNELS_BACKWARD(T, SUFFIX)                                              \
+    static inline void fn_channels_backward_##SUFFIX(const T* restrict x, const T* dy, T* dx, \
+                                                     ptrdiff_t n, const T* restrict mean_hi, \
+                                                     const T* restrict k_dy,                \
+                                                     const T* restrict k_x,                 \
+                                                     const T* restrict k_0) {               \
+        _Pragma("omp simd")                                                                 \
+        for (ptrdiff_t c = 0; c < n; c++)                                                   \
+            dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c];                \
+    }
+FN_DEFINE_CHANNELS_BACKWARD(float, f32)
+FN_DEFINE_CHANNELS_BACKWARD(double, f64)
+#undef FN_DEFINE_CHANNELS_BACKWARD
 
 /* Elementwise steps with a parameter per element (LayerNorm/RMSNorm rows).
  * Not reductions, but written here with restrict and `omp simd` so that they
