@@ -9,15 +9,34 @@ aligned for its dtype (kernels may use aligned vector accesses; misaligned
 floats are undefined behaviour in C). Outputs are allocated in the input's
 layout, so a channels-last input gives a channels-last output.
 """
+import functools
 import math
 
 import numpy as np
 
 
+@functools.lru_cache(maxsize=None)
+def _axes_channels_last(ndim):
+    """transpose() axes taking (N, C, *spatial) to (N, *spatial, C)."""
+    return (0,) + tuple(range(2, ndim)) + (1,)
+
+
+@functools.lru_cache(maxsize=None)
+def _axes_channels_first(ndim):
+    """transpose() axes taking (N, *spatial, C) back to (N, C, *spatial)."""
+    return (0, ndim - 1) + tuple(range(1, ndim - 1))
+
+
+def channels_to_last(x):
+    """The (N, *spatial, C) view of an (N, C, *spatial) array (np.moveaxis(x, 1, -1),
+    which costs microseconds a tiny call cannot spare)."""
+    return x.transpose(_axes_channels_last(x.ndim))
+
+
 def is_channels_last(x):
     """True for aligned memory ordered (N, *spatial, C) behind an (N, C, *spatial) shape."""
     return (x.ndim >= 3 and x.flags.aligned and not x.flags.c_contiguous
-            and np.moveaxis(x, 1, -1).flags.c_contiguous)
+            and channels_to_last(x).flags.c_contiguous)
 
 
 def contiguous(a):
@@ -34,7 +53,7 @@ def kernel_view(x, channels_last):
     """A 3-D C-contiguous view of x in the given layout (a copy only if needed)."""
     n, c = x.shape[0], x.shape[1]
     if channels_last:
-        return contiguous(np.moveaxis(x, 1, -1)).reshape(-1, c, 1)
+        return contiguous(channels_to_last(x)).reshape(-1, c, 1)
     return contiguous(x).reshape(n, c, math.prod(x.shape[2:]))
 
 
@@ -63,7 +82,7 @@ def output_for(x, channels_last, out=None):
     n, c = x.shape[0], x.shape[1]
     if channels_last:
         last = np.empty(x.shape[:1] + x.shape[2:] + x.shape[1:2], dtype=x.dtype)
-        return np.moveaxis(last, -1, 1), last.reshape(-1, c, 1)
+        return last.transpose(_axes_channels_first(last.ndim)), last.reshape(-1, c, 1)
     target = np.empty(x.shape, dtype=x.dtype)
     return target, target.reshape(n, c, math.prod(x.shape[2:]))
 
@@ -81,7 +100,7 @@ def _writable_view(out, channels_last):
     if not out.flags.aligned:
         return None
     if channels_last:
-        moved = np.moveaxis(out, 1, -1)
+        moved = channels_to_last(out)
         return moved.reshape(-1, c, 1) if moved.flags.c_contiguous else None
     if is_kernel_output(out):
         return out.reshape(n, c, math.prod(out.shape[2:]))

@@ -23,7 +23,8 @@ from .._activation import activation_code, check_activation
 from .._kernels import kernels
 from .._overflow import overflowed_rows, refit_rows
 from .._layout import (
-    contiguous, deliver, is_channels_last, is_kernel_output, kernel_view, output_for,
+    channels_to_last, contiguous, deliver, is_channels_last, is_kernel_output, kernel_view,
+    output_for,
 )
 from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_out
@@ -250,4 +251,4 @@ def _empty(shape, _fill):
 
 def _channels_last_view(x):
     """(N, S, C) C-contiguous view of channels-last memory (no copy)."""
-    return np.moveaxis(x, 1, -1).reshape(x.shape[0], -1, x.shape[1])
+    return channels_to_last(x).reshape(x.shape[0], -1, x.shape[1])
