@@ -830,6 +830,7 @@ def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ss
 
     IN  x: (N, S, C) C-contiguous, S > 0; weight, bias: (C,) x's dtype; G divides C.
     OUT y: (N, S, C); mean, rstd (and var unless None): (N*G,) float64 per (n, group).
+    Returns whether some group's statistics are not finite (see _overflow.py).
     """
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t sets = n_threads if by_sample(N, n_threads) else 1
@@ -851,6 +852,7 @@ def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ss
                        <double*>cnp.PyArray_DATA(weight), <double*>cnp.PyArray_DATA(bias), eps,
                        p_mean, p_rstd, p_var, &ch[0], scratch, <double*>cnp.PyArray_DATA(vec),
                        act, n_threads)
+    return _statistics_overflowed(p_mean, p_rstd, N * G)
 
 
 def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t N,

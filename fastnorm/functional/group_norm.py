@@ -21,7 +21,7 @@ import numpy as np
 
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
-from .._overflow import overflowed_rows, refit_rows
+from .._overflow import refit_rows
 from .._layout import (
     channels_to_last, contiguous, deliver, is_channels_last, is_kernel_output, kernel_view,
     output_for,
@@ -198,10 +198,10 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False, act=0)
     if is_channels_last(x):
         target, view = output_for(x, True, out)
         if x.size:
-            kernels.groups_cl_forward(_channels_last_view(x), weight, bias, n, spatial, channels,
-                                      num_groups, eps, view.reshape(n, spatial, channels), mean,
-                                      rstd, var, threads, act)
-            if not act and overflowed_rows(mean, rstd).any():   # huge values: see _overflow.py
+            overflowed = kernels.groups_cl_forward(
+                _channels_last_view(x), weight, bias, n, spatial, channels, num_groups, eps,
+                view.reshape(n, spatial, channels), mean, rstd, var, threads, act)
+            if overflowed and not act:  # huge values: see _overflow.py (activations: not refit)
                 refit = contiguous(target)  # refit_rows works on (N, C, *) memory
                 refit_rows(contiguous(x), refit, weight, bias, mean, rstd, var, eps,
                            num_groups, spatial)
