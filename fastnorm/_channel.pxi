@@ -37,7 +37,7 @@ from cython.parallel cimport prange
 from fastnorm._common cimport (
     FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, block_moments,
     affine_coefficients, chan_merge, channels_affine, channels_backward, cols_grad_sums,
-    cols_moments, cols_shifted_sums, fn_column_rows_per_lane, fn_stream_fence,
+    cols_moments, cols_shifted_sums, fn_column_rows_per_lane, fn_stream_fence, fold_mean_tail,
     row_centered_sums, row_grad_sums, run_affine_backward, run_affine_out, run_grad_sums,
     split_hi_lo, stripe_start,
 )
@@ -112,9 +112,6 @@ cdef enum:
     # a page per run; longer runs amortize that).
     RUNS_MIN_SAMPLES = 8
     RUNS_MAX_BYTES = 16384
-
-
-cdef enum:
     # Shortest run written with non-temporal stores by the memory-order elementwise pass
     STREAM_RUN_BYTES = 4096
 
@@ -801,8 +798,8 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], run, c
     cdef floating[:, ::1] w = _working_copies(x, &mean[0], &k_dy[0], &k_x[0], &k_0[0])
     if S == 1:
-        for c in range(C):   # the mean's tail folds into k_0
-            w[4, c] = <floating>(k_0[c] - k_x[c] * (mean[c] - <double>w[0, c]))
+        for c in range(C):
+            fold_mean_tail(mean[c], k_x[c], k_0[c], &w[0, c], &w[4, c])
         with nogil:
             rows_affine_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], N, C, &w[0, 0],
                                  &w[2, 0], &w[3, 0], &w[4, 0], n_threads)

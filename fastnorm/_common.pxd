@@ -233,6 +233,15 @@ cdef inline void affine_coefficients(double mean, double scale, double shift, fl
     scale_out[0] = <floating>scale
 
 
+cdef inline void fold_mean_tail(double mean, double k_x, double k_0, floating* hi,
+                                floating* k_0_out) noexcept nogil:
+    """hi and k_0 for channels_backward, from dx = ... + k_x * (x - mean) + k_0: the mean's
+    head hi, and its tail folded into k_0 (k_x * (x - mean) = k_x * (x - hi) - k_x * (mean
+    - hi), the tail taken in float64)."""
+    hi[0] = <floating>mean
+    k_0_out[0] = <floating>(k_0 - k_x * (mean - <double>hi[0]))
+
+
 cdef inline void run_affine_out(const floating* x, floating* y, const floating* w,
                                 const floating* b, Py_ssize_t n, floating mean_hi,
                                 floating mean_lo, floating scale, floating shift,

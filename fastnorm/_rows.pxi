@@ -56,8 +56,9 @@ from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
     MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, affine_coefficients, block_moments,
-    chan_merge, flush_partials, fn_stream_fence, row_grad_sums, row_sum_squares, run_add,
-    run_affine_backward, run_affine_out, run_backward_weighted, split_hi_lo, stripe_start,
+    chan_merge, flush_partials, fn_stream_fence, fold_mean_tail, row_grad_sums,
+    row_sum_squares, run_add, run_affine_backward, run_affine_out, run_backward_weighted,
+    split_hi_lo, stripe_start,
 )
 
 cnp.import_array()
@@ -788,7 +789,7 @@ cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx
         k_0 = -r * sum_g / D
         for c in range(grp * cg, (grp + 1) * cg):
             vec[3 * C + c] = <floating>k_d
-            vec[4 * C + c] = <floating>(k_0 - k_d * <double>vec[C + c])   # mean's tail folded
+            fold_mean_tail(mean[n * G + grp], k_d, k_0, &vec[c], &vec[4 * C + c])
     rows_affine_backward(x + n * S * C, dy + n * S * C, dx + n * S * C, S, C, vec, vec + 2 * C,
                          vec + 3 * C, vec + 4 * C, n_threads)
 
