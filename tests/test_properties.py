@@ -306,7 +306,7 @@ def test_instance_norm_layers(data):
         return assert_same_state(before, layer)
     ref = R.instance_norm_forward(
         xb, before.get("weight"), before.get("bias"), eps,
-        before.get("running_mean") if track and training else before.get("running_mean"),
+        before.get("running_mean"),
         before.get("running_var"), use_input_stats=use_input, momentum=momentum,
         num_batches_tracked=int(before.get("num_batches_tracked", 0)))
     assert_matches(y, ref.y[0] if xb is not x else ref.y, dtype, "forward")
