@@ -41,12 +41,12 @@ def is_channels_last(x):
 
 def contiguous(a):
     """a itself when it is C-contiguous and aligned, else such a copy."""
-    return a if a.flags.c_contiguous and a.flags.aligned else np.require(a, requirements="CA")
+    return a if is_kernel_array(a) else np.require(a, requirements="CA")
 
 
-def is_kernel_output(out):
-    """Whether kernels may write into out directly as a C-contiguous array."""
-    return out.flags.c_contiguous and out.flags.aligned
+def is_kernel_array(a):
+    """Whether kernels may use a directly as a C-contiguous array (read or write)."""
+    return a.flags.c_contiguous and a.flags.aligned
 
 
 def kernel_view(x, channels_last):
@@ -60,7 +60,7 @@ def kernel_view(x, channels_last):
 def kernel_ready(x):
     """x itself when its memory is already a kernel layout, else one contiguous copy
     (same shape and values). Layers keep this array for backward."""
-    if is_kernel_output(x) or is_channels_last(x):
+    if is_kernel_array(x) or is_channels_last(x):
         return x
     return contiguous(x)
 
@@ -102,6 +102,6 @@ def _writable_view(out, channels_last):
     if channels_last:
         moved = channels_to_last(out)
         return moved.reshape(-1, c, 1) if moved.flags.c_contiguous else None
-    if is_kernel_output(out):
+    if out.flags.c_contiguous:
         return out.reshape(n, c, math.prod(out.shape[2:]))
     return None

@@ -81,8 +81,6 @@ def check_trailing(x, shape, what):
         )
 
 
-
-
 def check_stat(stat, name, count):
     """A saved statistic: a float array of `count` values (any shape)."""
     if not isinstance(stat, np.ndarray) or stat.size != count:

@@ -66,9 +66,9 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
             # huge values overflow the kernels' sums: see _overflow.py
             if kernels.channel_invstd(mean, var, eps, invstd) and overflowed_channels(
                     view, mean, var):
-                kernels.channel_normalize(view, mean, weight64 / np.sqrt(var + eps), bias64,
-                                          y_view, n_threads, act)
                 kernels.channel_invstd(mean, var, eps, invstd)
+                kernels.channel_normalize(view, mean, weight64 * invstd, bias64, y_view,
+                                          n_threads, act)
             if running_mean is not None:
                 kernels.channel_update_running(running_mean, running_var, mean, var, count,
                                                momentum)

@@ -23,7 +23,7 @@ from .._activation import activation_code, check_activation
 from .._kernels import kernels
 from .._overflow import refit_rows
 from .._layout import (
-    channels_to_last, contiguous, deliver, is_channels_last, is_kernel_output, kernel_view,
+    channels_to_last, contiguous, deliver, is_channels_last, is_kernel_array, kernel_view,
     output_for,
 )
 from .._threads import threads_for
@@ -208,7 +208,7 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False, act=0)
                 target[...] = refit
         return deliver(target, out), mean, rstd, var
     x = contiguous(x)
-    y = out if out is not None and is_kernel_output(out) else np.empty(x.shape, x.dtype)
+    y = out if out is not None and is_kernel_array(out) else np.empty(x.shape, x.dtype)
     if x.size:
         overflowed = kernels.row_forward(x, weight, bias, n * num_groups, channels // num_groups,
                                          spatial, num_groups, True, True, eps, y, mean, rstd,

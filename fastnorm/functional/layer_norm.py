@@ -24,7 +24,7 @@ import numpy as np
 
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
-from .._layout import is_kernel_output
+from .._layout import is_kernel_array
 from .._overflow import refit_rows
 from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_like, check_out
@@ -218,7 +218,7 @@ def rows_forward(x, residual, shape, weight, bias, eps, centered, out, act=0):
     lead = x.shape[:x.ndim - len(shape)]
     size = prod(shape)
     x = contiguous(x)
-    y = out if out is not None and is_kernel_output(out) else np.empty(x.shape, x.dtype)
+    y = out if out is not None and is_kernel_array(out) else np.empty(x.shape, x.dtype)
     h = None
     if residual is not None:
         residual = contiguous(residual)
