@@ -174,77 +174,55 @@ static inline void fn_stream_fence(void) {
 #endif
 }
 
-#define FN_AFFINE_AT(i) \
-    (w ? ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i] : ((x[i] - mean_hi) - mean_lo) * scale + shift)
-
-static inline void fn_affine_out_f32(const float* restrict x, float* restrict y,
-                                     const float* restrict w, const float* restrict b,
-                                     ptrdiff_t n, float mean_hi, float mean_lo, float scale,
-                                     float shift, int stream) {
-    ptrdiff_t i = 0;
+/* FN_AFFINE_OUT_STREAMED: with stream, the vectors from y's first 32-byte boundary on,
+ * written with non-temporal stores (the steps before it use the scalar formula); it
+ * advances i, and the loops after it finish the row. */
 #if FN_HAVE_STREAM
-    if (stream) {
-        for (; i < n && ((size_t)(y + i) & 31); i++) y[i] = FN_AFFINE_AT(i);
-        __m256 hi = _mm256_set1_ps(mean_hi), lo = _mm256_set1_ps(mean_lo);
-        __m256 sc = _mm256_set1_ps(scale), sh = _mm256_set1_ps(shift);
-        for (; i + 8 <= n; i += 8) {
-            __m256 d = _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), hi), lo);
-            __m256 r = w ? _mm256_fmadd_ps(_mm256_mul_ps(d, sc), _mm256_loadu_ps(w + i),
-                                           _mm256_loadu_ps(b + i))
-                         : _mm256_fmadd_ps(d, sc, sh);
-            _mm256_stream_ps(y + i, r);
-        }
+#define FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)                     \
+    if (stream) {                                                                                   \
+        for (; i < n && ((size_t)(y + i) & 31); i++)                                                \
+            y[i] = w ? ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i]                           \
+                     : ((x[i] - mean_hi) - mean_lo) * scale + shift;                                \
+        VT hi = SET1(mean_hi), lo = SET1(mean_lo), sc = SET1(scale), sh = SET1(shift);              \
+        for (; i + LANES <= n; i += LANES) {                                                        \
+            VT d = SUB(SUB(LOADU(x + i), hi), lo);                                                  \
+            STREAM(y + i, w ? FMADD(MUL(d, sc), LOADU(w + i), LOADU(b + i)) : FMADD(d, sc, sh));    \
+        }                                                                                           \
     }
 #else
-    (void)stream;
+#define FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM) (void)stream;
 #endif
-    if (w) {
-        _Pragma("omp simd")
-        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];
-    } else {
-        _Pragma("omp simd")
-        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale + shift;
+#define FN_DEFINE_AFFINE_OUT(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)            \
+    static inline void fn_affine_out_##SUFFIX(const T* restrict x, T* restrict y,                   \
+                                             const T* restrict w, const T* restrict b,              \
+                                             ptrdiff_t n, T mean_hi, T mean_lo, T scale,            \
+                                             T shift, int stream) {                                 \
+        ptrdiff_t i = 0;                                                                            \
+        FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)                     \
+        if (w) {                                                                                    \
+            _Pragma("omp simd")                                                                     \
+            for (ptrdiff_t j = i; j < n; j++)                                                       \
+                y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];                          \
+        } else {                                                                                    \
+            _Pragma("omp simd")                                                                     \
+            for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale + shift;  \
+        }                                                                                           \
     }
-}
-
-static inline void fn_affine_out_f64(const double* restrict x, double* restrict y,
-                                     const double* restrict w, const double* restrict b,
-                                     ptrdiff_t n, double mean_hi, double mean_lo, double scale,
-                                     double shift, int stream) {
-    ptrdiff_t i = 0;
-#if FN_HAVE_STREAM
-    if (stream) {
-        for (; i < n && ((size_t)(y + i) & 31); i++) y[i] = FN_AFFINE_AT(i);
-        __m256d hi = _mm256_set1_pd(mean_hi), lo = _mm256_set1_pd(mean_lo);
-        __m256d sc = _mm256_set1_pd(scale), sh = _mm256_set1_pd(shift);
-        for (; i + 4 <= n; i += 4) {
-            __m256d d = _mm256_sub_pd(_mm256_sub_pd(_mm256_loadu_pd(x + i), hi), lo);
-            __m256d r = w ? _mm256_fmadd_pd(_mm256_mul_pd(d, sc), _mm256_loadu_pd(w + i),
-                                            _mm256_loadu_pd(b + i))
-                          : _mm256_fmadd_pd(d, sc, sh);
-            _mm256_stream_pd(y + i, r);
-        }
-    }
-#else
-    (void)stream;
-#endif
-    if (w) {
-        _Pragma("omp simd")
-        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];
-    } else {
-        _Pragma("omp simd")
-        for (ptrdiff_t j = i; j < n; j++) y[j] = ((x[j] - mean_hi) - mean_lo) * scale + shift;
-    }
-}
-
-#undef FN_AFFINE_AT
+FN_DEFINE_AFFINE_OUT(float, f32, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_sub_ps,
+                     _mm256_mul_ps, _mm256_fmadd_ps, _mm256_stream_ps)
+FN_DEFINE_AFFINE_OUT(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd, _mm256_sub_pd,
+                     _mm256_mul_pd, _mm256_fmadd_pd, _mm256_stream_pd)
+#undef FN_DEFINE_AFFINE_OUT
+#undef FN_AFFINE_OUT_STREAMED
 
 /* One channels-last row of n channels, parameters per channel:
  *   y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c],  or  x[c] * scale[c] + shift[c]
  * when mean_hi is NULL. The callers fold the rest into shift (affine_coefficients in
  * _common.pxd): one fma and at most three parameter loads per value, as a plain
- * scale-and-shift has. (Non-temporal stores were slower here: rows of a few hundred
- * bytes, measured 1.9x slower on 24 and 48 MiB outputs.) */
+ * scale-and-shift has. (Non-temporal stores were slower here: streamed row by row,
+ * 1.9x slower on 24 and 48 MiB outputs; computed in 8 KiB spans in L1 and copied out
+ * streamed, 3-20% slower on 16-25 MiB outputs at one thread, allocated per call as a
+ * user's forward does: the freed output of the previous call is still in cache.) */
 #define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX)                                                \
     static inline void fn_channels_affine_##SUFFIX(const T* restrict x, T* restrict y,    \
                                                    ptrdiff_t n, const T* restrict mean_hi, \
