@@ -1,5 +1,6 @@
 """Helpers for the row-family tests (LayerNorm, RMSNorm, GroupNorm, InstanceNorm)."""
 import numpy as np
+import pytest
 
 import fastnorm as fn
 from helpers import num_threads, tolerance
@@ -71,6 +72,19 @@ def assert_state_unchanged(layer, before):
         assert np.array_equal(after[name], before[name]), name
 
 
+def assert_rejected_unchanged(layer, good, bad, error, match):
+    """After a forward on `good`, layer(bad) raises error (matching `match`) and leaves
+    every parameter, buffer and the saved forward as they were."""
+    randomize_parameters(layer)
+    layer(good)
+    saved = layer._saved
+    before = layer_state(layer)
+    with pytest.raises(error, match=match):
+        layer(bad)
+    assert_state_unchanged(layer, before)
+    assert layer._saved is saved
+
+
 __all__ = ["assert_close", "run_torch", "torch_twin", "randomize_parameters",
-           "results_for_thread_counts", "assert_bitwise_equal", "layer_state",
+           "results_for_thread_counts", "assert_bitwise_equal", "layer_state", "assert_rejected_unchanged",
            "assert_state_unchanged", "fn"]

@@ -6,8 +6,8 @@ import fastnorm as fn
 from fastnorm import functional as F
 from helpers import is_channels_last, make_input, torch_or_skip
 from rows_testing import (
-    assert_bitwise_equal, assert_close, assert_state_unchanged, layer_state, randomize_parameters,
-    results_for_thread_counts, run_torch, torch_twin,
+    assert_bitwise_equal, assert_close, assert_rejected_unchanged, assert_state_unchanged,
+    layer_state, randomize_parameters, results_for_thread_counts, run_torch, torch_twin,
 )
 import reference as ref
 
@@ -218,15 +218,8 @@ def test_one_spatial_element_in_training_raises_before_any_state_change():
     (np.zeros((2, 3, 3, 3), np.float64), TypeError, "dtype"),
 ])
 def test_bad_input_raises_before_any_state_change(bad, error, match):
-    layer = fn.InstanceNorm2d(3, affine=True, track_running_stats=True)
-    randomize_parameters(layer)
-    layer(make_input((2, 3, 3, 3), np.float32, seed=1))
-    saved = layer._saved
-    before = layer_state(layer)
-    with pytest.raises(error, match=match):
-        layer(bad)
-    assert_state_unchanged(layer, before)
-    assert layer._saved is saved
+    assert_rejected_unchanged(fn.InstanceNorm2d(3, affine=True, track_running_stats=True),
+                              make_input((2, 3, 3, 3), np.float32, seed=1), bad, error, match)
 
 
 def test_bad_out_leaves_running_stats_alone():
