@@ -107,8 +107,12 @@ cdef inline void unit_extent(RowGeom* g, Py_ssize_t u, Py_ssize_t* j0, Py_ssize_
                              Py_ssize_t* s0, Py_ssize_t* ncols) noexcept nogil:
     """Unit u covers runs [j0, j0 + nruns) x columns [s0, s0 + ncols) of its row;
     it is contiguous (several runs only when they are whole)."""
-    j0[0] = (u // g.units_per_run) * g.unit_runs
-    s0[0] = (u % g.units_per_run) * g.unit_cols
+    if g.units_per_run == 1:    # whole runs (every short row): no integer division
+        j0[0] = u * g.unit_runs
+        s0[0] = 0
+    else:
+        j0[0] = (u // g.units_per_run) * g.unit_runs
+        s0[0] = (u % g.units_per_run) * g.unit_cols
     nruns[0] = min(g.runs, j0[0] + g.unit_runs) - j0[0]
     ncols[0] = min(g.S, s0[0] + g.unit_cols) - s0[0]
 

@@ -34,7 +34,7 @@
 #define FN_ROW_BLOCK 256
 
 typedef float fn_v8f __attribute__((vector_size(32)));
-typedef double fn_v8d __attribute__((vector_size(64)));
+typedef float fn_v4f __attribute__((vector_size(16)));
 typedef double fn_v4d __attribute__((vector_size(32)));
 
 /* Helpers as macros (statement expressions), not functions: a function
@@ -42,18 +42,27 @@ typedef double fn_v4d __attribute__((vector_size(32)));
  * baseline build. */
 #define fn_row_load_f32(p) ({ fn_v8f v_; memcpy(&v_, (p), sizeof v_); v_; })
 #define fn_row_load_f64(p) ({ fn_v4d v_; memcpy(&v_, (p), sizeof v_); v_; })
-/* lanes of a working-precision vector, widened to float64 */
-#define fn_row_widen_f32(v) __builtin_convertvector((v), fn_v8d)
-#define fn_row_widen_f64(v) (v)
-#define fn_row_hsum8(v) \
-    ((((v)[0] + (v)[1]) + ((v)[2] + (v)[3])) + (((v)[4] + (v)[5]) + ((v)[6] + (v)[7])))
+/* Float64 totals of working-precision vectors, one total per lane, kept as 32-byte
+ * halves: lanes 0-3 in NAME_lo, lanes 4-7 (float data only) in NAME_hi. (A single
+ * 64-byte vector of 8 doubles compiled to stack spills and scalar moves: ~200
+ * instructions per reduction, the whole cost of a 32-value row.)
+ *   fn_wide(NAME)                 declares the zeroed total
+ *   fn_wide_add_T(NAME, v)        adds the lanes of v, widened to float64
+ *   fn_wide_sum_T(NAME)           ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7)) */
+#define fn_wide(name) fn_v4d name##_lo = {0}, name##_hi = {0}
+#define fn_wide_add_f32(name, v)                                                          \
+    ((name##_lo) += __builtin_convertvector(__builtin_shufflevector((v), (v), 0, 1, 2, 3), fn_v4d), \
+     (name##_hi) += __builtin_convertvector(__builtin_shufflevector((v), (v), 4, 5, 6, 7), fn_v4d))
+#define fn_wide_add_f64(name, v) ((void)(name##_hi), (name##_lo) += (v))
 #define fn_row_hsum4(v) (((v)[0] + (v)[1]) + ((v)[2] + (v)[3]))
+#define fn_wide_sum_f32(name) (fn_row_hsum4(name##_lo) + fn_row_hsum4(name##_hi))
+#define fn_wide_sum_f64(name) fn_row_hsum4(name##_lo)
 
-/* VT: 32-byte vector of T with NL lanes; WT: NL float64 lanes; HSUM: WT -> double */
-#define FN_DEFINE_ROW_REDUCTIONS(T, SUFFIX, VT, NL, WT, HSUM)                             \
+/* VT: 32-byte vector of T with NL lanes */
+#define FN_DEFINE_ROW_REDUCTIONS(T, SUFFIX, VT, NL)                             \
     /* sum(x) */                                                                             \
     static inline double fn_row_sum_##SUFFIX(const T* x, ptrdiff_t n) {                     \
-        WT total = {0};                                                                      \
+        fn_wide(total);                                                                      \
         T tail = 0;                                                                          \
         for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
             ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
@@ -66,15 +75,16 @@ typedef double fn_v4d __attribute__((vector_size(32)));
                 a3 += fn_row_load_##SUFFIX(xb + i + 3 * NL);                                 \
             }                                                                                \
             for (; i < m; i++) tail += xb[i];                                                \
-            total += fn_row_widen_##SUFFIX((a0 + a1) + (a2 + a3));                           \
+            fn_wide_add_##SUFFIX(total, (a0 + a1) + (a2 + a3));                              \
         }                                                                                    \
-        return HSUM(total) + (double)tail;                                                   \
+        return fn_wide_sum_##SUFFIX(total) + (double)tail;                                                   \
     }                                                                                        \
     /* *sum_d += sum(d), *sum_dd += sum(d*d), d = (x - mean_hi) - mean_lo */                \
     static inline void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,    \
                                                      T mean_lo, double* sum_d,             \
                                                      double* sum_dd) {                     \
-        WT total_d = {0}, total_dd = {0};                                                    \
+        fn_wide(total_d);                                                                    \
+        fn_wide(total_dd);                                                                   \
         T tail_d = 0, tail_dd = 0;                                                           \
         for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
             ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
@@ -99,18 +109,19 @@ typedef double fn_v4d __attribute__((vector_size(32)));
                 tail_d += d;                                                                 \
                 tail_dd += d * d;                                                            \
             }                                                                                \
-            total_d += fn_row_widen_##SUFFIX((d0 + d1) + (d2 + d3));                         \
-            total_dd += fn_row_widen_##SUFFIX((q0 + q1) + (q2 + q3));                        \
+            fn_wide_add_##SUFFIX(total_d, (d0 + d1) + (d2 + d3));                            \
+            fn_wide_add_##SUFFIX(total_dd, (q0 + q1) + (q2 + q3));                           \
         }                                                                                    \
-        *sum_d += HSUM(total_d) + (double)tail_d;                                            \
-        *sum_dd += HSUM(total_dd) + (double)tail_dd;                                         \
+        *sum_d += fn_wide_sum_##SUFFIX(total_d) + (double)tail_d;                                            \
+        *sum_dd += fn_wide_sum_##SUFFIX(total_dd) + (double)tail_dd;                                         \
     }                                                                                        \
     /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d), d = (x - mean_hi) - mean_lo;             \
        w == NULL means w = 1 */                                                              \
     static inline void fn_row_grad_sums_##SUFFIX(const T* x, const T* g, const T* w,        \
                                                  ptrdiff_t n, T mean_hi, T mean_lo,         \
                                                  double* sum_g, double* sum_gd) {           \
-        WT total_g = {0}, total_gd = {0};                                                    \
+        fn_wide(total_g);                                                                    \
+        fn_wide(total_gd);                                                                   \
         T tail_g = 0, tail_gd = 0;                                                           \
         for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
             ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
@@ -142,15 +153,15 @@ typedef double fn_v4d __attribute__((vector_size(32)));
                 tail_g += gw;                                                                \
                 tail_gd += gw * ((xb[i] - mean_hi) - mean_lo);                               \
             }                                                                                \
-            total_g += fn_row_widen_##SUFFIX((s0 + s1) + (s2 + s3));                         \
-            total_gd += fn_row_widen_##SUFFIX((p0 + p1) + (p2 + p3));                        \
+            fn_wide_add_##SUFFIX(total_g, (s0 + s1) + (s2 + s3));                            \
+            fn_wide_add_##SUFFIX(total_gd, (p0 + p1) + (p2 + p3));                           \
         }                                                                                    \
-        *sum_g += HSUM(total_g) + (double)tail_g;                                            \
-        *sum_gd += HSUM(total_gd) + (double)tail_gd;                                         \
+        *sum_g += fn_wide_sum_##SUFFIX(total_g) + (double)tail_g;                                            \
+        *sum_gd += fn_wide_sum_##SUFFIX(total_gd) + (double)tail_gd;                                         \
     }
 
-FN_DEFINE_ROW_REDUCTIONS(float, f32, fn_v8f, 8, fn_v8d, fn_row_hsum8)
-FN_DEFINE_ROW_REDUCTIONS(double, f64, fn_v4d, 4, fn_v4d, fn_row_hsum4)
+FN_DEFINE_ROW_REDUCTIONS(float, f32, fn_v8f, 8)
+FN_DEFINE_ROW_REDUCTIONS(double, f64, fn_v4d, 4)
 
 #undef FN_DEFINE_ROW_REDUCTIONS
 
