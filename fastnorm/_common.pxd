@@ -107,6 +107,14 @@ cdef extern from "_simd.h" nogil:
     void fn_affine_out_f64(const double* x, double* y, const double* w, const double* b,
                            Py_ssize_t n, double mean_hi, double mean_lo, double scale,
                            double shift, int stream)
+    enum: FN_SHORT_ROW
+    enum: FN_PILOT_ELEMS
+    void fn_short_rows_forward_f32(const float* x, float* y, const float* w, const float* b,
+                                   Py_ssize_t nrows, Py_ssize_t n, int centered, double eps,
+                                   double* mean, double* rstd, double* var, int stream)
+    void fn_short_rows_forward_f64(const double* x, double* y, const double* w, const double* b,
+                                   Py_ssize_t nrows, Py_ssize_t n, int centered, double eps,
+                                   double* mean, double* rstd, double* var, int stream)
     void fn_stream_fence()
     void fn_row_backward_f32(const float* x, const float* g, const float* w, float* dx,
                              Py_ssize_t n, float mean_hi, float mean_lo, float k_g, float c_0,
@@ -285,24 +293,19 @@ cdef inline double row_sum_squares(const floating* x, Py_ssize_t n) noexcept nog
     return sum_dd
 
 
-cdef enum:
-    # values whose mean is the first guess of a block's mean (see block_moments)
-    PILOT_ELEMS = 64
-
-
 cdef inline Moments block_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t ncols,
                                   Py_ssize_t row_stride) noexcept nogil:
     """Moments of a block that stays in cache (nrows runs of ncols contiguous values,
     row_stride apart), centered in full precision, in one pass as a rule.
 
     The sums are taken around a shift: first the mean of the first
-    PILOT_ELEMS values; if that is more than half a standard deviation from
+    FN_PILOT_ELEMS values; if that is more than half a standard deviation from
     the block's mean (sorted or structured data), the sums are taken again
     around the block's mean, as a plain two-pass algorithm would. Either way
     (x - shift) is small, so float32 sums lose nothing to cancellation."""
     cdef Moments m
     cdef double sum_d = 0.0, sum_dd = 0.0, delta
-    cdef Py_ssize_t r, pilot = min(ncols, <Py_ssize_t>PILOT_ELEMS)
+    cdef Py_ssize_t r, pilot = min(ncols, <Py_ssize_t>FN_PILOT_ELEMS)
     cdef floating shift
     m.count = <double>(nrows * ncols)
     if nrows * ncols == 0:

@@ -55,8 +55,9 @@ from cython.parallel cimport prange, threadid
 from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
-    MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, affine_coefficients, block_moments,
-    chan_merge, flush_partials, fn_stream_fence, fold_mean_tail, row_grad_sums,
+    FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, affine_coefficients,
+    block_moments, chan_merge, flush_partials, fn_short_rows_forward_f32,
+    fn_short_rows_forward_f64, fn_stream_fence, fold_mean_tail, row_grad_sums,
     row_sum_squares, run_add, run_affine_backward, run_affine_out, run_backward_weighted,
     split_hi_lo, stripe_start,
 )
@@ -66,6 +67,10 @@ cnp.import_array()
 # Elementwise weight/bias gradient partials are summed over this many rows in
 # working precision before going into float64 (fewer stores than float64 per row).
 cdef Py_ssize_t ROW_GROUP = 8
+
+cdef enum:
+    # Rows per task of the short-rows forward (takes_short_rows)
+    SHORT_ROWS_PER_TASK = 64
 
 
 # ---------------------------------------------------------------- geometry
@@ -323,10 +328,43 @@ cdef inline void forward_row(const floating* x, const floating* res, floating* h
         fn_stream_fence()
 
 
+cdef inline bint takes_short_rows(RowGeom* g, const void* res) noexcept nogil:
+    """Rows for the short-rows forward (fn_short_rows_forward_* in _simd.h): LayerNorm
+    and RMSNorm rows of at most FN_SHORT_ROW values, without fusions."""
+    return not g.per_channel and g.D <= FN_SHORT_ROW and g.act == ACT_NONE and res == NULL
+
+
+cdef void short_rows_task(const floating* x, floating* y, RowGeom* g, Py_ssize_t k,
+                          const floating* w, const floating* b, double eps, double* mean,
+                          double* rstd, double* var) noexcept nogil:
+    """Rows [k * SHORT_ROWS_PER_TASK, ...) through the short-rows forward."""
+    cdef Py_ssize_t r0 = k * SHORT_ROWS_PER_TASK
+    cdef Py_ssize_t nrows = min(g.R, r0 + SHORT_ROWS_PER_TASK) - r0
+    cdef double* task_mean = NULL if mean == NULL else mean + r0
+    cdef double* task_var = NULL if var == NULL else var + r0
+    if floating is float:
+        fn_short_rows_forward_f32(x + r0 * g.D, y + r0 * g.D, w, b, nrows, g.D, g.centered, eps,
+                                  task_mean, rstd + r0, task_var, g.stream)
+    else:
+        fn_short_rows_forward_f64(x + r0 * g.D, y + r0 * g.D, w, b, nrows, g.D, g.centered, eps,
+                                  task_mean, rstd + r0, task_var, g.stream)
+    if g.stream:
+        fn_stream_fence()
+
+
 cdef void forward_by_row(const floating* x, const floating* res, floating* h, floating* y,
                          RowGeom* g, const floating* w, const floating* b, double eps,
                          double* mean, double* rstd, double* var, int n_threads) noexcept nogil:
-    cdef Py_ssize_t r
+    cdef Py_ssize_t r, k, tasks
+    if takes_short_rows(g, res):
+        tasks = (g.R + SHORT_ROWS_PER_TASK - 1) // SHORT_ROWS_PER_TASK
+        if n_threads == 1:
+            for k in range(tasks):
+                short_rows_task(x, y, g, k, w, b, eps, mean, rstd, var)
+        else:
+            for k in prange(tasks, num_threads=n_threads, schedule="static"):
+                short_rows_task(x, y, g, k, w, b, eps, mean, rstd, var)
+        return
     if n_threads == 1:
         for r in range(g.R):
             forward_row(x, res, h, y, g, r, w, b, eps, mean, rstd, var)
