@@ -115,6 +115,14 @@ cdef extern from "_simd.h" nogil:
     void fn_short_rows_forward_f64(const double* x, double* y, const double* w, const double* b,
                                    Py_ssize_t nrows, Py_ssize_t n, int centered, double eps,
                                    double* mean, double* rstd, double* var, int stream)
+    void fn_short_rows_backward_f32(const float* x, const float* dy, float* dx, const float* w,
+                                    Py_ssize_t nrows, Py_ssize_t n, int centered,
+                                    const double* mean, const double* rstd, double* acc,
+                                    float* wacc, Py_ssize_t row_group)
+    void fn_short_rows_backward_f64(const double* x, const double* dy, double* dx,
+                                    const double* w, Py_ssize_t nrows, Py_ssize_t n,
+                                    int centered, const double* mean, const double* rstd,
+                                    double* acc, double* wacc, Py_ssize_t row_group)
     void fn_stream_fence()
     void fn_row_backward_f32(const float* x, const float* g, const float* w, float* dx,
                              Py_ssize_t n, float mean_hi, float mean_lo, float k_g, float c_0,

@@ -56,8 +56,9 @@ from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
     FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, affine_coefficients,
-    block_moments, chan_merge, flush_partials, fn_short_rows_forward_f32,
-    fn_short_rows_forward_f64, fn_stream_fence, fold_mean_tail, row_grad_sums,
+    block_moments, chan_merge, flush_partials, fn_short_rows_backward_f32,
+    fn_short_rows_backward_f64, fn_short_rows_forward_f32, fn_short_rows_forward_f64,
+    fn_stream_fence, fold_mean_tail, row_grad_sums,
     row_sum_squares, run_add, run_affine_backward, run_affine_out, run_backward_weighted,
     split_hi_lo, stripe_start,
 )
@@ -329,8 +330,9 @@ cdef inline void forward_row(const floating* x, const floating* res, floating* h
 
 
 cdef inline bint takes_short_rows(RowGeom* g, const void* res) noexcept nogil:
-    """Rows for the short-rows forward (fn_short_rows_forward_* in _simd.h): LayerNorm
-    and RMSNorm rows of at most FN_SHORT_ROW values, without fusions."""
+    """Rows for the short-rows kernels (fn_short_rows_* in _simd.h): LayerNorm and
+    RMSNorm rows of at most FN_SHORT_ROW values, without fusions (res: the forward's
+    residual or the backward's grad_h)."""
     return not g.per_channel and g.D <= FN_SHORT_ROW and g.act == ACT_NONE and res == NULL
 
 
@@ -461,6 +463,18 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
             wacc[i] = 0
     first = stripe_start(g.R, n_blocks, k)
     stop = stripe_start(g.R, n_blocks, k + 1)
+    if takes_short_rows(g, gh) and stop > first:
+        if floating is float:
+            fn_short_rows_backward_f32(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
+                                       stop - first, g.D, g.centered,
+                                       mean + first if g.centered else NULL, rstd + first, acc,
+                                       wacc, ROW_GROUP)
+        else:
+            fn_short_rows_backward_f64(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
+                                       stop - first, g.D, g.centered,
+                                       mean + first if g.centered else NULL, rstd + first, acc,
+                                       wacc, ROW_GROUP)
+        return
     for r in range(first, stop):
         row_sums = sums + (r * nsum if g.per_channel else 2 * k)
         for i in range(nsum):

@@ -226,55 +226,6 @@ FN_DEFINE_AFFINE_OUT(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd, _
 #undef FN_DEFINE_AFFINE_OUT
 #undef FN_AFFINE_OUT_STREAMED
 
-/* Values whose mean is the first guess of a block's mean (block_moments in _common.pxd) */
-#define FN_PILOT_ELEMS 64
-
-/* Forward of short rows: nrows LayerNorm/RMSNorm rows of n <= FN_SHORT_ROW values
- * without fusions, in one call. Per row exactly the general path's arithmetic for a
- * row that is one unit (block_moments in _common.pxd, store_row_stats and
- * normalize_unit in _rows.pxi), so results are the same either way; here the row
- * loop runs in C around the inlined primitives. In the general path the per-row
- * bookkeeping cost as much as the work: a 32-value LayerNorm row took ~550
- * instructions, ~330 here. centered = 0 (RMSNorm): mean 0, m2 = sum(x^2). */
-#define FN_SHORT_ROW 1024
-#define FN_DEFINE_SHORT_ROWS(T, SUFFIX)                                                         \
-    static inline void fn_short_rows_forward_##SUFFIX(const T* x, T* y, const T* w, const T* b, \
-                                                      ptrdiff_t nrows, ptrdiff_t n, int centered,\
-                                                      double eps, double* mean, double* rstd,   \
-                                                      double* var, int stream) {                \
-        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
-            const T* xr = x + r * n;                                                            \
-            double row_mean = 0, m2, sum_d = 0, sum_dd = 0, v;                                  \
-            if (centered) {                                                                     \
-                ptrdiff_t pilot = n < FN_PILOT_ELEMS ? n : FN_PILOT_ELEMS;                      \
-                T shift = (T)(fn_row_sum_##SUFFIX(xr, pilot) / (double)pilot);                  \
-                fn_row_centered_sums_##SUFFIX(xr, n, shift, 0, &sum_d, &sum_dd);                \
-                double delta = sum_d / (double)n;                                               \
-                if (delta * delta * (double)n * 4.0 > sum_dd - sum_d * delta) {                 \
-                    shift = (T)(shift + delta);                                                 \
-                    sum_d = sum_dd = 0;                                                         \
-                    fn_row_centered_sums_##SUFFIX(xr, n, shift, 0, &sum_d, &sum_dd);            \
-                    delta = sum_d / (double)n;                                                  \
-                }                                                                               \
-                row_mean = (double)shift + delta;                                               \
-                m2 = sum_dd - sum_d * delta;                                                    \
-            } else {                                                                            \
-                fn_row_centered_sums_##SUFFIX(xr, n, 0, 0, &sum_d, &sum_dd);                    \
-                m2 = sum_dd;                                                                    \
-            }                                                                                   \
-            v = m2 / (double)n;                                                                 \
-            if (v < 0) v = 0;                                                                   \
-            rstd[r] = 1.0 / sqrt(v + eps);                                                      \
-            if (mean) mean[r] = row_mean;                                                       \
-            if (var) var[r] = v;                                                                \
-            T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
-            fn_affine_out_##SUFFIX(xr, y + r * n, w, b, n, mean_hi, mean_lo, (T)rstd[r], 0,       \
-                                   stream);                                                     \
-        }                                                                                       \
-    }
-FN_DEFINE_SHORT_ROWS(float, f32)
-FN_DEFINE_SHORT_ROWS(double, f64)
-#undef FN_DEFINE_SHORT_ROWS
 
 /* One channels-last row of n channels, parameters per channel:
  *   y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c],  or  x[c] * scale[c] + shift[c]
@@ -356,6 +307,80 @@ FN_DEFINE_ELEMENTWISE(float, f32)
 FN_DEFINE_ELEMENTWISE(double, f64)
 
 #undef FN_DEFINE_ELEMENTWISE
+
+/* Values whose mean is the first guess of a block's mean (block_moments in _common.pxd) */
+#define FN_PILOT_ELEMS 64
+
+/* Short rows: nrows LayerNorm/RMSNorm rows of n <= FN_SHORT_ROW values without
+ * fusions, in one call, forward and backward. Per row exactly the general path's arithmetic for a
+ * row that is one unit (block_moments in _common.pxd, store_row_stats and
+ * normalize_unit in _rows.pxi), so results are the same either way; here the row
+ * loop runs in C around the inlined primitives. In the general path the per-row
+ * bookkeeping cost as much as the work: a 32-value LayerNorm row took ~550
+ * instructions forward, ~330 here. centered = 0 (RMSNorm): mean 0, m2 = sum(x^2). */
+#define FN_SHORT_ROW 1024
+#define FN_DEFINE_SHORT_ROWS(T, SUFFIX)                                                         \
+    static inline void fn_short_rows_forward_##SUFFIX(const T* x, T* y, const T* w, const T* b, \
+                                                      ptrdiff_t nrows, ptrdiff_t n, int centered,\
+                                                      double eps, double* mean, double* rstd,   \
+                                                      double* var, int stream) {                \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
+            const T* xr = x + r * n;                                                            \
+            double row_mean = 0, m2, sum_d = 0, sum_dd = 0, v;                                  \
+            if (centered) {                                                                     \
+                ptrdiff_t pilot = n < FN_PILOT_ELEMS ? n : FN_PILOT_ELEMS;                      \
+                T shift = (T)(fn_row_sum_##SUFFIX(xr, pilot) / (double)pilot);                  \
+                fn_row_centered_sums_##SUFFIX(xr, n, shift, 0, &sum_d, &sum_dd);                \
+                double delta = sum_d / (double)n;                                               \
+                if (delta * delta * (double)n * 4.0 > sum_dd - sum_d * delta) {                 \
+                    shift = (T)(shift + delta);                                                 \
+                    sum_d = sum_dd = 0;                                                         \
+                    fn_row_centered_sums_##SUFFIX(xr, n, shift, 0, &sum_d, &sum_dd);            \
+                    delta = sum_d / (double)n;                                                  \
+                }                                                                               \
+                row_mean = (double)shift + delta;                                               \
+                m2 = sum_dd - sum_d * delta;                                                    \
+            } else {                                                                            \
+                fn_row_centered_sums_##SUFFIX(xr, n, 0, 0, &sum_d, &sum_dd);                    \
+                m2 = sum_dd;                                                                    \
+            }                                                                                   \
+            v = m2 / (double)n;                                                                 \
+            if (v < 0) v = 0;                                                                   \
+            rstd[r] = 1.0 / sqrt(v + eps);                                                      \
+            if (mean) mean[r] = row_mean;                                                       \
+            if (var) var[r] = v;                                                                \
+            T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
+            fn_affine_out_##SUFFIX(xr, y + r * n, w, b, n, mean_hi, mean_lo, (T)rstd[r], 0,       \
+                                   stream);                                                     \
+        }                                                                                       \
+    }                                                                                           \
+    /* Backward of rows [first, first + nrows) of a row block, in order (backward_block in      \
+       _rows.pxi): per row the sums of g = dy * w and g * (x - mean), then dx and the           \
+       weight/bias partials (wacc, 2n), flushed into acc (2n doubles) every row_group           \
+       rows of the block and after its last row. */                                             \
+    static inline void fn_short_rows_backward_##SUFFIX(const T* x, const T* dy, T* dx,          \
+                                                       const T* w, ptrdiff_t nrows, ptrdiff_t n,\
+                                                       int centered, const double* mean,        \
+                                                       const double* rstd, double* acc, T* wacc,\
+                                                       ptrdiff_t row_group) {                   \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
+            const T *xr = x + r * n, *dyr = dy + r * n;                                         \
+            double row_mean = centered ? mean[r] : 0.0, sum_g = 0, sum_gd = 0;                  \
+            T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
+            fn_row_grad_sums_##SUFFIX(xr, dyr, w, n, mean_hi, mean_lo, &sum_g, &sum_gd);        \
+            double k_d = -rstd[r] * rstd[r] * rstd[r] * sum_gd / (double)n;                     \
+            double c_0 = centered ? -sum_g / (double)n : 0.0;                                   \
+            fn_row_backward_##SUFFIX(xr, dyr, w, dx + r * n, n, mean_hi, mean_lo, (T)rstd[r],   \
+                                     (T)c_0, (T)k_d, wacc, wacc + n);                           \
+            if (r % row_group == row_group - 1 || r == nrows - 1) {                             \
+                fn_flush_partials_##SUFFIX(acc, wacc, n);                                       \
+                fn_flush_partials_##SUFFIX(acc + n, wacc + n, n);                               \
+            }                                                                                   \
+        }                                                                                       \
+    }
+FN_DEFINE_SHORT_ROWS(float, f32)
+FN_DEFINE_SHORT_ROWS(double, f64)
+#undef FN_DEFINE_SHORT_ROWS
 
 
 /* Column kernels: `nrows` rows of `nc` contiguous channels, rows `stride`
