@@ -134,17 +134,20 @@ LAYERS = (
     ), accuracy_shape=(8, 16, 16, 16)),
     LayerSpec("LayerNorm", "layer", _last_dim, (
         S((8, 512, 768), "BERT-base", quick=True),
+        S((4, 16, 1024, 64), "QK-norm, head_dim 64", quick=True),
         S((32, 197, 384), "ViT-S"),
         S((4, 1024, 4096), "LLaMA-7B (large)"),
         S((2, 4, 32), "tiny", quick=True, tiny=True),
     ), accuracy_shape=(16, 64, 256)),
     LayerSpec("RMSNorm", "rms", _last_dim, (
         S((8, 512, 768), "BERT-base size", quick=True),
+        S((4, 16, 1024, 64), "QK-norm, head_dim 64"),
         S((4, 1024, 4096), "LLaMA-7B (large)"),
         S((2, 4, 32), "tiny", quick=True, tiny=True),
     ), accuracy_shape=(16, 64, 256)),
     LayerSpec("GroupNorm", "group", _groups, (
         S((8, 128, 64, 64), "SD UNet 64x64", quick=True),
+        S((8, 256, 56, 56), "diffusion UNet block"),
         S((16, 512, 16, 16), "SD UNet 16x16"),
         S((2, 8, 4, 4), "tiny", quick=True, tiny=True),
     ), accuracy_shape=(4, 64, 16, 16)),
