@@ -576,33 +576,100 @@ static inline float fn_lrn_scale1_f64(const double* suffix, const double* prefix
     return (float)fma(a, *suffix + *prefix, k);
 }
 
-static inline int fn_any_nan(__m256 v) {
-    return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+/* the NaN lanes of v */
+static inline __m256 fn_nan_lanes(__m256 v) {
+    return _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
 }
 
 #define FN_PREFETCH_SPREAD(p, i)                                                         \
     if ((p) && ((i) & 15) == 0) __builtin_prefetch((p) + (i), 0, 3)
 
+/* The loops run whole vectors with m = 8 and `checked` as constants (the
+ * one-vector steps are always inlined, so that everything stays in registers),
+ * then the padded last vector; they return the NaN lanes of all outputs. */
+#define FN_LRN_STEP static inline __attribute__((always_inline))
+
 #define FN_DEFINE_LRN075(T, SUFFIX)                                                      \
+    FN_LRN_STEP __m256 fn_lrn_forward8_##SUFFIX(const T* suffix, T* prefix,              \
+                                                const float* grow, const float* x,       \
+                                                float* y, ptrdiff_t m, double k,         \
+                                                double a, int checked) {                 \
+        __m256 s = fn_lrn_scale8_##SUFFIX(suffix, prefix, grow, m, k, a);                \
+        __m256 v = _mm256_mul_ps(fn_load8(x, m), fn_pow075_8(s, checked, NULL));          \
+        fn_store8(y, v, m);                                                              \
+        return fn_nan_lanes(v);                                                          \
+    }                                                                                    \
+    FN_LRN_STEP __m256 fn_lrn_forward_loop_##SUFFIX(const T* suffix, T* prefix,          \
+                                                    const float* grow, const float* x,   \
+                                                    float* y, ptrdiff_t n, double k,     \
+                                                    double a, const float* prefetch,     \
+                                                    int checked) {                       \
+        __m256 nan = _mm256_setzero_ps();                                                \
+        ptrdiff_t i = 0;                                                                 \
+        for (; i + 8 <= n; i += 8) {                                                     \
+            FN_PREFETCH_SPREAD(prefetch, i);                                             \
+            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix + i, prefix + i,     \
+                                                             grow ? grow + i : NULL,     \
+                                                             x + i, y + i, 8, k, a, checked)); \
+        }                                                                                \
+        if (i < n)                                                                       \
+            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix + i, prefix + i,     \
+                                                             grow ? grow + i : NULL,     \
+                                                             x + i, y + i, n - i, k, a,  \
+                                                             checked));                  \
+        return nan;                                                                      \
+    }                                                                                    \
     static inline void fn_lrn_forward075_##SUFFIX(const T* suffix, T* prefix,           \
                                                   const float* grow, const float* x,    \
                                                   float* y, ptrdiff_t n, double k,      \
                                                   double a, const float* prefetch) {    \
-        int checked = !fn_pow075_s_is_normal(k, a), nan_seen = 0;                        \
-        for (ptrdiff_t i = 0; i < n; i += 8) {                                           \
-            ptrdiff_t m = n - i;                                                         \
-            FN_PREFETCH_SPREAD(prefetch, i);                                             \
-            __m256 s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
-                                              m, k, a);                                  \
-            __m256 v = _mm256_mul_ps(fn_load8(x + i, m), fn_pow075_8(s, checked, NULL));  \
-            nan_seen |= fn_any_nan(v);                                                   \
-            fn_store8(y + i, v, m);                                                      \
+        if (!fn_pow075_s_is_normal(k, a)) {                                              \
+            fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, n, k, a, prefetch, 1); \
+            return;                                                                      \
         }                                                                                \
-        if (nan_seen && !checked) /* an infinite or NaN s, or a NaN x */                \
+        /* an infinite or NaN s, or a NaN x */                                           \
+        if (_mm256_movemask_ps(fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, n, \
+                                                            k, a, prefetch, 0)))         \
             for (ptrdiff_t j = 0; j < n; j++)                                            \
                 if (isnan(y[j]))                                                         \
                     y[j] = x[j] * fn_pow075_portable(                                    \
                         fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a), 0);        \
+    }                                                                                    \
+    FN_LRN_STEP __m256 fn_lrn_backward8_##SUFFIX(const T* suffix, T* prefix,             \
+                                                 const float* grow, const float* x,      \
+                                                 const float* dy, float* dx, float* t,   \
+                                                 ptrdiff_t m, double k, double a,        \
+                                                 int checked) {                          \
+        __m256 s = fn_lrn_scale8_##SUFFIX(suffix, prefix, grow, m, k, a);                \
+        __m256 p175, g = fn_load8(dy, m);                                                \
+        __m256 d = _mm256_mul_ps(g, fn_pow075_8(s, checked, &p175));                      \
+        __m256 tv = _mm256_mul_ps(_mm256_mul_ps(g, fn_load8(x, m)), p175);               \
+        fn_store8(dx, d, m);                                                             \
+        fn_store8(t, tv, m);                                                             \
+        return _mm256_or_ps(fn_nan_lanes(d), fn_nan_lanes(tv));                          \
+    }                                                                                    \
+    FN_LRN_STEP __m256 fn_lrn_backward_loop_##SUFFIX(const T* suffix, T* prefix,         \
+                                                     const float* grow, const float* x,  \
+                                                     const float* dy, float* dx,         \
+                                                     float* t, ptrdiff_t n, double k,    \
+                                                     double a, const float* prefetch,    \
+                                                     const float* prefetch2,             \
+                                                     int checked) {                      \
+        __m256 nan = _mm256_setzero_ps();                                                \
+        ptrdiff_t i = 0;                                                                 \
+        for (; i + 8 <= n; i += 8) {                                                     \
+            FN_PREFETCH_SPREAD(prefetch, i);                                             \
+            FN_PREFETCH_SPREAD(prefetch2, i + 8);                                        \
+            nan = _mm256_or_ps(nan, fn_lrn_backward8_##SUFFIX(                           \
+                                        suffix + i, prefix + i, grow ? grow + i : NULL,  \
+                                        x + i, dy + i, dx + i, t + i, 8, k, a, checked)); \
+        }                                                                                \
+        if (i < n)                                                                       \
+            nan = _mm256_or_ps(nan, fn_lrn_backward8_##SUFFIX(                           \
+                                        suffix + i, prefix + i, grow ? grow + i : NULL,  \
+                                        x + i, dy + i, dx + i, t + i, n - i, k, a,       \
+                                        checked));                                       \
+        return nan;                                                                      \
     }                                                                                    \
     static inline void fn_lrn_backward075_##SUFFIX(const T* suffix, T* prefix,          \
                                                    const float* grow, const float* x,   \
@@ -610,21 +677,14 @@ static inline int fn_any_nan(__m256 v) {
                                                    ptrdiff_t n, double k, double a,     \
                                                    const float* prefetch,               \
                                                    const float* prefetch2) {            \
-        int checked = !fn_pow075_s_is_normal(k, a), nan_seen = 0;                        \
-        for (ptrdiff_t i = 0; i < n; i += 8) {                                           \
-            ptrdiff_t m = n - i;                                                         \
-            FN_PREFETCH_SPREAD(prefetch, i);                                             \
-            FN_PREFETCH_SPREAD(prefetch2, i + 8);                                        \
-            __m256 s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
-                                              m, k, a);                                  \
-            __m256 p175, g = fn_load8(dy + i, m);                                        \
-            __m256 d = _mm256_mul_ps(g, fn_pow075_8(s, checked, &p175));                  \
-            __m256 tv = _mm256_mul_ps(_mm256_mul_ps(g, fn_load8(x + i, m)), p175);       \
-            nan_seen |= fn_any_nan(d) | fn_any_nan(tv);                                  \
-            fn_store8(dx + i, d, m);                                                     \
-            fn_store8(t + i, tv, m);                                                     \
+        if (!fn_pow075_s_is_normal(k, a)) {                                              \
+            fn_lrn_backward_loop_##SUFFIX(suffix, prefix, grow, x, dy, dx, t, n, k, a,   \
+                                          prefetch, prefetch2, 1);                       \
+            return;                                                                      \
         }                                                                                \
-        if (nan_seen && !checked)                                                        \
+        if (_mm256_movemask_ps(fn_lrn_backward_loop_##SUFFIX(suffix, prefix, grow, x, dy, \
+                                                             dx, t, n, k, a, prefetch,   \
+                                                             prefetch2, 0)))             \
             for (ptrdiff_t j = 0; j < n; j++)                                            \
                 if (isnan(dx[j]) || isnan(t[j])) {                                       \
                     float sj = fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a);     \
