@@ -80,7 +80,7 @@ cdef extern from "_simd.h" nogil:
                                 const float* x, const float* dy, float* dx, float* t,
                                 Py_ssize_t n, double k, double a, const float* prefetch,
                                 const float* prefetch2)
-    void fn_prefetch_for_write(const void* p, Py_ssize_t bytes)
+    void fn_prefetch_lines(const void* p, Py_ssize_t bytes, int write)
     void fn_lrn_tile_in_f32(const float* rows, float* tile, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_in_f64(const double* rows, double* tile, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_out_f32(const float* tile, float* rows, Py_ssize_t C, Py_ssize_t w)

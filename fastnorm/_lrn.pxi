@@ -58,7 +58,7 @@ from libc.string cimport memset
 from fastnorm._common cimport (
     fn_lrn_backward075_f32, fn_lrn_backward075_f64, fn_lrn_forward075_f32, fn_lrn_forward075_f64,
     fn_lrn_tile_in_f32, fn_lrn_tile_in_f64, fn_lrn_tile_out_f32, fn_lrn_tile_out_f64,
-    fn_prefetch_for_write,
+    fn_prefetch_lines,
 )
 
 ctypedef fused acc_t:
@@ -105,8 +105,9 @@ cdef struct LrnPlan:
 
 cdef struct Ahead:
     # Rows a block prefetches for later while it computes (the fused float32
-    # primitives spread the loads over their loop): at channel step c, the row
-    # at x + c * stride if c < x_rows, and at dy + c * stride if c < dy_rows.
+    # primitives spread the loads over their loop, the plain loops ask at
+    # once): at channel step c, the row at x + c * stride if c < x_rows, and
+    # at dy + c * stride if c < dy_rows.
     const void* x
     const void* dy
     Py_ssize_t stride, x_rows, dy_rows
@@ -160,7 +161,8 @@ cdef inline void lrn_row_forward(const acc_t* suffix, acc_t* prefix, const float
     when grow is not NULL (the growth window_next left to its caller).
 
     float32 with beta = 0.75 goes to fn_lrn_forward075_*, which also adds grow
-    inside its loop and prefetches the row at prefetch for the next call."""
+    inside its loop and prefetches the row at prefetch for the next call
+    (spread over its loop; the plain loops ask for it at once)."""
     cdef Py_ssize_t i
     if floating is float:
         if p.beta_075:
@@ -169,6 +171,8 @@ cdef inline void lrn_row_forward(const acc_t* suffix, acc_t* prefix, const float
             else:
                 fn_lrn_forward075_f64(suffix, prefix, grow, x, y, w, p.k, p.a, prefetch)
             return
+    if prefetch != NULL:
+        fn_prefetch_lines(prefetch, w * sizeof(floating), False)
     if grow != NULL:
         row_add_terms(prefix, grow, prefix, w, True)
     row_neg_power(suffix, prefix, y, w, p)
@@ -184,8 +188,8 @@ cdef inline void row_backward_own(const acc_t* suffix, acc_t* prefix, const floa
     grow as in lrn_row_forward. s^-(beta+1) is s^-beta / s, never s^-beta * s^-1,
     so that s = inf gives 0, not inf * 0.
 
-    float32 with beta = 0.75 goes to fn_lrn_backward075_* (which prefetches the
-    rows at prefetch and prefetch2)."""
+    float32 with beta = 0.75 goes to fn_lrn_backward075_*; the rows at prefetch
+    and prefetch2 are prefetched as in lrn_row_forward."""
     cdef Py_ssize_t i
     cdef double k = p.k, a = p.a
     if floating is float:
@@ -197,6 +201,10 @@ cdef inline void row_backward_own(const acc_t* suffix, acc_t* prefix, const floa
                 fn_lrn_backward075_f64(suffix, prefix, grow, x, dy, dx, t, w, p.k, p.a,
                                        prefetch, prefetch2)
             return
+    if prefetch != NULL:
+        fn_prefetch_lines(prefetch, w * sizeof(floating), False)
+    if prefetch2 != NULL:
+        fn_prefetch_lines(prefetch2, w * sizeof(floating), False)
     if grow != NULL:
         row_add_terms(prefix, grow, prefix, w, True)
     row_neg_power(suffix, prefix, dx, w, p)      # dx holds s^-beta for a moment
@@ -295,7 +303,7 @@ cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ss
         lrn_row_forward(suffix, prefix, grow, x + c * stride, y + c * stride, w, p,
                         ahead_row(ahead.x, c, ahead.x_rows, ahead.stride, x))
         if ahead.out != NULL:
-            fn_prefetch_for_write(<char*>ahead.out + c * ahead.out_stride, ahead.row_bytes)
+            fn_prefetch_lines(<char*>ahead.out + c * ahead.out_stride, ahead.row_bytes, True)
 
 
 cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
@@ -325,7 +333,7 @@ cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx
                              ahead_row(ahead.x, c, ahead.x_rows, ahead.stride, x),
                              ahead_row(ahead.dy, c, ahead.dy_rows, ahead.stride, x))
             if ahead.out != NULL:
-                fn_prefetch_for_write(<char*>ahead.out + c * ahead.out_stride, ahead.row_bytes)
+                fn_prefetch_lines(<char*>ahead.out + c * ahead.out_stride, ahead.row_bytes, True)
         j = c - p.lo
         if j >= 0:
             suffix = window_next(&grads, grad_sums, t, w, False, j, &grow)

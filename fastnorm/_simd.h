@@ -739,9 +739,14 @@ FN_DEFINE_LRN075(float, f32)
  * inlined into the task loop, the transposes spilled registers (slower). */
 #define FN_TILE_BLOCK 8
 
-/* the cache lines of bytes from p, to be written */
-static inline void fn_prefetch_for_write(const void* p, ptrdiff_t bytes) {
-    for (ptrdiff_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char*)p + i, 1, 3);
+/* the cache lines of bytes from p, to be read or (write) written */
+static inline void fn_prefetch_lines(const void* p, ptrdiff_t bytes, int write) {
+    for (ptrdiff_t i = 0; i < bytes; i += 64) {
+        if (write)
+            __builtin_prefetch((const char*)p + i, 1, 3);
+        else
+            __builtin_prefetch((const char*)p + i, 0, 3);
+    }
 }
 
 /* d[c * ds + r] = s[r * ss + c] for r < nr, c < nc */
