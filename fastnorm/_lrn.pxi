@@ -104,15 +104,15 @@ cdef struct LrnPlan:
 
 
 cdef struct Ahead:
-    # Rows a block prefetches for later while it computes (the fused float32
-    # primitives spread the loads over their loop, the plain loops ask at
-    # once): at channel step c, the row at x + c * stride if c < x_rows, and
-    # at dy + c * stride if c < dy_rows.
+    # Memory a block prefetches for later while it computes: at channel step
+    # c, the row (the block's width of values) at x + c * stride bytes if
+    # c < x_rows, and likewise from dy (to be read; the fused float32
+    # primitives spread those loads over their loop, the plain loops ask at
+    # once) and from out (to be written). NULL: nothing.
     const void* x
     const void* dy
-    Py_ssize_t stride, x_rows, dy_rows
-    void* out               # NULL, or row_bytes at out + c * out_stride, to be written
-    Py_ssize_t out_stride, row_bytes
+    void* out
+    Py_ssize_t stride, x_rows, dy_rows, out_rows
 
 
 cdef struct Window:
@@ -285,7 +285,12 @@ cdef inline const acc_t* window_next(Window* win, acc_t* storage, const floating
 cdef inline const floating* ahead_row(const void* base, Py_ssize_t c, Py_ssize_t rows,
                                      Py_ssize_t stride, const floating* like) noexcept nogil:
     """Row c of an Ahead array (like: any pointer of the element type), or NULL."""
-    return <const floating*>base + c * stride if base != NULL and c < rows else NULL
+    return <const floating*>(<const char*>base + c * stride) if base != NULL and c < rows else NULL
+
+
+cdef inline void prefetch_out_row(Ahead* ahead, Py_ssize_t c, Py_ssize_t row_bytes) noexcept nogil:
+    if ahead.out != NULL and c < ahead.out_rows:
+        fn_prefetch_lines(<char*>ahead.out + c * ahead.stride, row_bytes, True)
 
 
 cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ssize_t w, Lrn* p,
@@ -302,8 +307,7 @@ cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ss
         suffix = window_next(&win, sums, x, stride, True, c, &grow)
         lrn_row_forward(suffix, prefix, grow, x + c * stride, y + c * stride, w, p,
                         ahead_row(ahead.x, c, ahead.x_rows, ahead.stride, x))
-        if ahead.out != NULL:
-            fn_prefetch_lines(<char*>ahead.out + c * ahead.out_stride, ahead.row_bytes, True)
+        prefetch_out_row(ahead, c, w * sizeof(floating))
 
 
 cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
@@ -332,8 +336,7 @@ cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx
                              dx + c * stride, t + (c % ring) * w, w, p,
                              ahead_row(ahead.x, c, ahead.x_rows, ahead.stride, x),
                              ahead_row(ahead.dy, c, ahead.dy_rows, ahead.stride, x))
-            if ahead.out != NULL:
-                fn_prefetch_lines(<char*>ahead.out + c * ahead.out_stride, ahead.row_bytes, True)
+            prefetch_out_row(ahead, c, w * sizeof(floating))
         j = c - p.lo
         if j >= 0:
             suffix = window_next(&grads, grad_sums, t, w, False, j, &grow)
@@ -443,15 +446,15 @@ cdef inline void task_span(LrnPlan* q, Py_ssize_t task, Py_ssize_t* offset, Py_s
 cdef inline Ahead rows_ahead(const void* x, const void* dy, Py_ssize_t stride,
                              Lrn* p) noexcept nogil:
     """Channels-first: at step c, the rows first read at the next step, x row
-    c + hi + 1 and dy row c + 1 (x, dy: those rows for c = 0)."""
+    c + hi + 1 and dy row c + 1 (x, dy: those rows for c = 0; stride in bytes)."""
     cdef Ahead a
     a.x = x
     a.dy = dy
+    a.out = NULL
     a.stride = stride
     a.x_rows = p.C - p.hi - 1
     a.dy_rows = p.C - 1
-    a.out = NULL
-    a.out_stride = a.row_bytes = 0
+    a.out_rows = 0
     return a
 
 
@@ -466,9 +469,8 @@ cdef inline Ahead tile_ahead(const void* x, const void* dy, void* out, Py_ssize_
     a.x = <const char*>x + at if whole else NULL
     a.dy = <const char*>dy + at if whole and dy != NULL else NULL
     a.out = <char*>out + at if whole else NULL
-    a.stride = q.block
-    a.x_rows = a.dy_rows = q.C
-    a.out_stride = a.row_bytes = q.block * itemsize
+    a.stride = q.block * itemsize
+    a.x_rows = a.dy_rows = a.out_rows = q.C
     return a
 
 
@@ -480,7 +482,7 @@ cdef void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p, Py_ss
     cdef floating* y_tile = work + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
     if not q.rows:
-        ahead = rows_ahead(x + offset + (p.hi + 1) * stride, NULL, stride, p)
+        ahead = rows_ahead(x + offset + (p.hi + 1) * stride, NULL, stride * sizeof(floating), p)
         forward_block(x + offset, y + offset, stride, w, p, sums, &ahead)
         return
     x += offset
@@ -503,7 +505,8 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
     cdef floating* dx_tile = dy_tile + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
     if not q.rows:
-        ahead = rows_ahead(x + offset + (p.hi + 1) * stride, dy + offset + stride, stride, p)
+        ahead = rows_ahead(x + offset + (p.hi + 1) * stride, dy + offset + stride,
+                           stride * sizeof(floating), p)
         lrn_backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q.ring, sums, work,
                            &ahead)
         return
