@@ -80,6 +80,11 @@ cdef extern from "_simd.h" nogil:
                                 const float* x, const float* dy, float* dx, float* t,
                                 Py_ssize_t n, double k, double a, const float* prefetch,
                                 const float* prefetch2)
+    void fn_prefetch_lines(const void* p, Py_ssize_t bytes, int write)
+    void fn_lrn_tile_in_f32(const float* rows, float* tile, Py_ssize_t C, Py_ssize_t w)
+    void fn_lrn_tile_in_f64(const double* rows, double* tile, Py_ssize_t C, Py_ssize_t w)
+    void fn_lrn_tile_out_f32(const float* tile, float* rows, Py_ssize_t C, Py_ssize_t w)
+    void fn_lrn_tile_out_f64(const double* tile, double* rows, Py_ssize_t C, Py_ssize_t w)
     double fn_row_sum_f32(const float* x, Py_ssize_t n)
     double fn_row_sum_f64(const double* x, Py_ssize_t n)
     void fn_row_centered_sums_f32(const float* x, Py_ssize_t n, float mean_hi, float mean_lo,

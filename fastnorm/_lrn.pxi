@@ -30,15 +30,20 @@
 # vectorize along them:
 #   * channels-first (N, C, S), S > 1: channel c of a task is x[n, c, s0:s0+width],
 #     ideally a whole channel plane, so that a task streams through memory;
-#   * channels-last rows (R, C, 1): a tile of `width` rows is transposed into
-#     a (C, width) scratch, processed like channels-first, and transposed back.
+#   * channels-last rows (R, C, 1): a tile of `block` rows is transposed into
+#     a (C, block) scratch (fn_lrn_tile_in/out: in-register 8x8 transposes),
+#     processed like channels-first, and transposed back. A task is a run of
+#     tiles: while a tile is computed, the memory of the next one is
+#     prefetched (read, and for writing), so that the transposes find it in
+#     cache instead of waiting for memory in bursts (2-3x slower).
 #
 # Speed of the common case (float32, beta = 0.75): the power and the outputs
 # come from fused AVX2 primitives (fn_lrn_forward075_*, fn_lrn_backward075_* in
 # _simd.h: rsqrt estimate + correction, a few ulp). The x^2 window leaves the
 # growth of its prefix to them (window_next's `grow`), so that a channel's
 # first reads from memory overlap their arithmetic, and they prefetch the rows
-# needed at the next step. Other dtypes and betas use the plain loops below.
+# a block's Ahead names (channels-first: those needed at the next step;
+# channels-last: the next tile). Other dtypes and betas use the plain loops below.
 #
 # Public entry points (inputs validated in Python; no GIL, never raise):
 #   lrn_forward   IN x                 OUT y
@@ -52,6 +57,8 @@ from libc.string cimport memset
 
 from fastnorm._common cimport (
     fn_lrn_backward075_f32, fn_lrn_backward075_f64, fn_lrn_forward075_f32, fn_lrn_forward075_f64,
+    fn_lrn_tile_in_f32, fn_lrn_tile_in_f64, fn_lrn_tile_out_f32, fn_lrn_tile_out_f64,
+    fn_prefetch_lines,
 )
 
 ctypedef fused acc_t:
@@ -68,9 +75,12 @@ cdef enum:
     LRN_MAX_ROW = 4096
     LRN_WINDOW_BYTES = 96 * 1024
     LRN_MIN_TASKS = 16
-    # Working-precision values of a channels-last tile, per array.
-    LRN_TILE_ELEMS = 1 << 15
+    # Bytes of a channels-last tile, per array: the tiles of a block and those
+    # of the next one, prefetched meanwhile, stay in L2 (128 KiB measured
+    # slower, and so did 16 KiB: the per-channel overhead of short rows).
+    LRN_TILE_BYTES = 32 * 1024
     LRN_MIN_TILE_ROW = 16
+    LRN_TILE_ALIGN = 8      # tile widths are whole vectors of positions
     # Largest window summed in float32 for float32 data (see above).
     FLOAT_SUMS_MAX_SIZE = 8
 
@@ -84,12 +94,25 @@ cdef struct Lrn:
 cdef struct LrnPlan:
     Py_ssize_t N, C, S
     bint rows             # S == 1: channels-last rows, transposed in tiles
-    Py_ssize_t width      # positions per task
+    Py_ssize_t block      # positions per block (a window's width; rows: per tile)
+    Py_ssize_t width      # positions per task (rows: whole tiles)
     Py_ssize_t per_n      # tasks per n (channels-first)
     Py_ssize_t n_tasks
     Py_ssize_t ring       # block rows kept by a window: min(size, C)
     Py_ssize_t n_sums     # accumulator scratch per thread
     Py_ssize_t n_work     # working-precision scratch per thread
+
+
+cdef struct Ahead:
+    # Memory a block prefetches for later while it computes: at channel step
+    # c, the row (the block's width of values) at x + c * stride bytes if
+    # c < x_rows, and likewise from dy (to be read; the fused float32
+    # primitives spread those loads over their loop, the plain loops ask at
+    # once) and from out (to be written). NULL: nothing.
+    const void* x
+    const void* dy
+    void* out
+    Py_ssize_t stride, x_rows, dy_rows, out_rows
 
 
 cdef struct Window:
@@ -138,7 +161,8 @@ cdef inline void lrn_row_forward(const acc_t* suffix, acc_t* prefix, const float
     when grow is not NULL (the growth window_next left to its caller).
 
     float32 with beta = 0.75 goes to fn_lrn_forward075_*, which also adds grow
-    inside its loop and prefetches the row at prefetch for the next call."""
+    inside its loop and prefetches the row at prefetch for the next call
+    (spread over its loop; the plain loops ask for it at once)."""
     cdef Py_ssize_t i
     if floating is float:
         if p.beta_075:
@@ -147,6 +171,8 @@ cdef inline void lrn_row_forward(const acc_t* suffix, acc_t* prefix, const float
             else:
                 fn_lrn_forward075_f64(suffix, prefix, grow, x, y, w, p.k, p.a, prefetch)
             return
+    if prefetch != NULL:
+        fn_prefetch_lines(prefetch, w * sizeof(floating), False)
     if grow != NULL:
         row_add_terms(prefix, grow, prefix, w, True)
     row_neg_power(suffix, prefix, y, w, p)
@@ -162,8 +188,8 @@ cdef inline void row_backward_own(const acc_t* suffix, acc_t* prefix, const floa
     grow as in lrn_row_forward. s^-(beta+1) is s^-beta / s, never s^-beta * s^-1,
     so that s = inf gives 0, not inf * 0.
 
-    float32 with beta = 0.75 goes to fn_lrn_backward075_* (which prefetches the
-    rows at prefetch and prefetch2)."""
+    float32 with beta = 0.75 goes to fn_lrn_backward075_*; the rows at prefetch
+    and prefetch2 are prefetched as in lrn_row_forward."""
     cdef Py_ssize_t i
     cdef double k = p.k, a = p.a
     if floating is float:
@@ -175,6 +201,10 @@ cdef inline void row_backward_own(const acc_t* suffix, acc_t* prefix, const floa
                 fn_lrn_backward075_f64(suffix, prefix, grow, x, dy, dx, t, w, p.k, p.a,
                                        prefetch, prefetch2)
             return
+    if prefetch != NULL:
+        fn_prefetch_lines(prefetch, w * sizeof(floating), False)
+    if prefetch2 != NULL:
+        fn_prefetch_lines(prefetch2, w * sizeof(floating), False)
     if grow != NULL:
         row_add_terms(prefix, grow, prefix, w, True)
     row_neg_power(suffix, prefix, dx, w, p)      # dx holds s^-beta for a moment
@@ -252,27 +282,37 @@ cdef inline const acc_t* window_next(Window* win, acc_t* storage, const floating
 
 # ------------------------------------------------------------ block kernels
 
+cdef inline const floating* ahead_row(const void* base, Py_ssize_t c, Py_ssize_t rows,
+                                     Py_ssize_t stride, const floating* like) noexcept nogil:
+    """Row c of an Ahead array (like: any pointer of the element type), or NULL."""
+    return <const floating*>(<const char*>base + c * stride) if base != NULL and c < rows else NULL
+
+
+cdef inline void prefetch_out_row(Ahead* ahead, Py_ssize_t c, Py_ssize_t row_bytes) noexcept nogil:
+    if ahead.out != NULL and c < ahead.out_rows:
+        fn_prefetch_lines(<char*>ahead.out + c * ahead.stride, row_bytes, True)
+
+
 cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ssize_t w, Lrn* p,
-                        acc_t* sums, bint prefetch) noexcept nogil:
+                        acc_t* sums, Ahead* ahead) noexcept nogil:
     """y = x * s^-beta for w positions; channel c is the row at c * stride.
-    sums: (min(size, C) + 2) * w. prefetch: x is in memory, not in cache."""
+    sums: (min(size, C) + 2) * w. ahead: what to prefetch meanwhile."""
     cdef Window win
     cdef Py_ssize_t c
     cdef const acc_t* suffix
     cdef acc_t* prefix = sums + (min(p.size, p.C) + 1) * w
     cdef const floating* grow
-    cdef const floating* ahead
     window_init(&win, p.C, w, p.lo, p.hi, p.C)
     for c in range(p.C):
         suffix = window_next(&win, sums, x, stride, True, c, &grow)
-        # the row the window reads first at the next step
-        ahead = x + (c + p.hi + 1) * stride if prefetch and c + p.hi + 1 < p.C else NULL
-        lrn_row_forward(suffix, prefix, grow, x + c * stride, y + c * stride, w, p, ahead)
+        lrn_row_forward(suffix, prefix, grow, x + c * stride, y + c * stride, w, p,
+                        ahead_row(ahead.x, c, ahead.x_rows, ahead.stride, x))
+        prefetch_out_row(ahead, c, w * sizeof(floating))
 
 
 cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
                          Py_ssize_t w, Lrn* p, Py_ssize_t ring, acc_t* sums, floating* t,
-                         bint prefetch) noexcept nogil:
+                         Ahead* ahead) noexcept nogil:
     """dx for w positions (rows as in forward_block).
     ring = min(size, C); sums: 2 * (ring + 2) * w; t: ring * w.
 
@@ -287,18 +327,16 @@ cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx
     cdef Py_ssize_t c, j
     cdef const acc_t* suffix
     cdef const floating* grow
-    cdef const floating* x_ahead
-    cdef const floating* dy_ahead
     window_init(&scales, p.C, w, p.lo, p.hi, p.C)
     window_init(&grads, p.C, w, p.hi, p.lo, ring)
     for c in range(p.C + p.lo):
         if c < p.C:
             suffix = window_next(&scales, scale_sums, x, stride, True, c, &grow)
-            # rows first read at the next step
-            x_ahead = x + (c + p.hi + 1) * stride if prefetch and c + p.hi + 1 < p.C else NULL
-            dy_ahead = dy + (c + 1) * stride if prefetch and c + 1 < p.C else NULL
             row_backward_own(suffix, scale_prefix, grow, x + c * stride, dy + c * stride,
-                             dx + c * stride, t + (c % ring) * w, w, p, x_ahead, dy_ahead)
+                             dx + c * stride, t + (c % ring) * w, w, p,
+                             ahead_row(ahead.x, c, ahead.x_rows, ahead.stride, x),
+                             ahead_row(ahead.dy, c, ahead.dy_rows, ahead.stride, x))
+            prefetch_out_row(ahead, c, w * sizeof(floating))
         j = c - p.lo
         if j >= 0:
             suffix = window_next(&grads, grad_sums, t, w, False, j, &grow)
@@ -311,19 +349,19 @@ cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx
 cdef inline void tile_gather(const floating* src, floating* tile, Py_ssize_t C,
                              Py_ssize_t w) noexcept nogil:
     """tile (C, w) <- w rows of C channels."""
-    cdef Py_ssize_t r, c
-    for r in range(w):
-        for c in range(C):
-            tile[c * w + r] = src[r * C + c]
+    if floating is float:
+        fn_lrn_tile_in_f32(src, tile, C, w)
+    else:
+        fn_lrn_tile_in_f64(src, tile, C, w)
 
 
 cdef inline void tile_scatter(const floating* tile, floating* dst, Py_ssize_t C,
                               Py_ssize_t w) noexcept nogil:
     """w rows of C channels <- tile (C, w)."""
-    cdef Py_ssize_t r, c
-    for r in range(w):
-        for c in range(C):
-            dst[r * C + c] = tile[c * w + r]
+    if floating is float:
+        fn_lrn_tile_out_f32(tile, dst, C, w)
+    else:
+        fn_lrn_tile_out_f64(tile, dst, C, w)
 
 
 # ---------------------------------------------------------------- planning
@@ -344,9 +382,9 @@ cdef Lrn lrn_params(Py_ssize_t C, Py_ssize_t size, double alpha, double beta,
 
 
 cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
-                      Py_ssize_t acc_bytes, bint backward) noexcept nogil:
-    """Tasks and scratch sizes; fixed by the shape, size and accumulator type
-    (the result of an element never depends on them anyway)."""
+                      Py_ssize_t item_bytes, Py_ssize_t acc_bytes, bint backward) noexcept nogil:
+    """Tasks and scratch sizes; fixed by the shape, size, data and accumulator
+    types (the result of an element never depends on them anyway)."""
     cdef LrnPlan q
     cdef Py_ssize_t tiles, positions, width
     q.N = N
@@ -358,24 +396,33 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
     width = min(LRN_WINDOW_BYTES // ((q.ring + 2) * acc_bytes),
                 (positions + LRN_MIN_TASKS - 1) // LRN_MIN_TASKS)
     width = min(max(width, <Py_ssize_t>LRN_MIN_ROW), <Py_ssize_t>LRN_MAX_ROW)
-    if q.rows:  # a tile holds C * width values; many channels make it narrow
-        width = min(width, max(<Py_ssize_t>LRN_MIN_TILE_ROW, LRN_TILE_ELEMS // C))
-    if not q.rows and width < S:
-        # equal rows: ceil(S / width) of them per channel plane
-        width = (S + (S + width - 1) // width - 1) // ((S + width - 1) // width)
-    q.width = min(width, N if q.rows else S)
-    q.per_n = 1 if q.rows else (S + q.width - 1) // q.width
-    q.n_tasks = (N + q.width - 1) // q.width if q.rows else N * q.per_n
+    if q.rows:
+        # a tile holds C * block values (many channels make it narrow), whole
+        # vectors of positions; a task takes consecutive tiles, so that the
+        # next one can be prefetched while one is computed
+        q.block = min(width, max(<Py_ssize_t>LRN_MIN_TILE_ROW,
+                                 LRN_TILE_BYTES // (C * item_bytes)))
+        q.block = min(q.block // LRN_TILE_ALIGN * LRN_TILE_ALIGN, N)
+        tiles = (N + q.block - 1) // q.block
+        q.width = (tiles + LRN_MIN_TASKS - 1) // LRN_MIN_TASKS * q.block
+        q.per_n = 1
+        q.n_tasks = (N + q.width - 1) // q.width
+    else:
+        if width < S:   # equal rows: ceil(S / width) of them per channel plane
+            width = (S + (S + width - 1) // width - 1) // ((S + width - 1) // width)
+        q.width = q.block = min(width, S)
+        q.per_n = (S + q.width - 1) // q.width
+        q.n_tasks = N * q.per_n
     if backward:
-        q.n_sums = 2 * (q.ring + 2) * q.width
-        q.n_work = q.ring * q.width
+        q.n_sums = 2 * (q.ring + 2) * q.block
+        q.n_work = q.ring * q.block
         tiles = 3       # x, dy, dx
     else:
-        q.n_sums = (q.ring + 2) * q.width
+        q.n_sums = (q.ring + 2) * q.block
         q.n_work = 0
         tiles = 2       # x, y
     if q.rows:
-        q.n_work += tiles * C * q.width
+        q.n_work += tiles * C * q.block
     return q
 
 
@@ -396,40 +443,84 @@ cdef inline void task_span(LrnPlan* q, Py_ssize_t task, Py_ssize_t* offset, Py_s
         stride[0] = q.S
 
 
+cdef inline Ahead rows_ahead(const void* x, const void* dy, Py_ssize_t stride,
+                             Lrn* p) noexcept nogil:
+    """Channels-first: at step c, the rows first read at the next step, x row
+    c + hi + 1 and dy row c + 1 (x, dy: those rows for c = 0; stride in bytes)."""
+    cdef Ahead a
+    a.x = x
+    a.dy = dy
+    a.out = NULL
+    a.stride = stride
+    a.x_rows = p.C - p.hi - 1
+    a.dy_rows = p.C - 1
+    a.out_rows = 0
+    return a
+
+
+cdef inline Ahead tile_ahead(const void* x, const void* dy, void* out, Py_ssize_t itemsize,
+                             LrnPlan* q, Py_ssize_t t0, Py_ssize_t w) noexcept nogil:
+    """Channels-last, for the tile at position t0 of a task of w positions (x,
+    dy, out: the task's memory; dy may be NULL): the memory of the task's next
+    tile, when whole, in C rows of `block` values, one per channel step."""
+    cdef Ahead a
+    cdef Py_ssize_t at = (t0 + q.block) * q.C * itemsize
+    cdef bint whole = t0 + 2 * q.block <= w
+    a.x = <const char*>x + at if whole else NULL
+    a.dy = <const char*>dy + at if whole and dy != NULL else NULL
+    a.out = <char*>out + at if whole else NULL
+    a.stride = q.block * itemsize
+    a.x_rows = a.dy_rows = a.out_rows = q.C
+    return a
+
+
 cdef void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p, Py_ssize_t task,
                        acc_t* sums, floating* work) noexcept nogil:
-    cdef Py_ssize_t offset, stride, w
-    cdef floating* x_tile
-    cdef floating* y_tile
+    cdef Py_ssize_t offset, stride, w, i, t0, tw
+    cdef Ahead ahead
+    cdef floating* x_tile = work
+    cdef floating* y_tile = work + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
     if not q.rows:
-        forward_block(x + offset, y + offset, stride, w, p, sums, True)
+        ahead = rows_ahead(x + offset + (p.hi + 1) * stride, NULL, stride * sizeof(floating), p)
+        forward_block(x + offset, y + offset, stride, w, p, sums, &ahead)
         return
-    x_tile = work
-    y_tile = x_tile + q.C * w
-    tile_gather(x + offset, x_tile, q.C, w)
-    forward_block(x_tile, y_tile, w, w, p, sums, False)
-    tile_scatter(y_tile, y + offset, q.C, w)
+    x += offset
+    y += offset
+    for i in range((w + q.block - 1) // q.block):
+        t0 = i * q.block
+        tw = min(q.block, w - t0)
+        ahead = tile_ahead(x, NULL, y, sizeof(floating), q, t0, w)
+        tile_gather(x + t0 * q.C, x_tile, q.C, tw)
+        forward_block(x_tile, y_tile, tw, tw, p, sums, &ahead)
+        tile_scatter(y_tile, y + t0 * q.C, q.C, tw)
 
 
 cdef void backward_task(const floating* x, const floating* dy, floating* dx, LrnPlan* q, Lrn* p,
                         Py_ssize_t task, acc_t* sums, floating* work) noexcept nogil:
-    cdef Py_ssize_t offset, stride, w
-    cdef floating* x_tile
-    cdef floating* dy_tile
-    cdef floating* dx_tile
+    cdef Py_ssize_t offset, stride, w, i, t0, tw
+    cdef Ahead ahead
+    cdef floating* x_tile = work + q.ring * q.block
+    cdef floating* dy_tile = x_tile + q.C * q.block
+    cdef floating* dx_tile = dy_tile + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
     if not q.rows:
+        ahead = rows_ahead(x + offset + (p.hi + 1) * stride, dy + offset + stride,
+                           stride * sizeof(floating), p)
         lrn_backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q.ring, sums, work,
-                       True)
+                           &ahead)
         return
-    x_tile = work + q.ring * q.width
-    dy_tile = x_tile + q.C * w
-    dx_tile = dy_tile + q.C * w
-    tile_gather(x + offset, x_tile, q.C, w)
-    tile_gather(dy + offset, dy_tile, q.C, w)
-    lrn_backward_block(x_tile, dy_tile, dx_tile, w, w, p, q.ring, sums, work, False)
-    tile_scatter(dx_tile, dx + offset, q.C, w)
+    x += offset
+    dy += offset
+    dx += offset
+    for i in range((w + q.block - 1) // q.block):
+        t0 = i * q.block
+        tw = min(q.block, w - t0)
+        ahead = tile_ahead(x, dy, dx, sizeof(floating), q, t0, w)
+        tile_gather(x + t0 * q.C, x_tile, q.C, tw)
+        tile_gather(dy + t0 * q.C, dy_tile, q.C, tw)
+        lrn_backward_block(x_tile, dy_tile, dx_tile, tw, tw, p, q.ring, sums, work, &ahead)
+        tile_scatter(dx_tile, dx + t0 * q.C, q.C, tw)
 
 
 cdef void run_forward(const floating* x, floating* y, LrnPlan* q, Lrn* p, acc_t* sums,
@@ -463,8 +554,8 @@ def lrn_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y, Py_ssize_t s
     """
     cdef Lrn p = lrn_params(x.shape[1], size, alpha, beta, k)
     cdef bint float_sums = floating is float and size <= FLOAT_SUMS_MAX_SIZE
-    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, 4 if float_sums else 8,
-                              False)
+    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, sizeof(floating),
+                              4 if float_sums else 8, False)
     cdef floating[:, ::1] work
     cdef float[:, ::1] sums32
     cdef double[:, ::1] sums64
@@ -493,8 +584,8 @@ def lrn_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     """
     cdef Lrn p = lrn_params(x.shape[1], size, alpha, beta, k)
     cdef bint float_sums = floating is float and size <= FLOAT_SUMS_MAX_SIZE
-    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, 4 if float_sums else 8,
-                              True)
+    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, sizeof(floating),
+                              4 if float_sums else 8, True)
     cdef floating[:, ::1] work
     cdef float[:, ::1] sums32
     cdef double[:, ::1] sums64

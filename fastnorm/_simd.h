@@ -640,33 +640,100 @@ static inline float fn_lrn_scale1_f64(const double* suffix, const double* prefix
     return (float)fma(a, *suffix + *prefix, k);
 }
 
-static inline int fn_any_nan(__m256 v) {
-    return _mm256_movemask_ps(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+/* the NaN lanes of v */
+static inline __m256 fn_nan_lanes(__m256 v) {
+    return _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
 }
 
 #define FN_PREFETCH_SPREAD(p, i)                                                         \
     if ((p) && ((i) & 15) == 0) __builtin_prefetch((p) + (i), 0, 3)
 
+/* The loops run whole vectors with m = 8 and `checked` as constants (the
+ * one-vector steps are always inlined, so that everything stays in registers),
+ * then the padded last vector; they return the NaN lanes of all outputs. */
+#define FN_LRN_STEP static inline __attribute__((always_inline))
+
 #define FN_DEFINE_LRN075(T, SUFFIX)                                                      \
+    FN_LRN_STEP __m256 fn_lrn_forward8_##SUFFIX(const T* suffix, T* prefix,              \
+                                                const float* grow, const float* x,       \
+                                                float* y, ptrdiff_t m, double k,         \
+                                                double a, int checked) {                 \
+        __m256 s = fn_lrn_scale8_##SUFFIX(suffix, prefix, grow, m, k, a);                \
+        __m256 v = _mm256_mul_ps(fn_load8(x, m), fn_pow075_8(s, checked, NULL));          \
+        fn_store8(y, v, m);                                                              \
+        return fn_nan_lanes(v);                                                          \
+    }                                                                                    \
+    FN_LRN_STEP __m256 fn_lrn_forward_loop_##SUFFIX(const T* suffix, T* prefix,          \
+                                                    const float* grow, const float* x,   \
+                                                    float* y, ptrdiff_t n, double k,     \
+                                                    double a, const float* prefetch,     \
+                                                    int checked) {                       \
+        __m256 nan = _mm256_setzero_ps();                                                \
+        ptrdiff_t i = 0;                                                                 \
+        for (; i + 8 <= n; i += 8) {                                                     \
+            FN_PREFETCH_SPREAD(prefetch, i);                                             \
+            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix + i, prefix + i,     \
+                                                             grow ? grow + i : NULL,     \
+                                                             x + i, y + i, 8, k, a, checked)); \
+        }                                                                                \
+        if (i < n)                                                                       \
+            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix + i, prefix + i,     \
+                                                             grow ? grow + i : NULL,     \
+                                                             x + i, y + i, n - i, k, a,  \
+                                                             checked));                  \
+        return nan;                                                                      \
+    }                                                                                    \
     static inline void fn_lrn_forward075_##SUFFIX(const T* suffix, T* prefix,           \
                                                   const float* grow, const float* x,    \
                                                   float* y, ptrdiff_t n, double k,      \
                                                   double a, const float* prefetch) {    \
-        int checked = !fn_pow075_s_is_normal(k, a), nan_seen = 0;                        \
-        for (ptrdiff_t i = 0; i < n; i += 8) {                                           \
-            ptrdiff_t m = n - i;                                                         \
-            FN_PREFETCH_SPREAD(prefetch, i);                                             \
-            __m256 s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
-                                              m, k, a);                                  \
-            __m256 v = _mm256_mul_ps(fn_load8(x + i, m), fn_pow075_8(s, checked, NULL));  \
-            nan_seen |= fn_any_nan(v);                                                   \
-            fn_store8(y + i, v, m);                                                      \
+        if (!fn_pow075_s_is_normal(k, a)) {                                              \
+            fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, n, k, a, prefetch, 1); \
+            return;                                                                      \
         }                                                                                \
-        if (nan_seen && !checked) /* an infinite or NaN s, or a NaN x */                \
+        /* an infinite or NaN s, or a NaN x */                                           \
+        if (_mm256_movemask_ps(fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, n, \
+                                                            k, a, prefetch, 0)))         \
             for (ptrdiff_t j = 0; j < n; j++)                                            \
                 if (isnan(y[j]))                                                         \
                     y[j] = x[j] * fn_pow075_portable(                                    \
                         fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a), 0);        \
+    }                                                                                    \
+    FN_LRN_STEP __m256 fn_lrn_backward8_##SUFFIX(const T* suffix, T* prefix,             \
+                                                 const float* grow, const float* x,      \
+                                                 const float* dy, float* dx, float* t,   \
+                                                 ptrdiff_t m, double k, double a,        \
+                                                 int checked) {                          \
+        __m256 s = fn_lrn_scale8_##SUFFIX(suffix, prefix, grow, m, k, a);                \
+        __m256 p175, g = fn_load8(dy, m);                                                \
+        __m256 d = _mm256_mul_ps(g, fn_pow075_8(s, checked, &p175));                      \
+        __m256 tv = _mm256_mul_ps(_mm256_mul_ps(g, fn_load8(x, m)), p175);               \
+        fn_store8(dx, d, m);                                                             \
+        fn_store8(t, tv, m);                                                             \
+        return _mm256_or_ps(fn_nan_lanes(d), fn_nan_lanes(tv));                          \
+    }                                                                                    \
+    FN_LRN_STEP __m256 fn_lrn_backward_loop_##SUFFIX(const T* suffix, T* prefix,         \
+                                                     const float* grow, const float* x,  \
+                                                     const float* dy, float* dx,         \
+                                                     float* t, ptrdiff_t n, double k,    \
+                                                     double a, const float* prefetch,    \
+                                                     const float* prefetch2,             \
+                                                     int checked) {                      \
+        __m256 nan = _mm256_setzero_ps();                                                \
+        ptrdiff_t i = 0;                                                                 \
+        for (; i + 8 <= n; i += 8) {                                                     \
+            FN_PREFETCH_SPREAD(prefetch, i);                                             \
+            FN_PREFETCH_SPREAD(prefetch2, i + 8);                                        \
+            nan = _mm256_or_ps(nan, fn_lrn_backward8_##SUFFIX(                           \
+                                        suffix + i, prefix + i, grow ? grow + i : NULL,  \
+                                        x + i, dy + i, dx + i, t + i, 8, k, a, checked)); \
+        }                                                                                \
+        if (i < n)                                                                       \
+            nan = _mm256_or_ps(nan, fn_lrn_backward8_##SUFFIX(                           \
+                                        suffix + i, prefix + i, grow ? grow + i : NULL,  \
+                                        x + i, dy + i, dx + i, t + i, n - i, k, a,       \
+                                        checked));                                       \
+        return nan;                                                                      \
     }                                                                                    \
     static inline void fn_lrn_backward075_##SUFFIX(const T* suffix, T* prefix,          \
                                                    const float* grow, const float* x,   \
@@ -674,21 +741,14 @@ static inline int fn_any_nan(__m256 v) {
                                                    ptrdiff_t n, double k, double a,     \
                                                    const float* prefetch,               \
                                                    const float* prefetch2) {            \
-        int checked = !fn_pow075_s_is_normal(k, a), nan_seen = 0;                        \
-        for (ptrdiff_t i = 0; i < n; i += 8) {                                           \
-            ptrdiff_t m = n - i;                                                         \
-            FN_PREFETCH_SPREAD(prefetch, i);                                             \
-            FN_PREFETCH_SPREAD(prefetch2, i + 8);                                        \
-            __m256 s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
-                                              m, k, a);                                  \
-            __m256 p175, g = fn_load8(dy + i, m);                                        \
-            __m256 d = _mm256_mul_ps(g, fn_pow075_8(s, checked, &p175));                  \
-            __m256 tv = _mm256_mul_ps(_mm256_mul_ps(g, fn_load8(x + i, m)), p175);       \
-            nan_seen |= fn_any_nan(d) | fn_any_nan(tv);                                  \
-            fn_store8(dx + i, d, m);                                                     \
-            fn_store8(t + i, tv, m);                                                     \
+        if (!fn_pow075_s_is_normal(k, a)) {                                              \
+            fn_lrn_backward_loop_##SUFFIX(suffix, prefix, grow, x, dy, dx, t, n, k, a,   \
+                                          prefetch, prefetch2, 1);                       \
+            return;                                                                      \
         }                                                                                \
-        if (nan_seen && !checked)                                                        \
+        if (_mm256_movemask_ps(fn_lrn_backward_loop_##SUFFIX(suffix, prefix, grow, x, dy, \
+                                                             dx, t, n, k, a, prefetch,   \
+                                                             prefetch2, 0)))             \
             for (ptrdiff_t j = 0; j < n; j++)                                            \
                 if (isnan(dx[j]) || isnan(t[j])) {                                       \
                     float sj = fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a);     \
@@ -732,5 +792,102 @@ FN_DEFINE_LRN075(double, f64)
 FN_DEFINE_LRN075(float, f32)
 
 #undef FN_DEFINE_LRN075
+
+/* Channels-last LRN tiles: w positions of C contiguous channels in memory <->
+ * a tile of C rows of w positions, tile[c * w + r] = rows[r * C + c]. Walked
+ * in square blocks of FN_TILE_BLOCK, positions outermost, so that memory is
+ * one sequential stream. With AVX2 a whole block is transposed in registers
+ * (float 8x8, double as four 4x4), partial blocks value by value. Pure data
+ * movement: every path gives the same result. The caller prefetches a tile's
+ * memory while it computes the previous tile (see _lrn.pxi). Not inlined:
+ * inlined into the task loop, the transposes spilled registers (slower). */
+#define FN_TILE_BLOCK 8
+
+/* the cache lines of bytes from p, to be read or (write) written */
+static inline void fn_prefetch_lines(const void* p, ptrdiff_t bytes, int write) {
+    for (ptrdiff_t i = 0; i < bytes; i += 64) {
+        if (write)
+            __builtin_prefetch((const char*)p + i, 1, 3);
+        else
+            __builtin_prefetch((const char*)p + i, 0, 3);
+    }
+}
+
+/* d[c * ds + r] = s[r * ss + c] for r < nr, c < nc */
+#define FN_TRANSPOSE_LOOP(s, ss, d, ds, nr, nc)                                          \
+    for (ptrdiff_t r_ = 0; r_ < (nr); r_++)                                              \
+        for (ptrdiff_t c_ = 0; c_ < (nc); c_++) (d)[c_ * (ds) + r_] = (s)[r_ * (ss) + c_]
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline void fn_transpose8_f32(const float* s, ptrdiff_t ss, float* d, ptrdiff_t ds) {
+    __m256 r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = _mm256_loadu_ps(s + i * ss);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);     /* columns 0,1 | 4,5 of a row pair */
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]); /* columns 2,3 | 6,7 */
+    }
+    for (int i = 0; i < 8; i += 4) {                   /* a column of 4 rows per lane */
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; i++) {
+        _mm256_storeu_ps(d + i * ds, _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
+        _mm256_storeu_ps(d + (i + 4) * ds, _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
+    }
+}
+
+static inline void fn_transpose8_f64(const double* s, ptrdiff_t ss, double* d, ptrdiff_t ds) {
+    for (int h = 0; h < 8; h += 4)
+        for (int q = 0; q < 8; q += 4) {               /* rows h.., columns q.. */
+            const double* sq = s + h * ss + q;
+            __m256d r0 = _mm256_loadu_pd(sq), r1 = _mm256_loadu_pd(sq + ss);
+            __m256d r2 = _mm256_loadu_pd(sq + 2 * ss), r3 = _mm256_loadu_pd(sq + 3 * ss);
+            __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+            __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+            double* dq = d + q * ds + h;
+            _mm256_storeu_pd(dq, _mm256_permute2f128_pd(t0, t2, 0x20));
+            _mm256_storeu_pd(dq + ds, _mm256_permute2f128_pd(t1, t3, 0x20));
+            _mm256_storeu_pd(dq + 2 * ds, _mm256_permute2f128_pd(t0, t2, 0x31));
+            _mm256_storeu_pd(dq + 3 * ds, _mm256_permute2f128_pd(t1, t3, 0x31));
+        }
+}
+#define FN_TRANSPOSE8(SUFFIX, s, ss, d, ds) fn_transpose8_##SUFFIX(s, ss, d, ds)
+#else
+#define FN_TRANSPOSE8(SUFFIX, s, ss, d, ds) FN_TRANSPOSE_LOOP(s, ss, d, ds, 8, 8)
+#endif
+
+#define FN_DEFINE_LRN_TILES(T, SUFFIX)                                                   \
+    /* d[c * ds + r] = s[r * ss + c] for r < nr, c < nc (at most FN_TILE_BLOCK) */       \
+    static inline void fn_transpose_block_##SUFFIX(const T* s, ptrdiff_t ss, T* d,       \
+                                                   ptrdiff_t ds, ptrdiff_t nr,           \
+                                                   ptrdiff_t nc) {                       \
+        if (nr == FN_TILE_BLOCK && nc == FN_TILE_BLOCK)                                  \
+            FN_TRANSPOSE8(SUFFIX, s, ss, d, ds);                                         \
+        else                                                                             \
+            FN_TRANSPOSE_LOOP(s, ss, d, ds, nr, nc);                                     \
+    }                                                                                    \
+    static __attribute__((noinline)) void fn_lrn_tile_in_##SUFFIX(                       \
+        const T* restrict rows, T* restrict tile, ptrdiff_t C, ptrdiff_t w) {            \
+        for (ptrdiff_t r = 0; r < w; r += FN_TILE_BLOCK)                                 \
+            for (ptrdiff_t c = 0; c < C; c += FN_TILE_BLOCK)                             \
+                fn_transpose_block_##SUFFIX(rows + r * C + c, C, tile + c * w + r, w,    \
+                                            w - r < FN_TILE_BLOCK ? w - r : FN_TILE_BLOCK, \
+                                            C - c < FN_TILE_BLOCK ? C - c : FN_TILE_BLOCK); \
+    }                                                                                    \
+    static __attribute__((noinline)) void fn_lrn_tile_out_##SUFFIX(                      \
+        const T* restrict tile, T* restrict rows, ptrdiff_t C, ptrdiff_t w) {            \
+        for (ptrdiff_t r = 0; r < w; r += FN_TILE_BLOCK)                                 \
+            for (ptrdiff_t c = 0; c < C; c += FN_TILE_BLOCK)                             \
+                fn_transpose_block_##SUFFIX(tile + c * w + r, w, rows + r * C + c, C,    \
+                                            C - c < FN_TILE_BLOCK ? C - c : FN_TILE_BLOCK, \
+                                            w - r < FN_TILE_BLOCK ? w - r : FN_TILE_BLOCK); \
+    }
+
+FN_DEFINE_LRN_TILES(double, f64)
+FN_DEFINE_LRN_TILES(float, f32)
+
+#undef FN_DEFINE_LRN_TILES
 
 #endif /* FASTNORM_SIMD_H */

@@ -226,6 +226,20 @@ def test_channels_last_in_place_and_kept(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [5, 11])
+def test_channels_last_bitwise_like_channels_first(size, dtype):
+    """Channels-last rows go through transposed tiles, several per task (the
+    next one prefetched while one is computed), a partial one at the end; every
+    element still gets exactly the arithmetic of channels-first memory."""
+    x = make((8, 13, 40, 41), dtype)
+    dy = make(x.shape, dtype, seed=1)
+    assert np.array_equal(local_response_norm(channels_last(x), size),
+                          local_response_norm(x, size))
+    assert np.array_equal(local_response_norm_backward(channels_last(dy), channels_last(x), size),
+                          local_response_norm_backward(dy, x, size))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_strided_and_readonly_inputs(dtype):
     base = make((4, 6, 10, 8), dtype)
     x = base[::2, :, 1::3, ::2]
