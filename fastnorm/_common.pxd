@@ -85,8 +85,8 @@ cdef extern from "_simd.h" nogil:
     void fn_lrn_tile_in_f64(const double* rows, double* tile, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_out_f32(const float* tile, float* rows, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_out_f64(const double* tile, double* rows, Py_ssize_t C, Py_ssize_t w)
-    double fn_row_sum_f32(const float* x, Py_ssize_t n)
-    double fn_row_sum_f64(const double* x, Py_ssize_t n)
+    float fn_row_pilot_f32(const float* x, Py_ssize_t n)
+    double fn_row_pilot_f64(const double* x, Py_ssize_t n)
     void fn_row_centered_sums_f32(const float* x, Py_ssize_t n, float mean_hi, float mean_lo,
                                   double* sum_d, double* sum_dd)
     void fn_row_centered_sums_f64(const double* x, Py_ssize_t n, double mean_hi,
@@ -113,7 +113,6 @@ cdef extern from "_simd.h" nogil:
                            Py_ssize_t n, double mean_hi, double mean_lo, double scale,
                            double shift, int stream)
     enum: FN_SHORT_ROW
-    enum: FN_PILOT_ELEMS
     void fn_short_rows_forward_f32(const float* x, float* y, const float* w, const float* b,
                                    Py_ssize_t nrows, Py_ssize_t n, int centered, double eps,
                                    double* mean, double* rstd, double* var, int stream)
@@ -198,11 +197,12 @@ cdef inline void row_centered_sums(const floating* x, Py_ssize_t n, floating shi
         fn_row_centered_sums_f64(x, n, shift, 0.0, sum_d, sum_dd)
 
 
-cdef inline double row_sum(const floating* x, Py_ssize_t n) noexcept nogil:
+cdef inline floating row_pilot(const floating* x, Py_ssize_t n) noexcept nogil:
+    """A first guess of the mean of n contiguous values (fn_row_pilot_* in _simd.h)."""
     if floating is float:
-        return fn_row_sum_f32(x, n)
+        return fn_row_pilot_f32(x, n)
     else:
-        return fn_row_sum_f64(x, n)
+        return fn_row_pilot_f64(x, n)
 
 
 cdef inline void row_grad_sums(const floating* x, const floating* dy, const floating* w,
@@ -311,21 +311,21 @@ cdef inline Moments block_moments(const floating* x, Py_ssize_t nrows, Py_ssize_
     """Moments of a block that stays in cache (nrows runs of ncols contiguous values,
     row_stride apart), centered in full precision, in one pass as a rule.
 
-    The sums are taken around a shift: first the mean of the first
-    FN_PILOT_ELEMS values; if that is more than half a standard deviation from
-    the block's mean (sorted or structured data), the sums are taken again
+    The sums are taken around a shift: first the mean of the first 64 values
+    (row_pilot); if that is more than half a standard deviation from the
+    block's mean (sorted or structured data), the sums are taken again
     around the block's mean, as a plain two-pass algorithm would. Either way
     (x - shift) is small, so float32 sums lose nothing to cancellation."""
     cdef Moments m
     cdef double sum_d = 0.0, sum_dd = 0.0, delta
-    cdef Py_ssize_t r, pilot = min(ncols, <Py_ssize_t>FN_PILOT_ELEMS)
+    cdef Py_ssize_t r
     cdef floating shift
     m.count = <double>(nrows * ncols)
     if nrows * ncols == 0:
         m.mean = 0.0
         m.m2 = 0.0
         return m
-    shift = <floating>(row_sum(x, pilot) / pilot)
+    shift = row_pilot(x, ncols)
     for r in range(nrows):
         row_centered_sums(x + r * row_stride, ncols, shift, &sum_d, &sum_dd)
     delta = sum_d / m.count                      # mean - shift

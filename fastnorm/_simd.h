@@ -55,29 +55,42 @@ typedef double fn_v4d __attribute__((vector_size(32)));
      (name##_hi) += __builtin_convertvector(__builtin_shufflevector((v), (v), 4, 5, 6, 7), fn_v4d))
 #define fn_wide_add_f64(name, v) ((void)(name##_hi), (name##_lo) += (v))
 #define fn_row_hsum4(v) (((v)[0] + (v)[1]) + ((v)[2] + (v)[3]))
-#define fn_wide_sum_f32(name) (fn_row_hsum4(name##_lo) + fn_row_hsum4(name##_hi))
+/* the same order in vector steps: pairs (t0 + t1, t2 + t3, t4 + t5, t6 + t7), then
+ * pairs of those, then the last add (scalar lane reads cost twice the instructions) */
+typedef double fn_v2d __attribute__((vector_size(16)));
+#define fn_wide_sum_f32(name) ({                                                           \
+    fn_v4d p_ = __builtin_shufflevector(name##_lo, name##_hi, 0, 2, 4, 6)                   \
+              + __builtin_shufflevector(name##_lo, name##_hi, 1, 3, 5, 7);                  \
+    fn_v2d q_ = __builtin_shufflevector(p_, p_, 0, 2) + __builtin_shufflevector(p_, p_, 1, 3); \
+    q_[0] + q_[1]; })
 #define fn_wide_sum_f64(name) fn_row_hsum4(name##_lo)
+
+/* Values whose mean is the first guess of a block's mean (fn_row_pilot_*) */
+#define FN_PILOT_ELEMS 64
+/* the lanes of a working-precision vector summed in pairs, in its own precision */
+typedef float fn_v2f __attribute__((vector_size(8)));
+#define fn_lanes_sum_f32(v) ({                                                             \
+    fn_v4f p_ = __builtin_shufflevector((v), (v), 0, 2, 4, 6)                               \
+              + __builtin_shufflevector((v), (v), 1, 3, 5, 7);                              \
+    fn_v2f q_ = __builtin_shufflevector(p_, p_, 0, 2) + __builtin_shufflevector(p_, p_, 1, 3); \
+    q_[0] + q_[1]; })
+#define fn_lanes_sum_f64(v) fn_row_hsum4(v)
 
 /* VT: 32-byte vector of T with NL lanes */
 #define FN_DEFINE_ROW_REDUCTIONS(T, SUFFIX, VT, NL)                             \
-    /* sum(x) */                                                                             \
-    static inline double fn_row_sum_##SUFFIX(const T* x, ptrdiff_t n) {                     \
-        fn_wide(total);                                                                      \
-        T tail = 0;                                                                          \
-        for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
-            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
-            const T* xb = x + b;                                                             \
-            VT a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                       \
-            for (; i + 4 * NL <= m; i += 4 * NL) {                                           \
-                a0 += fn_row_load_##SUFFIX(xb + i);                                          \
-                a1 += fn_row_load_##SUFFIX(xb + i + NL);                                     \
-                a2 += fn_row_load_##SUFFIX(xb + i + 2 * NL);                                 \
-                a3 += fn_row_load_##SUFFIX(xb + i + 3 * NL);                                 \
-            }                                                                                \
-            for (; i < m; i++) tail += xb[i];                                                \
-            fn_wide_add_##SUFFIX(total, (a0 + a1) + (a2 + a3));                              \
+    /* A block's first guess of its mean (block_moments in _common.pxd): the mean of its     \
+       first FN_PILOT_ELEMS values (all when fewer), summed in T. It is only a shift,        \
+       refined by the centered sums that follow. */                                          \
+    static inline T fn_row_pilot_##SUFFIX(const T* x, ptrdiff_t n) {                         \
+        ptrdiff_t m = n < FN_PILOT_ELEMS ? n : FN_PILOT_ELEMS, i = 0;                        \
+        VT a0 = {0}, a1 = {0};                                                               \
+        for (; i + 2 * NL <= m; i += 2 * NL) {                                               \
+            a0 += fn_row_load_##SUFFIX(x + i);                                               \
+            a1 += fn_row_load_##SUFFIX(x + i + NL);                                          \
         }                                                                                    \
-        return fn_wide_sum_##SUFFIX(total) + (double)tail;                                                   \
+        T sum = fn_lanes_sum_##SUFFIX(a0 + a1);                                              \
+        for (; i < m; i++) sum += x[i];                                                      \
+        return (T)((double)sum / (double)m);                                                 \
     }                                                                                        \
     /* *sum_d += sum(d), *sum_dd += sum(d*d), d = (x - mean_hi) - mean_lo */                \
     static inline void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,    \
@@ -308,9 +321,6 @@ FN_DEFINE_ELEMENTWISE(double, f64)
 
 #undef FN_DEFINE_ELEMENTWISE
 
-/* Values whose mean is the first guess of a block's mean (block_moments in _common.pxd) */
-#define FN_PILOT_ELEMS 64
-
 /* Short rows: nrows LayerNorm/RMSNorm rows of n <= FN_SHORT_ROW values without
  * fusions, in one call, forward and backward. Per row exactly the general path's arithmetic for a
  * row that is one unit (block_moments in _common.pxd, store_row_stats and
@@ -328,8 +338,7 @@ FN_DEFINE_ELEMENTWISE(double, f64)
             const T* xr = x + r * n;                                                            \
             double row_mean = 0, m2, sum_d = 0, sum_dd = 0, v;                                  \
             if (centered) {                                                                     \
-                ptrdiff_t pilot = n < FN_PILOT_ELEMS ? n : FN_PILOT_ELEMS;                      \
-                T shift = (T)(fn_row_sum_##SUFFIX(xr, pilot) / (double)pilot);                  \
+                T shift = fn_row_pilot_##SUFFIX(xr, n);                                         \
                 fn_row_centered_sums_##SUFFIX(xr, n, shift, 0, &sum_d, &sum_dd);                \
                 double delta = sum_d / (double)n;                                               \
                 if (delta * delta * (double)n * 4.0 > sum_dd - sum_d * delta) {                 \
