@@ -165,7 +165,7 @@ LAYERS = (
         S((1, 4, 2, 3, 3), "tiny", tiny=True),
     ), accuracy_shape=(2, 8, 8, 16, 16)),
     LayerSpec("LocalResponseNorm", "lrn", _alexnet_lrn, (
-        S((16, 96, 55, 55), "AlexNet conv1", quick=True),
+        S((32, 96, 55, 55), "AlexNet conv1 (issue 4's shape)", quick=True),
         S((32, 256, 27, 27), "AlexNet conv2"),
         S((2, 8, 4, 4), "tiny", quick=True, tiny=True),
     ), accuracy_shape=(4, 16, 16, 16), takes_dtype=False),

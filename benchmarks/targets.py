@@ -39,6 +39,22 @@ TARGETS = (
     Target("BatchNorm1d (4096,1024) train fwd f32", _is("BatchNorm1d", (4096, 1024), mode="train"), 1.3),
     Target("BatchNorm eval fwd, every layout", _is(family="batch", mode="eval", dtype=None), 1.0),
     Target("BatchNorm backward", _is(family="batch", mode="backward", dtype=None), 1.5),
+    # issue 3: row-family layers
+    Target("InstanceNorm2d forward f32", _is("InstanceNorm2d", layout="contiguous", mode="train"), 4.0),
+    Target("RMSNorm forward f32", _is("RMSNorm", mode="train"), 2.0),
+    Target("RMSNorm forward+backward f32", _is("RMSNorm", mode="fwd+bwd"), 4.0),
+    Target("LayerNorm and GroupNorm backward f32",
+           lambda r: r["layer"] in ("LayerNorm", "GroupNorm") and r["mode"] == "backward"
+           and r["dtype"] == "float32" and not r["tiny"], 1.5),
+    Target("LayerNorm (8,512,768) and GroupNorm(32) (8,256,56,56) forward f32",
+           lambda r: r["mode"] == "train" and r["dtype"] == "float32" and (
+               (r["layer"] == "LayerNorm" and tuple(r["shape"]) == (8, 512, 768))
+               or (r["layer"] == "GroupNorm" and tuple(r["shape"]) == (8, 256, 56, 56))), 1.1),
+    # issue 4: LocalResponseNorm
+    Target("LocalResponseNorm (32,96,55,55) forward f32", _is("LocalResponseNorm", (32, 96, 55, 55), mode="train"), 20.0),
+    Target("LocalResponseNorm (32,96,55,55) forward+backward f32", _is("LocalResponseNorm", (32, 96, 55, 55), mode="fwd+bwd"), 20.0),
+    Target("LocalResponseNorm (32,96,55,55): GB/s / copy bandwidth",
+           _is("LocalResponseNorm", (32, 96, 55, 55)), 0.60, metric="bandwidth"),
     Target("never slower than torch (every case)", _is(dtype=None, tiny=None), 1.0),
     Target("geometric-mean speedup, per thread count", _is(dtype=None, tiny=None), 2.0, metric="geomean"),
     Target("large cases: fastnorm GB/s / copy bandwidth", lambda r: r["large"], 0.80, metric="bandwidth"),
