@@ -879,21 +879,29 @@ static inline void fn_transpose8_f64(const double* s, ptrdiff_t ss, double* d, p
         else                                                                             \
             FN_TRANSPOSE_LOOP(s, ss, d, ds, nr, nc);                                     \
     }                                                                                    \
-    static __attribute__((noinline)) void fn_lrn_tile_in_##SUFFIX(                       \
-        const T* restrict rows, T* restrict tile, ptrdiff_t C, ptrdiff_t w) {            \
-        for (ptrdiff_t r = 0; r < w; r += FN_TILE_BLOCK)                                 \
-            for (ptrdiff_t c = 0; c < C; c += FN_TILE_BLOCK)                             \
-                fn_transpose_block_##SUFFIX(rows + r * C + c, C, tile + c * w + r, w,    \
-                                            w - r < FN_TILE_BLOCK ? w - r : FN_TILE_BLOCK, \
-                                            C - c < FN_TILE_BLOCK ? C - c : FN_TILE_BLOCK); \
-    }                                                                                    \
-    static __attribute__((noinline)) void fn_lrn_tile_out_##SUFFIX(                      \
-        const T* restrict tile, T* restrict rows, ptrdiff_t C, ptrdiff_t w) {            \
-        for (ptrdiff_t r = 0; r < w; r += FN_TILE_BLOCK)                                 \
-            for (ptrdiff_t c = 0; c < C; c += FN_TILE_BLOCK)                             \
-                fn_transpose_block_##SUFFIX(tile + c * w + r, w, rows + r * C + c, C,    \
-                                            C - c < FN_TILE_BLOCK ? C - c : FN_TILE_BLOCK, \
-                                            w - r < FN_TILE_BLOCK ? w - r : FN_TILE_BLOCK); \
+    /* d = the transpose of the nr x nc matrix s (rows ss apart; d's rows ds apart),     \
+       block by block, in the order that walks d's memory in order (d_in_order) or s's: \
+       the side that is the caller's rows stays one stream */                           \
+    static inline void fn_transpose_##SUFFIX(const T* restrict s, ptrdiff_t ss,         \
+                                             T* restrict d, ptrdiff_t ds, ptrdiff_t nr, \
+                                             ptrdiff_t nc, int d_in_order) {            \
+        ptrdiff_t outer = d_in_order ? nc : nr, inner = d_in_order ? nr : nc;           \
+        for (ptrdiff_t i = 0; i < outer; i += FN_TILE_BLOCK)                            \
+            for (ptrdiff_t j = 0; j < inner; j += FN_TILE_BLOCK) {                      \
+                ptrdiff_t r = d_in_order ? j : i, c = d_in_order ? i : j;               \
+                ptrdiff_t br = nr - r < FN_TILE_BLOCK ? nr - r : FN_TILE_BLOCK;         \
+                ptrdiff_t bc = nc - c < FN_TILE_BLOCK ? nc - c : FN_TILE_BLOCK;         \
+                fn_transpose_block_##SUFFIX(s + r * ss + c, ss, d + c * ds + r, ds, br, bc); \
+            }                                                                           \
+    }                                                                                   \
+    /* tile (C, w) <- w rows of C channels, and back */                                 \
+    static __attribute__((noinline)) void fn_lrn_tile_in_##SUFFIX(                      \
+        const T* restrict rows, T* restrict tile, ptrdiff_t C, ptrdiff_t w) {           \
+        fn_transpose_##SUFFIX(rows, C, tile, w, w, C, 0);                               \
+    }                                                                                   \
+    static __attribute__((noinline)) void fn_lrn_tile_out_##SUFFIX(                     \
+        const T* restrict tile, T* restrict rows, ptrdiff_t C, ptrdiff_t w) {           \
+        fn_transpose_##SUFFIX(tile, w, rows, C, C, w, 1);                               \
     }
 
 FN_DEFINE_LRN_TILES(double, f64)
