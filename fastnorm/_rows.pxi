@@ -21,6 +21,9 @@
 #     elementwise pass while the row is still in cache (read once, write once);
 #   * by unit (few long rows): every (row, unit) pair is a task; partial
 #     results are stored and folded in unit order, so no core idles.
+# Short LayerNorm/RMSNorm rows (at most FN_SHORT_ROW values, no fusion) take the
+# by-row strategy through fn_short_rows_* in _simd.h: the same per-row
+# arithmetic in one C loop over a task's rows (takes_short_rows).
 # Backward uses centered sums: sum(dy*w) and sum(dy*w*(x - mean)) per row.
 #
 # Fusions (every strategy, same arithmetic):

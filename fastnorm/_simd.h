@@ -77,7 +77,7 @@ typedef float fn_v2f __attribute__((vector_size(8)));
 #define fn_lanes_sum_f64(v) fn_row_hsum4(v)
 
 /* VT: 32-byte vector of T with NL lanes */
-#define FN_DEFINE_ROW_REDUCTIONS(T, SUFFIX, VT, NL)                             \
+#define FN_DEFINE_ROW_REDUCTIONS(T, SUFFIX, VT, NL)                                          \
     /* A block's first guess of its mean (block_moments in _common.pxd): the mean of its     \
        first FN_PILOT_ELEMS values (all when fewer), summed in T. It is only a shift,        \
        refined by the centered sums that follow. */                                          \
@@ -92,10 +92,10 @@ typedef float fn_v2f __attribute__((vector_size(8)));
         for (; i < m; i++) sum += x[i];                                                      \
         return (T)((double)sum / (double)m);                                                 \
     }                                                                                        \
-    /* *sum_d += sum(d), *sum_dd += sum(d*d), d = (x - mean_hi) - mean_lo */                \
-    static inline void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,    \
-                                                     T mean_lo, double* sum_d,             \
-                                                     double* sum_dd) {                     \
+    /* *sum_d += sum(d), *sum_dd += sum(d*d), d = (x - mean_hi) - mean_lo */                 \
+    static inline void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,     \
+                                                     T mean_lo, double* sum_d,               \
+                                                     double* sum_dd) {                       \
         fn_wide(total_d);                                                                    \
         fn_wide(total_dd);                                                                   \
         T tail_d = 0, tail_dd = 0;                                                           \
@@ -125,14 +125,14 @@ typedef float fn_v2f __attribute__((vector_size(8)));
             fn_wide_add_##SUFFIX(total_d, (d0 + d1) + (d2 + d3));                            \
             fn_wide_add_##SUFFIX(total_dd, (q0 + q1) + (q2 + q3));                           \
         }                                                                                    \
-        *sum_d += fn_wide_sum_##SUFFIX(total_d) + (double)tail_d;                                            \
-        *sum_dd += fn_wide_sum_##SUFFIX(total_dd) + (double)tail_dd;                                         \
+        *sum_d += fn_wide_sum_##SUFFIX(total_d) + (double)tail_d;                            \
+        *sum_dd += fn_wide_sum_##SUFFIX(total_dd) + (double)tail_dd;                         \
     }                                                                                        \
-    /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d), d = (x - mean_hi) - mean_lo;             \
+    /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d), d = (x - mean_hi) - mean_lo;               \
        w == NULL means w = 1 */                                                              \
-    static inline void fn_row_grad_sums_##SUFFIX(const T* x, const T* g, const T* w,        \
-                                                 ptrdiff_t n, T mean_hi, T mean_lo,         \
-                                                 double* sum_g, double* sum_gd) {           \
+    static inline void fn_row_grad_sums_##SUFFIX(const T* x, const T* g, const T* w,         \
+                                                 ptrdiff_t n, T mean_hi, T mean_lo,          \
+                                                 double* sum_g, double* sum_gd) {            \
         fn_wide(total_g);                                                                    \
         fn_wide(total_gd);                                                                   \
         T tail_g = 0, tail_gd = 0;                                                           \
@@ -169,8 +169,8 @@ typedef float fn_v2f __attribute__((vector_size(8)));
             fn_wide_add_##SUFFIX(total_g, (s0 + s1) + (s2 + s3));                            \
             fn_wide_add_##SUFFIX(total_gd, (p0 + p1) + (p2 + p3));                           \
         }                                                                                    \
-        *sum_g += fn_wide_sum_##SUFFIX(total_g) + (double)tail_g;                                            \
-        *sum_gd += fn_wide_sum_##SUFFIX(total_gd) + (double)tail_gd;                                         \
+        *sum_g += fn_wide_sum_##SUFFIX(total_g) + (double)tail_g;                            \
+        *sum_gd += fn_wide_sum_##SUFFIX(total_gd) + (double)tail_gd;                         \
     }
 
 FN_DEFINE_ROW_REDUCTIONS(float, f32, fn_v8f, 8)
