@@ -322,14 +322,15 @@ FN_DEFINE_ELEMENTWISE(double, f64)
 #undef FN_DEFINE_ELEMENTWISE
 
 /* Short rows: nrows LayerNorm/RMSNorm rows of n <= FN_SHORT_ROW values without
- * fusions, in one call, forward and backward. Per row exactly the general path's arithmetic for a
- * row that is one unit (block_moments in _common.pxd, store_row_stats and
- * normalize_unit in _rows.pxi), so results are the same either way; here the row
- * loop runs in C around the inlined primitives. In the general path the per-row
- * bookkeeping cost as much as the work: a 32-value LayerNorm row took ~550
- * instructions forward, ~290 here. Longer rows stay on the general path: at 512 and
- * 768 values this loop measured 15-20% slower forward (1 thread, 4 Mi values; 128-384
- * values: 10-30% faster). centered = 0 (RMSNorm): mean 0, m2 = sum(x^2). */
+ * fusions, in one call, forward and backward. Per row exactly the general path's
+ * arithmetic for a row that is one unit (block_moments in _common.pxd,
+ * store_row_stats, normalize_unit and backward_row in _rows.pxi), so results are the
+ * same either way; here the row loop runs in C around the inlined primitives. In the
+ * general path the per-row bookkeeping cost as much as the work: a 32-value
+ * LayerNorm row took ~550 instructions forward, ~290 here. Longer rows stay on the
+ * general path: at 512 and 768 values this loop measured 15-20% slower forward
+ * (1 thread, 4 Mi values; at 128-384 values 10-30% faster).
+ * centered = 0 (RMSNorm): mean 0, m2 = sum(x^2). */
 #define FN_SHORT_ROW 384
 #define FN_DEFINE_SHORT_ROWS(T, SUFFIX)                                                         \
     static inline void fn_short_rows_forward_##SUFFIX(const T* x, T* y, const T* w, const T* b, \
