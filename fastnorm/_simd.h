@@ -33,6 +33,12 @@
  */
 #define FN_ROW_BLOCK 256
 
+/* Primitives that several kernels call for the same rows (the short-rows loop and
+ * the general per-row path, for instance) are compiled once, not inlined: inlined
+ * into different callers, gcc contracted their remainder loops into fma
+ * differently, and the same row came out different in the last bit by route. */
+#define FN_SHARED static __attribute__((noinline))
+
 typedef float fn_v8f __attribute__((vector_size(32)));
 typedef float fn_v4f __attribute__((vector_size(16)));
 typedef double fn_v4d __attribute__((vector_size(32)));
@@ -81,7 +87,7 @@ typedef float fn_v2f __attribute__((vector_size(8)));
     /* A block's first guess of its mean (block_moments in _common.pxd): the mean of its     \
        first FN_PILOT_ELEMS values (all when fewer), summed in T. It is only a shift,        \
        refined by the centered sums that follow. */                                          \
-    static inline T fn_row_pilot_##SUFFIX(const T* x, ptrdiff_t n) {                         \
+    FN_SHARED T fn_row_pilot_##SUFFIX(const T* x, ptrdiff_t n) {                              \
         ptrdiff_t m = n < FN_PILOT_ELEMS ? n : FN_PILOT_ELEMS, i = 0;                        \
         VT a0 = {0}, a1 = {0};                                                               \
         for (; i + 2 * NL <= m; i += 2 * NL) {                                               \
@@ -93,7 +99,7 @@ typedef float fn_v2f __attribute__((vector_size(8)));
         return (T)((double)sum / (double)m);                                                 \
     }                                                                                        \
     /* *sum_d += sum(d), *sum_dd += sum(d*d), d = (x - mean_hi) - mean_lo */                 \
-    static inline void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,     \
+    FN_SHARED void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,          \
                                                      T mean_lo, double* sum_d,               \
                                                      double* sum_dd) {                       \
         fn_wide(total_d);                                                                    \
@@ -130,7 +136,7 @@ typedef float fn_v2f __attribute__((vector_size(8)));
     }                                                                                        \
     /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d), d = (x - mean_hi) - mean_lo;               \
        w == NULL means w = 1 */                                                              \
-    static inline void fn_row_grad_sums_##SUFFIX(const T* x, const T* g, const T* w,         \
+    FN_SHARED void fn_row_grad_sums_##SUFFIX(const T* x, const T* g, const T* w,              \
                                                  ptrdiff_t n, T mean_hi, T mean_lo,          \
                                                  double* sum_g, double* sum_gd) {            \
         fn_wide(total_g);                                                                    \
@@ -217,7 +223,7 @@ static inline void fn_stream_fence(void) {
 #define FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM) (void)stream;
 #endif
 #define FN_DEFINE_AFFINE_OUT(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)            \
-    static inline void fn_affine_out_##SUFFIX(const T* restrict x, T* restrict y,                   \
+    FN_SHARED void fn_affine_out_##SUFFIX(const T* restrict x, T* restrict y,                        \
                                              const T* restrict w, const T* restrict b,              \
                                              ptrdiff_t n, T mean_hi, T mean_lo, T scale,            \
                                              T shift, int stream) {                                 \
@@ -292,7 +298,8 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
        partials of a few rows, in working precision: acc_w += g * d * k_g, acc_b += g.  \
        g may be dx itself (a fused activation's g = dy * act'(z) is kept there): both   \
        lack restrict, and g[i] is read before dx[i] is written. */                      \
-    static inline void fn_row_backward_##SUFFIX(const T* restrict x, const T* g,        \
+    FN_SHARED void fn_row_backward_##SUFFIX(                                            \
+                                                const T* restrict x, const T* g,        \
                                                 const T* restrict w, T* dx,             \
                                                 ptrdiff_t n, T mean_hi, T mean_lo,      \
                                                 T k_g, T c_0, T k_d,                    \

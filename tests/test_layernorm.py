@@ -237,3 +237,25 @@ def test_large_output_written_with_streaming_stores_is_bitwise_the_same():
     big = layer(x)
     assert np.array_equal(big[:7], layer(x[:7]))
     assert np.array_equal(big[-5:], layer(x[-5:]))
+
+
+@pytest.mark.parametrize("cls", [fn.LayerNorm, fn.RMSNorm])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("size", [1, 7, 64, 383, 384, 385])
+def test_short_rows_route_matches_general_route(cls, dtype, size):
+    """Rows of at most 384 values without fusion take the short-rows kernels; with a
+    residual and grad_h (here zeros: h == x, dx + 0 == dx) the same rows take the
+    general per-row path. Both routes do the same arithmetic: outputs and every
+    gradient bitwise equal, on either side of the limit, for centered (far from
+    zero) and RMS rows."""
+    x = make_input((37, size), dtype, seed=size, mean=1e3)
+    dy = make_input((37, size), dtype, seed=size + 1)
+    short, general = cls(size, dtype=dtype), cls(size, dtype=dtype)
+    randomize_parameters(short)
+    general.load_state_dict(short.state_dict())
+    y_general, h = general(x, residual=np.zeros_like(x))
+    assert np.array_equal(h, x)
+    assert np.array_equal(short(x), y_general)
+    assert np.array_equal(short.backward(dy), general.backward(dy, grad_h=np.zeros_like(dy)))
+    for key in short.grads:
+        assert np.array_equal(short.grads[key], general.grads[key])
