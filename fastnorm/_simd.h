@@ -33,10 +33,13 @@
  */
 #define FN_ROW_BLOCK 256
 
-/* Primitives that several kernels call for the same rows (the short-rows loop and
- * the general per-row path, for instance) are compiled once, not inlined: inlined
- * into different callers, gcc contracted their remainder loops into fma
- * differently, and the same row came out different in the last bit by route. */
+/* Backward row primitives are compiled once, not inlined (FN_SHARED): inlined into
+ * the short-rows loop and into the general per-row path, gcc contracted their
+ * remainder loops into fma differently, and dx of the same row came out different
+ * in the last bit by route (rows of 7 and 383 values). The forward primitives came
+ * out the same and stay inlined: out of line, LayerNorm (8,512,768) forward ran 45%
+ * slower (0.99 -> 1.45 ms, the same instruction count). test_layernorm.py pins both
+ * routes bitwise equal. */
 #define FN_SHARED static __attribute__((noinline))
 
 typedef float fn_v8f __attribute__((vector_size(32)));
@@ -87,7 +90,7 @@ typedef float fn_v2f __attribute__((vector_size(8)));
     /* A block's first guess of its mean (block_moments in _common.pxd): the mean of its     \
        first FN_PILOT_ELEMS values (all when fewer), summed in T. It is only a shift,        \
        refined by the centered sums that follow. */                                          \
-    FN_SHARED T fn_row_pilot_##SUFFIX(const T* x, ptrdiff_t n) {                              \
+    static inline T fn_row_pilot_##SUFFIX(const T* x, ptrdiff_t n) {                          \
         ptrdiff_t m = n < FN_PILOT_ELEMS ? n : FN_PILOT_ELEMS, i = 0;                        \
         VT a0 = {0}, a1 = {0};                                                               \
         for (; i + 2 * NL <= m; i += 2 * NL) {                                               \
@@ -99,7 +102,7 @@ typedef float fn_v2f __attribute__((vector_size(8)));
         return (T)((double)sum / (double)m);                                                 \
     }                                                                                        \
     /* *sum_d += sum(d), *sum_dd += sum(d*d), d = (x - mean_hi) - mean_lo */                 \
-    FN_SHARED void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,          \
+    static inline void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,      \
                                                      T mean_lo, double* sum_d,               \
                                                      double* sum_dd) {                       \
         fn_wide(total_d);                                                                    \
@@ -223,7 +226,7 @@ static inline void fn_stream_fence(void) {
 #define FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM) (void)stream;
 #endif
 #define FN_DEFINE_AFFINE_OUT(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)            \
-    FN_SHARED void fn_affine_out_##SUFFIX(const T* restrict x, T* restrict y,                        \
+    static inline void fn_affine_out_##SUFFIX(const T* restrict x, T* restrict y,                    \
                                              const T* restrict w, const T* restrict b,              \
                                              ptrdiff_t n, T mean_hi, T mean_lo, T scale,            \
                                              T shift, int stream) {                                 \
