@@ -116,6 +116,8 @@ cdef enum:
     STREAM_RUN_BYTES = 4096
     # Rows whose mean is the shift of a stripe's one-pass sums (rows strategy)
     PILOT_ROWS = 8
+    # Rows per call of a plain channels-last forward (rows_affine)
+    AFFINE_ROWS = 16
 
 
 cdef inline bint use_runs(Py_ssize_t N, Py_ssize_t S, Py_ssize_t itemsize) noexcept nogil:
@@ -489,7 +491,7 @@ cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floa
                                 int act) noexcept nogil:
     """Channels [c0, stop) of one row: y = act(z), z = (x - hi[c]) * scale[c] + shift[c]
     (affine_coefficients; hi NULL: x * scale + shift); or, given dyrow, y = dy * act'(z)."""
-    channels_affine(xrow + c0, yrow + c0, stop - c0, NULL if hi == NULL else hi + c0,
+    channels_affine(xrow + c0, yrow + c0, 1, stop - c0, NULL if hi == NULL else hi + c0,
                     scale + c0, shift + c0)
     if dyrow == NULL:
         run_activate(yrow + c0, stop - c0, act)
@@ -500,8 +502,17 @@ cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floa
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* hi, const floating* scale, const floating* shift,
                       int act, const floating* dy, int n_threads) noexcept nogil:
-    """row_affine_act over every row and channel (dy NULL: forward)."""
-    cdef Py_ssize_t r
+    """row_affine_act over every row and channel (dy NULL: forward). A plain forward
+    goes AFFINE_ROWS rows per call (per row, the call cost a third of the work at 128
+    channels)."""
+    cdef Py_ssize_t r, t
+    if dy == NULL and act == ACT_NONE:
+        for t in prange((R + AFFINE_ROWS - 1) // AFFINE_ROWS, num_threads=n_threads,
+                        schedule="static"):
+            r = t * AFFINE_ROWS
+            channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
+                            shift)
+        return
     for r in prange(R, num_threads=n_threads, schedule="static"):
         row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C, hi,
                        scale, shift, act)

@@ -95,9 +95,9 @@ cdef extern from "_simd.h" nogil:
                               float mean_hi, float mean_lo, double* sum_g, double* sum_gd)
     void fn_row_grad_sums_f64(const double* x, const double* g, const double* w, Py_ssize_t n,
                               double mean_hi, double mean_lo, double* sum_g, double* sum_gd)
-    void fn_channels_affine_f32(const float* x, float* y, Py_ssize_t n, const float* mean_hi,
-                                const float* scale, const float* shift)
-    void fn_channels_affine_f64(const double* x, double* y, Py_ssize_t n,
+    void fn_channels_affine_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t n,
+                                const float* mean_hi, const float* scale, const float* shift)
+    void fn_channels_affine_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t n,
                                 const double* mean_hi, const double* scale,
                                 const double* shift)
     void fn_channels_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
@@ -215,15 +215,16 @@ cdef inline void row_grad_sums(const floating* x, const floating* dy, const floa
         fn_row_grad_sums_f64(x, dy, w, n, mean_hi, mean_lo, sum_g, sum_gd)
 
 
-cdef inline void channels_affine(const floating* x, floating* y, Py_ssize_t n,
-                                 const floating* mean_hi, const floating* scale,
+cdef inline void channels_affine(const floating* x, floating* y, Py_ssize_t rows,
+                                 Py_ssize_t n, const floating* mean_hi, const floating* scale,
                                  const floating* shift) noexcept nogil:
-    """One channels-last row: y = (x - mean_hi) * scale + shift with parameters per
-    channel (x * scale + shift when mean_hi is NULL)."""
+    """Channels-last rows (rows whole rows of n channels, or one row's channel range):
+    y = (x - mean_hi) * scale + shift with parameters per channel (x * scale + shift
+    when mean_hi is NULL)."""
     if floating is float:
-        fn_channels_affine_f32(x, y, n, mean_hi, scale, shift)
+        fn_channels_affine_f32(x, y, rows, n, mean_hi, scale, shift)
     else:
-        fn_channels_affine_f64(x, y, n, mean_hi, scale, shift)
+        fn_channels_affine_f64(x, y, rows, n, mean_hi, scale, shift)
 
 
 cdef inline void channels_backward(const floating* x, const floating* dy, floating* dx,

@@ -258,17 +258,21 @@ FN_DEFINE_AFFINE_OUT(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd, _
  * streamed, 3-20% slower on 16-25 MiB outputs at one thread, allocated per call as a
  * user's forward does: the freed output of the previous call is still in cache.) */
 #define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX)                                                \
-    static inline void fn_channels_affine_##SUFFIX(const T* restrict x, T* restrict y,    \
-                                                   ptrdiff_t n, const T* restrict mean_hi, \
-                                                   const T* restrict scale,               \
-                                                   const T* restrict shift) {             \
-        if (mean_hi) {                                                                     \
-            _Pragma("omp simd")                                                            \
-            for (ptrdiff_t c = 0; c < n; c++) y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c]; \
-        } else {                                                                           \
-            _Pragma("omp simd")                                                            \
-            for (ptrdiff_t c = 0; c < n; c++) y[c] = x[c] * scale[c] + shift[c];           \
-        }                                                                                  \
+    /* rows whole rows of n channels, one after the other (or one row's channel range) */   \
+    static inline void fn_channels_affine_##SUFFIX(const T* restrict x, T* restrict y,      \
+                                                   ptrdiff_t rows, ptrdiff_t n,             \
+                                                   const T* restrict mean_hi,               \
+                                                   const T* restrict scale,                 \
+                                                   const T* restrict shift) {               \
+        for (ptrdiff_t r = 0; r < rows; r++, x += n, y += n) {                              \
+            if (mean_hi) {                                                                  \
+                _Pragma("omp simd")                                                         \
+                for (ptrdiff_t c = 0; c < n; c++) y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c];\
+            } else {                                                                        \
+                _Pragma("omp simd")                                                         \
+                for (ptrdiff_t c = 0; c < n; c++) y[c] = x[c] * scale[c] + shift[c];        \
+            }                                                                               \
+        }                                                                                   \
     }
 FN_DEFINE_CHANNELS_AFFINE(float, f32)
 FN_DEFINE_CHANNELS_AFFINE(double, f64)
