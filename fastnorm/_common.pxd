@@ -85,8 +85,14 @@ cdef extern from "_simd.h" nogil:
     void fn_lrn_tile_in_f64(const double* rows, double* tile, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_out_f32(const float* tile, float* rows, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_out_f64(const double* tile, double* rows, Py_ssize_t C, Py_ssize_t w)
-    float fn_row_pilot_f32(const float* x, Py_ssize_t n)
-    double fn_row_pilot_f64(const double* x, Py_ssize_t n)
+    void fn_block_moments_f32(const float* x, Py_ssize_t nrows, Py_ssize_t ncols,
+                              Py_ssize_t stride, double* mean, double* m2)
+    void fn_block_moments_f64(const double* x, Py_ssize_t nrows, Py_ssize_t ncols,
+                              Py_ssize_t stride, double* mean, double* m2)
+    void fn_store_row_stats(double row_mean, double m2, double count, double eps, double* mean,
+                            double* rstd, double* var)
+    void fn_row_backward_coefficients(double rstd, double sum_g, double sum_gd, double n,
+                                      int centered, double* k_d, double* c_0)
     void fn_row_centered_sums_f32(const float* x, Py_ssize_t n, float mean_hi, float mean_lo,
                                   double* sum_d, double* sum_dd)
     void fn_row_centered_sums_f64(const double* x, Py_ssize_t n, double mean_hi,
@@ -197,14 +203,6 @@ cdef inline void row_centered_sums(const floating* x, Py_ssize_t n, floating shi
         fn_row_centered_sums_f64(x, n, shift, 0.0, sum_d, sum_dd)
 
 
-cdef inline floating row_pilot(const floating* x, Py_ssize_t n) noexcept nogil:
-    """A first guess of the mean of n contiguous values (fn_row_pilot_* in _simd.h)."""
-    if floating is float:
-        return fn_row_pilot_f32(x, n)
-    else:
-        return fn_row_pilot_f64(x, n)
-
-
 cdef inline void row_grad_sums(const floating* x, const floating* dy, const floating* w,
                                Py_ssize_t n, floating mean_hi, floating mean_lo,
                                double* sum_g, double* sum_gd) noexcept nogil:
@@ -310,37 +308,18 @@ cdef inline double row_sum_squares(const floating* x, Py_ssize_t n) noexcept nog
 cdef inline Moments block_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t ncols,
                                   Py_ssize_t row_stride) noexcept nogil:
     """Moments of a block that stays in cache (nrows runs of ncols contiguous values,
-    row_stride apart), centered in full precision, in one pass as a rule.
-
-    The sums are taken around a shift: first the mean of the first 64 values
-    (row_pilot); if that is more than half a standard deviation from the
-    block's mean (sorted or structured data), the sums are taken again
-    around the block's mean, as a plain two-pass algorithm would. Either way
-    (x - shift) is small, so float32 sums lose nothing to cancellation."""
+    row_stride apart), centered in full precision, in one pass as a rule (see
+    fn_block_moments_* in _simd.h, which the short-rows kernels share)."""
     cdef Moments m
-    cdef double sum_d = 0.0, sum_dd = 0.0, delta
-    cdef Py_ssize_t r
-    cdef floating shift
     m.count = <double>(nrows * ncols)
+    m.mean = 0.0
+    m.m2 = 0.0
     if nrows * ncols == 0:
-        m.mean = 0.0
-        m.m2 = 0.0
         return m
-    shift = row_pilot(x, ncols)
-    for r in range(nrows):
-        row_centered_sums(x + r * row_stride, ncols, shift, &sum_d, &sum_dd)
-    delta = sum_d / m.count                      # mean - shift
-    if delta * delta * m.count * 4.0 > sum_dd - sum_d * delta:
-        shift = <floating>(shift + delta)
-        sum_d = 0.0
-        sum_dd = 0.0
-        for r in range(nrows):
-            row_centered_sums(x + r * row_stride, ncols, shift, &sum_d, &sum_dd)
-        delta = sum_d / m.count
-    m.mean = <double>shift + delta
-    m.m2 = sum_dd - sum_d * delta
-    if m.m2 < 0.0:
-        m.m2 = 0.0
+    if floating is float:
+        fn_block_moments_f32(x, nrows, ncols, row_stride, &m.mean, &m.m2)
+    else:
+        fn_block_moments_f64(x, nrows, ncols, row_stride, &m.mean, &m.m2)
     return m
 
 

@@ -60,8 +60,8 @@ from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 from fastnorm._common cimport (
     FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, affine_coefficients,
     block_moments, chan_merge, flush_partials, fn_short_rows_backward_f32,
-    fn_short_rows_backward_f64, fn_short_rows_forward_f32, fn_short_rows_forward_f64,
-    fn_stream_fence, fold_mean_tail, row_grad_sums,
+    fn_row_backward_coefficients, fn_short_rows_backward_f64, fn_short_rows_forward_f32,
+    fn_short_rows_forward_f64, fn_store_row_stats, fn_stream_fence, fold_mean_tail, row_grad_sums,
     row_sum_squares, run_add, run_affine_backward, run_affine_out, run_backward_weighted,
     split_hi_lo, stripe_start,
 )
@@ -168,14 +168,8 @@ cdef inline const floating* row_of(const floating* a, Py_ssize_t r,
 cdef inline void store_row_stats(Moments m, double eps, Py_ssize_t r, double* mean, double* rstd,
                                  double* var) noexcept nogil:
     """Biased variance m2/D and rstd = 1/sqrt(var + eps) of row r (mean/var may be NULL)."""
-    cdef double v = m.m2 / m.count
-    if v < 0.0:
-        v = 0.0
-    rstd[r] = 1.0 / sqrt(v + eps)
-    if mean != NULL:
-        mean[r] = m.mean
-    if var != NULL:
-        var[r] = v
+    fn_store_row_stats(m.mean, m.m2, m.count, eps, NULL if mean == NULL else mean + r, rstd + r,
+                       NULL if var == NULL else var + r)
 
 
 # ------------------------------------------------------ elementwise steps
@@ -301,8 +295,7 @@ cdef inline void row_coefficients(RowGeom* g, Py_ssize_t r, const floating* w, d
             sums[2 * j + 1] = run_dyd
             sum_g += w[c0 + j] * run_dy
             sum_gd += w[c0 + j] * run_dyd
-    k_d[0] = -rstd * rstd * rstd * sum_gd / g.D
-    c_0[0] = -sum_g / g.D if g.centered else 0.0
+    fn_row_backward_coefficients(rstd, sum_g, sum_gd, <double>g.D, g.centered, k_d, c_0)
 
 
 cdef inline Py_ssize_t sums_per_row(RowGeom* g) noexcept nogil:

@@ -64,25 +64,24 @@ typedef double fn_v4d __attribute__((vector_size(32)));
      (name##_hi) += __builtin_convertvector(__builtin_shufflevector((v), (v), 4, 5, 6, 7), fn_v4d))
 #define fn_wide_add_f64(name, v) ((void)(name##_hi), (name##_lo) += (v))
 #define fn_row_hsum4(v) (((v)[0] + (v)[1]) + ((v)[2] + (v)[3]))
-/* the same order in vector steps: pairs (t0 + t1, t2 + t3, t4 + t5, t6 + t7), then
- * pairs of those, then the last add (scalar lane reads cost twice the instructions) */
-typedef double fn_v2d __attribute__((vector_size(16)));
-#define fn_wide_sum_f32(name) ({                                                           \
-    fn_v4d p_ = __builtin_shufflevector(name##_lo, name##_hi, 0, 2, 4, 6)                   \
-              + __builtin_shufflevector(name##_lo, name##_hi, 1, 3, 5, 7);                  \
-    fn_v2d q_ = __builtin_shufflevector(p_, p_, 0, 2) + __builtin_shufflevector(p_, p_, 1, 3); \
+/* ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)) of the 8 lanes of a and b
+ * concatenated (a == b: one 8-lane vector; a, b: two 4-lane halves), in vector steps:
+ * pairs, pairs of pairs, the last add (scalar lane reads cost twice the instructions).
+ * V4, V2: 4- and 2-lane vectors of the lanes' type. */
+#define fn_pairwise8(a, b, V4, V2) ({                                                      \
+    V4 p_ = __builtin_shufflevector((a), (b), 0, 2, 4, 6)                                   \
+          + __builtin_shufflevector((a), (b), 1, 3, 5, 7);                                  \
+    V2 q_ = __builtin_shufflevector(p_, p_, 0, 2) + __builtin_shufflevector(p_, p_, 1, 3);  \
     q_[0] + q_[1]; })
+typedef double fn_v2d __attribute__((vector_size(16)));
+typedef float fn_v2f __attribute__((vector_size(8)));
+#define fn_wide_sum_f32(name) fn_pairwise8(name##_lo, name##_hi, fn_v4d, fn_v2d)
 #define fn_wide_sum_f64(name) fn_row_hsum4(name##_lo)
 
 /* Values whose mean is the first guess of a block's mean (fn_row_pilot_*) */
 #define FN_PILOT_ELEMS 64
 /* the lanes of a working-precision vector summed in pairs, in its own precision */
-typedef float fn_v2f __attribute__((vector_size(8)));
-#define fn_lanes_sum_f32(v) ({                                                             \
-    fn_v4f p_ = __builtin_shufflevector((v), (v), 0, 2, 4, 6)                               \
-              + __builtin_shufflevector((v), (v), 1, 3, 5, 7);                              \
-    fn_v2f q_ = __builtin_shufflevector(p_, p_, 0, 2) + __builtin_shufflevector(p_, p_, 1, 3); \
-    q_[0] + q_[1]; })
+#define fn_lanes_sum_f32(v) fn_pairwise8(v, v, fn_v4f, fn_v2f)
 #define fn_lanes_sum_f64(v) fn_row_hsum4(v)
 
 /* VT: 32-byte vector of T with NL lanes */
@@ -136,6 +135,33 @@ typedef float fn_v2f __attribute__((vector_size(8)));
         }                                                                                    \
         *sum_d += fn_wide_sum_##SUFFIX(total_d) + (double)tail_d;                            \
         *sum_dd += fn_wide_sum_##SUFFIX(total_dd) + (double)tail_dd;                         \
+    }                                                                                        \
+    /* Moments of a block that stays in cache (nrows runs of ncols contiguous values,        \
+       stride apart, nrows * ncols > 0): *mean and *m2 (sum of squared deviations).          \
+       The sums are taken around a shift: first the pilot mean; if that is more than         \
+       half a standard deviation from the block's mean (sorted or structured data), the      \
+       sums are taken again around the block's mean, as a plain two-pass algorithm           \
+       would. Either way (x - shift) is small, so float32 sums lose nothing to               \
+       cancellation. Always inlined: as a function of its own (gcc's choice) it left the     \
+       instruction count alone but made LayerNorm (8,512,768) forward 50% slower. */        \
+    static inline __attribute__((always_inline))                                             \
+    void fn_block_moments_##SUFFIX(const T* x, ptrdiff_t nrows, ptrdiff_t ncols,              \
+                                   ptrdiff_t stride, double* mean, double* m2) {              \
+        double count = (double)(nrows * ncols), sum_d = 0, sum_dd = 0, delta;                \
+        T shift = fn_row_pilot_##SUFFIX(x, ncols);                                           \
+        for (ptrdiff_t r = 0; r < nrows; r++)                                                \
+            fn_row_centered_sums_##SUFFIX(x + r * stride, ncols, shift, 0, &sum_d, &sum_dd); \
+        delta = sum_d / count;                                      /* mean - shift */       \
+        if (delta * delta * count * 4.0 > sum_dd - sum_d * delta) {                          \
+            shift = (T)(shift + delta);                                                      \
+            sum_d = sum_dd = 0;                                                              \
+            for (ptrdiff_t r = 0; r < nrows; r++)                                            \
+                fn_row_centered_sums_##SUFFIX(x + r * stride, ncols, shift, 0, &sum_d, &sum_dd);\
+            delta = sum_d / count;                                                           \
+        }                                                                                    \
+        *mean = (double)shift + delta;                                                       \
+        *m2 = sum_dd - sum_d * delta;                                                        \
+        if (*m2 < 0) *m2 = 0;                                                                \
     }                                                                                        \
     /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d), d = (x - mean_hi) - mean_lo;               \
        w == NULL means w = 1 */                                                              \
@@ -335,11 +361,33 @@ FN_DEFINE_ELEMENTWISE(double, f64)
 
 #undef FN_DEFINE_ELEMENTWISE
 
+/* A normalized row's statistics from its moments (count values): the biased variance
+ * and rstd = 1 / sqrt(var + eps), stored through rstd and, unless NULL, mean and var. */
+static inline void fn_store_row_stats(double row_mean, double m2, double count, double eps,
+                                      double* mean, double* rstd, double* var) {
+    double v = m2 / count;
+    if (v < 0) v = 0;
+    *rstd = 1.0 / sqrt(v + eps);
+    if (mean) *mean = row_mean;
+    if (var) *var = v;
+}
+
+/* A row's backward coefficients from its gradient sums sum_g = sum(g), sum_gd =
+ * sum(g * (x - mean)) over n values: dx = rstd * (g + c_0) + k_d * (x - mean), with
+ * k_d = -rstd^3 * sum_gd / n and c_0 = -sum_g / n (0 when not centered: RMSNorm). */
+static inline void fn_row_backward_coefficients(double rstd, double sum_g, double sum_gd,
+                                                double n, int centered, double* k_d,
+                                                double* c_0) {
+    *k_d = -rstd * rstd * rstd * sum_gd / n;
+    *c_0 = centered ? -sum_g / n : 0.0;
+}
+
 /* Short rows: nrows LayerNorm/RMSNorm rows of n <= FN_SHORT_ROW values without
  * fusions, in one call, forward and backward. Per row exactly the general path's
- * arithmetic for a row that is one unit (block_moments in _common.pxd,
- * store_row_stats, normalize_unit and backward_row in _rows.pxi), so results are the
- * same either way; here the row loop runs in C around the inlined primitives. In the
+ * arithmetic for a row that is one unit (the same fn_block_moments_*,
+ * fn_store_row_stats, fn_affine_out_* and fn_row_backward_coefficients as
+ * normalize_unit and backward_row in _rows.pxi), so results are the same either way;
+ * here the row loop runs in C around the inlined primitives. In the
  * general path the per-row bookkeeping cost as much as the work: a 32-value
  * LayerNorm row took ~550 instructions forward, ~290 here. Longer rows stay on the
  * general path: at 512 and 768 values this loop measured 15-20% slower forward
@@ -353,28 +401,13 @@ FN_DEFINE_ELEMENTWISE(double, f64)
                                                       double* var, int stream) {                \
         for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
             const T* xr = x + r * n;                                                            \
-            double row_mean = 0, m2, sum_d = 0, sum_dd = 0, v;                                  \
-            if (centered) {                                                                     \
-                T shift = fn_row_pilot_##SUFFIX(xr, n);                                         \
-                fn_row_centered_sums_##SUFFIX(xr, n, shift, 0, &sum_d, &sum_dd);                \
-                double delta = sum_d / (double)n;                                               \
-                if (delta * delta * (double)n * 4.0 > sum_dd - sum_d * delta) {                 \
-                    shift = (T)(shift + delta);                                                 \
-                    sum_d = sum_dd = 0;                                                         \
-                    fn_row_centered_sums_##SUFFIX(xr, n, shift, 0, &sum_d, &sum_dd);            \
-                    delta = sum_d / (double)n;                                                  \
-                }                                                                               \
-                row_mean = (double)shift + delta;                                               \
-                m2 = sum_dd - sum_d * delta;                                                    \
-            } else {                                                                            \
-                fn_row_centered_sums_##SUFFIX(xr, n, 0, 0, &sum_d, &sum_dd);                    \
-                m2 = sum_dd;                                                                    \
-            }                                                                                   \
-            v = m2 / (double)n;                                                                 \
-            if (v < 0) v = 0;                                                                   \
-            rstd[r] = 1.0 / sqrt(v + eps);                                                      \
-            if (mean) mean[r] = row_mean;                                                       \
-            if (var) var[r] = v;                                                                \
+            double row_mean = 0, m2 = 0, sum_d = 0;                                             \
+            if (centered)                                                                       \
+                fn_block_moments_##SUFFIX(xr, 1, n, n, &row_mean, &m2);                         \
+            else                                                                                \
+                fn_row_centered_sums_##SUFFIX(xr, n, 0, 0, &sum_d, &m2);                        \
+            fn_store_row_stats(row_mean, m2, (double)n, eps, mean ? mean + r : NULL, rstd + r,  \
+                               var ? var + r : NULL);                                           \
             T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
             fn_affine_out_##SUFFIX(xr, y + r * n, w, b, n, mean_hi, mean_lo, (T)rstd[r], 0,       \
                                    stream);                                                     \
@@ -394,8 +427,8 @@ FN_DEFINE_ELEMENTWISE(double, f64)
             double row_mean = centered ? mean[r] : 0.0, sum_g = 0, sum_gd = 0;                  \
             T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
             fn_row_grad_sums_##SUFFIX(xr, dyr, w, n, mean_hi, mean_lo, &sum_g, &sum_gd);        \
-            double k_d = -rstd[r] * rstd[r] * rstd[r] * sum_gd / (double)n;                     \
-            double c_0 = centered ? -sum_g / (double)n : 0.0;                                   \
+            double k_d, c_0;                                                                    \
+            fn_row_backward_coefficients(rstd[r], sum_g, sum_gd, (double)n, centered, &k_d, &c_0); \
             fn_row_backward_##SUFFIX(xr, dyr, w, dx + r * n, n, mean_hi, mean_lo, (T)rstd[r],   \
                                      (T)c_0, (T)k_d, wacc, wacc + n);                           \
             if (r % row_group == row_group - 1 || r == nrows - 1) {                             \
