@@ -84,6 +84,22 @@ typedef float fn_v2f __attribute__((vector_size(8)));
 #define fn_lanes_sum_f32(v) fn_pairwise8(v, v, fn_v4f, fn_v2f)
 #define fn_lanes_sum_f64(v) fn_row_hsum4(v)
 
+/* The end of block moments taken around a shift (fn_block_moments_*), from
+ * sum_d = sum(x - shift) and sum_dd = sum((x - shift)^2) over count values. Off
+ * center: the shift is more than half a standard deviation from the mean, and the
+ * sums are taken again around the mean, as a plain two-pass algorithm would. */
+static inline int fn_moments_off_center(double sum_d, double sum_dd, double count) {
+    double delta = sum_d / count;                                   /* mean - shift */
+    return delta * delta * count * 4.0 > sum_dd - sum_d * delta;
+}
+static inline void fn_moments_finish(double shift, double sum_d, double sum_dd, double count,
+                                     double* mean, double* m2) {
+    double delta = sum_d / count;
+    *mean = shift + delta;
+    *m2 = sum_dd - sum_d * delta;
+    if (*m2 < 0) *m2 = 0;
+}
+
 /* VT: 32-byte vector of T with NL lanes */
 #define FN_DEFINE_ROW_REDUCTIONS(T, SUFFIX, VT, NL)                                          \
     /* A block's first guess of its mean (block_moments in _common.pxd): the mean of its     \
@@ -147,21 +163,17 @@ typedef float fn_v2f __attribute__((vector_size(8)));
     static inline __attribute__((always_inline))                                             \
     void fn_block_moments_##SUFFIX(const T* x, ptrdiff_t nrows, ptrdiff_t ncols,              \
                                    ptrdiff_t stride, double* mean, double* m2) {              \
-        double count = (double)(nrows * ncols), sum_d = 0, sum_dd = 0, delta;                \
+        double count = (double)(nrows * ncols), sum_d = 0, sum_dd = 0;                       \
         T shift = fn_row_pilot_##SUFFIX(x, ncols);                                           \
         for (ptrdiff_t r = 0; r < nrows; r++)                                                \
             fn_row_centered_sums_##SUFFIX(x + r * stride, ncols, shift, 0, &sum_d, &sum_dd); \
-        delta = sum_d / count;                                      /* mean - shift */       \
-        if (delta * delta * count * 4.0 > sum_dd - sum_d * delta) {                          \
-            shift = (T)(shift + delta);                                                      \
+        if (fn_moments_off_center(sum_d, sum_dd, count)) {                                   \
+            shift = (T)(shift + sum_d / count);                                              \
             sum_d = sum_dd = 0;                                                              \
             for (ptrdiff_t r = 0; r < nrows; r++)                                            \
                 fn_row_centered_sums_##SUFFIX(x + r * stride, ncols, shift, 0, &sum_d, &sum_dd);\
-            delta = sum_d / count;                                                           \
         }                                                                                    \
-        *mean = (double)shift + delta;                                                       \
-        *m2 = sum_dd - sum_d * delta;                                                        \
-        if (*m2 < 0) *m2 = 0;                                                                \
+        fn_moments_finish(shift, sum_d, sum_dd, count, mean, m2);                            \
     }                                                                                        \
     /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d), d = (x - mean_hi) - mean_lo;               \
        w == NULL means w = 1 */                                                              \
@@ -382,64 +394,6 @@ static inline void fn_row_backward_coefficients(double rstd, double sum_g, doubl
     *c_0 = centered ? -sum_g / n : 0.0;
 }
 
-/* Short rows: nrows LayerNorm/RMSNorm rows of n <= FN_SHORT_ROW values without
- * fusions, in one call, forward and backward. Per row exactly the general path's
- * arithmetic for a row that is one unit (the same fn_block_moments_*,
- * fn_store_row_stats, fn_affine_out_* and fn_row_backward_coefficients as
- * normalize_unit and backward_row in _rows.pxi), so results are the same either way;
- * here the row loop runs in C around the inlined primitives. In the
- * general path the per-row bookkeeping cost as much as the work: a 32-value
- * LayerNorm row took ~550 instructions forward, ~290 here. Longer rows stay on the
- * general path: at 512 and 768 values this loop measured 15-20% slower forward
- * (1 thread, 4 Mi values; at 128-384 values 10-30% faster).
- * centered = 0 (RMSNorm): mean 0, m2 = sum(x^2). */
-#define FN_SHORT_ROW 384
-#define FN_DEFINE_SHORT_ROWS(T, SUFFIX)                                                         \
-    static inline void fn_short_rows_forward_##SUFFIX(const T* x, T* y, const T* w, const T* b, \
-                                                      ptrdiff_t nrows, ptrdiff_t n, int centered,\
-                                                      double eps, double* mean, double* rstd,   \
-                                                      double* var, int stream) {                \
-        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
-            const T* xr = x + r * n;                                                            \
-            double row_mean = 0, m2 = 0, sum_d = 0;                                             \
-            if (centered)                                                                       \
-                fn_block_moments_##SUFFIX(xr, 1, n, n, &row_mean, &m2);                         \
-            else                                                                                \
-                fn_row_centered_sums_##SUFFIX(xr, n, 0, 0, &sum_d, &m2);                        \
-            fn_store_row_stats(row_mean, m2, (double)n, eps, mean ? mean + r : NULL, rstd + r,  \
-                               var ? var + r : NULL);                                           \
-            T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
-            fn_affine_out_##SUFFIX(xr, y + r * n, w, b, n, mean_hi, mean_lo, (T)rstd[r], 0,       \
-                                   stream);                                                     \
-        }                                                                                       \
-    }                                                                                           \
-    /* Backward of rows [first, first + nrows) of a row block, in order (backward_block in      \
-       _rows.pxi): per row the sums of g = dy * w and g * (x - mean), then dx and the           \
-       weight/bias partials (wacc, 2n), flushed into acc (2n doubles) every row_group           \
-       rows of the block and after its last row. */                                             \
-    static inline void fn_short_rows_backward_##SUFFIX(const T* x, const T* dy, T* dx,          \
-                                                       const T* w, ptrdiff_t nrows, ptrdiff_t n,\
-                                                       int centered, const double* mean,        \
-                                                       const double* rstd, double* acc, T* wacc,\
-                                                       ptrdiff_t row_group) {                   \
-        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
-            const T *xr = x + r * n, *dyr = dy + r * n;                                         \
-            double row_mean = centered ? mean[r] : 0.0, sum_g = 0, sum_gd = 0;                  \
-            T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
-            fn_row_grad_sums_##SUFFIX(xr, dyr, w, n, mean_hi, mean_lo, &sum_g, &sum_gd);        \
-            double k_d, c_0;                                                                    \
-            fn_row_backward_coefficients(rstd[r], sum_g, sum_gd, (double)n, centered, &k_d, &c_0); \
-            fn_row_backward_##SUFFIX(xr, dyr, w, dx + r * n, n, mean_hi, mean_lo, (T)rstd[r],   \
-                                     (T)c_0, (T)k_d, wacc, wacc + n);                           \
-            if (r % row_group == row_group - 1 || r == nrows - 1) {                             \
-                fn_flush_partials_##SUFFIX(acc, wacc, n);                                       \
-                fn_flush_partials_##SUFFIX(acc + n, wacc + n, n);                               \
-            }                                                                                   \
-        }                                                                                       \
-    }
-FN_DEFINE_SHORT_ROWS(float, f32)
-FN_DEFINE_SHORT_ROWS(double, f64)
-#undef FN_DEFINE_SHORT_ROWS
 
 
 /* Column kernels: `nrows` rows of `nc` contiguous channels, rows `stride`
@@ -956,5 +910,158 @@ FN_DEFINE_LRN_TILES(double, f64)
 FN_DEFINE_LRN_TILES(float, f32)
 
 #undef FN_DEFINE_LRN_TILES
+
+/* Short float rows in groups: the moments of FN_LANE_ROWS = 8 rows of n values at once
+ * (n = 32 or 64: attention heads, QK-norm). Row by row, each short row's statistics
+ * are one long chain of dependent steps (pilot, its horizontal sum, a division, the
+ * centered sums, two more horizontal sums, ...), and the next row waited for it: LayerNorm
+ * forward on 4 Mi values in rows of 64 took 3.1 ms, 2.0 ms in groups (1 thread, C driver;
+ * 1.3-1.7x faster at 32-96 values, slower from 128 on, where the row-by-row order
+ * measured faster). Here the
+ * eight rows' sums run one after the other, independent, and their horizontal steps run
+ * together: the eight partial-sum vectors are transposed so that lane r of vector l is
+ * row r's vector lane l, and the widening and the pairwise sums of fn_wide_sum_f32 run
+ * lane-wise over l. Every addition is the one-row route's (fn_block_moments_f32,
+ * fn_row_centered_sums_f32), in the same order, so the results are bitwise the same
+ * (test_layernorm.py pins it). A row whose pilot is off center takes that route whole. */
+#define FN_LANE_ROWS 8
+#define FN_LANE_ROW_MAX 64
+/* Moments of `rows` rows of n values from x, as fn_short_row_moments_f32 gives them;
+ * 0 (nothing done) when they do not fit the groups (float rows only). */
+static inline int fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrdiff_t n, int centered,
+                                      double* mean, double* m2) {
+    if (rows != FN_LANE_ROWS || n % 32 != 0 || n > FN_LANE_ROW_MAX) return 0;
+    float shift[FN_LANE_ROWS] = {0};
+    fn_v8f part_d[FN_LANE_ROWS], part_dd[FN_LANE_ROWS], lane_d[8], lane_dd[8];
+    if (centered)                     /* first all pilots: eight chains that overlap */
+        for (int r = 0; r < FN_LANE_ROWS; r++) shift[r] = fn_row_pilot_f32(x + r * n, n);
+    /* fn_row_centered_sums_f32 up to its float64 totals (one block, no tail) */
+    for (int r = 0; r < FN_LANE_ROWS; r++) {
+        const float* xr = x + r * n;
+        fn_v8f d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+        for (ptrdiff_t i = 0; i < n; i += 32) {
+            fn_v8f u0 = fn_row_load_f32(xr + i) - shift[r];
+            fn_v8f u1 = fn_row_load_f32(xr + i + 8) - shift[r];
+            fn_v8f u2 = fn_row_load_f32(xr + i + 16) - shift[r];
+            fn_v8f u3 = fn_row_load_f32(xr + i + 24) - shift[r];
+            d0 += u0;
+            d1 += u1;
+            d2 += u2;
+            d3 += u3;
+            q0 += u0 * u0;
+            q1 += u1 * u1;
+            q2 += u2 * u2;
+            q3 += u3 * u3;
+        }
+        part_d[r] = (d0 + d1) + (d2 + d3);
+        part_dd[r] = (q0 + q1) + (q2 + q3);
+    }
+    FN_TRANSPOSE8(f32, (float*)part_d, 8, (float*)lane_d, 8);
+    FN_TRANSPOSE8(f32, (float*)part_dd, 8, (float*)lane_dd, 8);
+    /* fn_wide_add_f32 into a zeroed total, fn_wide_sum_f32, then the callers'
+     * `0 + (total + tail)` with an empty tail; rows 0-3 in [0], rows 4-7 in [1] */
+    fn_v4d zero = {0}, sum_d[2], sum_dd[2];
+    for (int h = 0; h < 2; h++) {
+        fn_v4d td[8], tdd[8];
+        for (int l = 0; l < 8; l++) {
+            fn_v4f ed = h ? __builtin_shufflevector(lane_d[l], lane_d[l], 4, 5, 6, 7)
+                          : __builtin_shufflevector(lane_d[l], lane_d[l], 0, 1, 2, 3);
+            fn_v4f edd = h ? __builtin_shufflevector(lane_dd[l], lane_dd[l], 4, 5, 6, 7)
+                           : __builtin_shufflevector(lane_dd[l], lane_dd[l], 0, 1, 2, 3);
+            td[l] = zero + __builtin_convertvector(ed, fn_v4d);
+            tdd[l] = zero + __builtin_convertvector(edd, fn_v4d);
+        }
+        sum_d[h] = zero + ((((td[0] + td[1]) + (td[2] + td[3])) +
+                           ((td[4] + td[5]) + (td[6] + td[7]))) + zero);
+        sum_dd[h] = zero + ((((tdd[0] + tdd[1]) + (tdd[2] + tdd[3])) +
+                            ((tdd[4] + tdd[5]) + (tdd[6] + tdd[7]))) + zero);
+    }
+    for (int r = 0; r < FN_LANE_ROWS; r++) {
+        double sd = sum_d[r / 4][r % 4], sdd = sum_dd[r / 4][r % 4];
+        if (!centered) {
+            mean[r] = 0;
+            m2[r] = sdd;
+        } else if (fn_moments_off_center(sd, sdd, (double)n)) {
+            fn_block_moments_f32(x + r * n, 1, n, n, mean + r, m2 + r);
+        } else {
+            fn_moments_finish(shift[r], sd, sdd, (double)n, mean + r, m2 + r);
+        }
+    }
+    return 1;
+}
+/* double rows always take the one-row route */
+#define fn_lane_moments_f64(x, rows, n, centered, mean, m2) 0
+
+/* Short rows: nrows LayerNorm/RMSNorm rows of n <= FN_SHORT_ROW values without
+ * fusions, in one call, forward and backward. Per row exactly the general path's
+ * arithmetic for a row that is one unit (the same fn_block_moments_*,
+ * fn_store_row_stats, fn_affine_out_* and fn_row_backward_coefficients as
+ * normalize_unit and backward_row in _rows.pxi), so results are the same either way;
+ * here the row loop runs in C around the inlined primitives. In the
+ * general path the per-row bookkeeping cost as much as the work: a 32-value
+ * LayerNorm row took ~550 instructions forward, ~290 here. Longer rows stay on the
+ * general path: at 512 and 768 values this loop measured 15-20% slower forward
+ * (1 thread, 4 Mi values; at 128-384 values 10-30% faster). Float rows of 32 and 64
+ * values take their moments eight rows at a time (fn_lane_moments_f32), the same bits.
+ * centered = 0 (RMSNorm): mean 0, m2 = sum(x^2). */
+#define FN_SHORT_ROW 384
+#define FN_DEFINE_SHORT_ROWS(T, SUFFIX)                                                         \
+    /* One row's moments: fn_block_moments_* (centered = 0: mean 0, m2 = sum(x^2)) */           \
+    static inline void fn_short_row_moments_##SUFFIX(const T* x, ptrdiff_t n, int centered,     \
+                                                     double* mean, double* m2) {                \
+        double sum_d = 0;                                                                       \
+        *mean = *m2 = 0;                                                                        \
+        if (centered)                                                                           \
+            fn_block_moments_##SUFFIX(x, 1, n, n, mean, m2);                                    \
+        else                                                                                    \
+            fn_row_centered_sums_##SUFFIX(x, n, 0, 0, &sum_d, m2);                              \
+    }                                                                                           \
+    static inline void fn_short_rows_forward_##SUFFIX(const T* x, T* y, const T* w, const T* b, \
+                                                      ptrdiff_t nrows, ptrdiff_t n, int centered,\
+                                                      double eps, double* mean, double* rstd,   \
+                                                      double* var, int stream) {                \
+        double row_mean[FN_LANE_ROWS], m2[FN_LANE_ROWS];                                        \
+        for (ptrdiff_t r0 = 0; r0 < nrows; r0 += FN_LANE_ROWS) {                                \
+            ptrdiff_t rows = nrows - r0 < FN_LANE_ROWS ? nrows - r0 : FN_LANE_ROWS;             \
+            if (!fn_lane_moments_##SUFFIX(x + r0 * n, rows, n, centered, row_mean, m2))         \
+                for (ptrdiff_t k = 0; k < rows; k++)                                            \
+                    fn_short_row_moments_##SUFFIX(x + (r0 + k) * n, n, centered, row_mean + k,  \
+                                                  m2 + k);                                      \
+            for (ptrdiff_t k = 0, r = r0; k < rows; k++, r++) {                                 \
+                fn_store_row_stats(row_mean[k], m2[k], (double)n, eps, mean ? mean + r : NULL,  \
+                                   rstd + r, var ? var + r : NULL);                             \
+                T mean_hi = (T)row_mean[k], mean_lo = (T)(row_mean[k] - (double)mean_hi);       \
+                fn_affine_out_##SUFFIX(x + r * n, y + r * n, w, b, n, mean_hi, mean_lo,         \
+                                       (T)rstd[r], 0, stream);                                  \
+            }                                                                                   \
+        }                                                                                       \
+    }                                                                                           \
+    /* Backward of rows [first, first + nrows) of a row block, in order (backward_block in      \
+       _rows.pxi): per row the sums of g = dy * w and g * (x - mean), then dx and the           \
+       weight/bias partials (wacc, 2n), flushed into acc (2n doubles) every row_group           \
+       rows of the block and after its last row. */                                             \
+    static inline void fn_short_rows_backward_##SUFFIX(const T* x, const T* dy, T* dx,          \
+                                                       const T* w, ptrdiff_t nrows, ptrdiff_t n,\
+                                                       int centered, const double* mean,        \
+                                                       const double* rstd, double* acc, T* wacc,\
+                                                       ptrdiff_t row_group) {                   \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
+            const T *xr = x + r * n, *dyr = dy + r * n;                                         \
+            double row_mean = centered ? mean[r] : 0.0, sum_g = 0, sum_gd = 0;                  \
+            T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
+            fn_row_grad_sums_##SUFFIX(xr, dyr, w, n, mean_hi, mean_lo, &sum_g, &sum_gd);        \
+            double k_d, c_0;                                                                    \
+            fn_row_backward_coefficients(rstd[r], sum_g, sum_gd, (double)n, centered, &k_d, &c_0); \
+            fn_row_backward_##SUFFIX(xr, dyr, w, dx + r * n, n, mean_hi, mean_lo, (T)rstd[r],   \
+                                     (T)c_0, (T)k_d, wacc, wacc + n);                           \
+            if (r % row_group == row_group - 1 || r == nrows - 1) {                             \
+                fn_flush_partials_##SUFFIX(acc, wacc, n);                                       \
+                fn_flush_partials_##SUFFIX(acc + n, wacc + n, n);                               \
+            }                                                                                   \
+        }                                                                                       \
+    }
+FN_DEFINE_SHORT_ROWS(float, f32)
+FN_DEFINE_SHORT_ROWS(double, f64)
+#undef FN_DEFINE_SHORT_ROWS
 
 #endif /* FASTNORM_SIMD_H */
