@@ -116,6 +116,39 @@ static inline void fn_moments_finish(double shift, double sum_d, double sum_dd, 
         for (; i < m; i++) sum += x[i];                                                      \
         return (T)((double)sum / (double)m);                                                 \
     }                                                                                        \
+    /* One block of m <= FN_ROW_BLOCK values: *part_d and *part_dd, the sums of d and d*d   \
+       (d = (x - mean_hi) - mean_lo) over its whole steps of 4 * NL values, lane by lane;      \
+       the values after them go one by one into *tail_d and *tail_dd */                       \
+    static inline void fn_block_centered_parts_##SUFFIX(const T* xb, ptrdiff_t m, T mean_hi,  \
+                                                        T mean_lo, VT* part_d, VT* part_dd,   \
+                                                        T* tail_d, T* tail_dd) {              \
+        ptrdiff_t i = 0;                                                                     \
+        T t_d = *tail_d, t_dd = *tail_dd;                                                    \
+        VT d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};   \
+        for (; i + 4 * NL <= m; i += 4 * NL) {                                               \
+            VT u0 = (fn_row_load_##SUFFIX(xb + i) - mean_hi) - mean_lo;                      \
+            VT u1 = (fn_row_load_##SUFFIX(xb + i + NL) - mean_hi) - mean_lo;                 \
+            VT u2 = (fn_row_load_##SUFFIX(xb + i + 2 * NL) - mean_hi) - mean_lo;             \
+            VT u3 = (fn_row_load_##SUFFIX(xb + i + 3 * NL) - mean_hi) - mean_lo;             \
+            d0 += u0;                                                                        \
+            d1 += u1;                                                                        \
+            d2 += u2;                                                                        \
+            d3 += u3;                                                                        \
+            q0 += u0 * u0;                                                                   \
+            q1 += u1 * u1;                                                                   \
+            q2 += u2 * u2;                                                                   \
+            q3 += u3 * u3;                                                                   \
+        }                                                                                    \
+        for (; i < m; i++) {                                                                 \
+            T d = (xb[i] - mean_hi) - mean_lo;                                               \
+            t_d += d;                                                                        \
+            t_dd += d * d;                                                                   \
+        }                                                                                    \
+        *tail_d = t_d;                                                                       \
+        *tail_dd = t_dd;                                                                     \
+        *part_d = (d0 + d1) + (d2 + d3);                                                     \
+        *part_dd = (q0 + q1) + (q2 + q3);                                                    \
+    }                                                                                        \
     /* *sum_d += sum(d), *sum_dd += sum(d*d), d = (x - mean_hi) - mean_lo */                 \
     static inline void fn_row_centered_sums_##SUFFIX(const T* x, ptrdiff_t n, T mean_hi,      \
                                                      T mean_lo, double* sum_d,               \
@@ -124,30 +157,12 @@ static inline void fn_moments_finish(double shift, double sum_d, double sum_dd, 
         fn_wide(total_dd);                                                                   \
         T tail_d = 0, tail_dd = 0;                                                           \
         for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
-            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
-            const T* xb = x + b;                                                             \
-            VT d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0}; \
-            for (; i + 4 * NL <= m; i += 4 * NL) {                                           \
-                VT u0 = (fn_row_load_##SUFFIX(xb + i) - mean_hi) - mean_lo;                  \
-                VT u1 = (fn_row_load_##SUFFIX(xb + i + NL) - mean_hi) - mean_lo;             \
-                VT u2 = (fn_row_load_##SUFFIX(xb + i + 2 * NL) - mean_hi) - mean_lo;         \
-                VT u3 = (fn_row_load_##SUFFIX(xb + i + 3 * NL) - mean_hi) - mean_lo;         \
-                d0 += u0;                                                                    \
-                d1 += u1;                                                                    \
-                d2 += u2;                                                                    \
-                d3 += u3;                                                                    \
-                q0 += u0 * u0;                                                               \
-                q1 += u1 * u1;                                                               \
-                q2 += u2 * u2;                                                               \
-                q3 += u3 * u3;                                                               \
-            }                                                                                \
-            for (; i < m; i++) {                                                             \
-                T d = (xb[i] - mean_hi) - mean_lo;                                           \
-                tail_d += d;                                                                 \
-                tail_dd += d * d;                                                            \
-            }                                                                                \
-            fn_wide_add_##SUFFIX(total_d, (d0 + d1) + (d2 + d3));                            \
-            fn_wide_add_##SUFFIX(total_dd, (q0 + q1) + (q2 + q3));                           \
+            VT part_d, part_dd;                                                              \
+            fn_block_centered_parts_##SUFFIX(x + b, n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, \
+                                             mean_hi, mean_lo, &part_d, &part_dd, &tail_d,   \
+                                             &tail_dd);                                      \
+            fn_wide_add_##SUFFIX(total_d, part_d);                                           \
+            fn_wide_add_##SUFFIX(total_dd, part_dd);                                         \
         }                                                                                    \
         *sum_d += fn_wide_sum_##SUFFIX(total_d) + (double)tail_d;                            \
         *sum_dd += fn_wide_sum_##SUFFIX(total_dd) + (double)tail_dd;                         \
@@ -911,84 +926,72 @@ FN_DEFINE_LRN_TILES(float, f32)
 
 #undef FN_DEFINE_LRN_TILES
 
-/* Short float rows in groups: the moments of FN_LANE_ROWS = 8 rows of n values at once
- * (n = 32 or 64: attention heads, QK-norm). Row by row, each short row's statistics
- * are one long chain of dependent steps (pilot, its horizontal sum, a division, the
- * centered sums, two more horizontal sums, ...), and the next row waited for it: LayerNorm
- * forward on 4 Mi values in rows of 64 took 3.1 ms, 2.0 ms in groups (1 thread, C driver;
- * 1.3-1.7x faster at 32-96 values, slower from 128 on, where the row-by-row order
- * measured faster). Here the
- * eight rows' sums run one after the other, independent, and their horizontal steps run
- * together: the eight partial-sum vectors are transposed so that lane r of vector l is
- * row r's vector lane l, and the widening and the pairwise sums of fn_wide_sum_f32 run
- * lane-wise over l. Every addition is the one-row route's (fn_block_moments_f32,
- * fn_row_centered_sums_f32), in the same order, so the results are bitwise the same
- * (test_layernorm.py pins it). A row whose pilot is off center takes that route whole. */
+/* Short float rows in groups: the moments of FN_LANE_ROWS = 8 rows of at most 64 values
+ * at once (attention heads, QK-norm). Row by row, each short row's moments are one chain
+ * of dependent steps (the pilot and its horizontal sum, a division, the centered sums,
+ * two more horizontal sums, ...) that the next row waited for: LayerNorm forward on 4 Mi
+ * floats in rows of 64 took 3.2 ms, 1.8 ms in groups (rows of 32: 4.8 -> 2.6 ms; 1
+ * thread, C driver; at 96 values 1.1-1.3x, from 128 on slower, where the row-by-row order
+ * measured faster). In a group the eight rows' block sums run one after the other,
+ * independent, and their horizontal steps run together, lane-wise.
+ * Every addition is the one-row route's, in the same order (the same block primitives,
+ * then fn_wide_sum_f32's pairs), so the results are bitwise the same (test_layernorm.py
+ * pins it). The backward's gradient sums in groups measured 1.0-1.2x faster on a quiet
+ * machine but 0.75x with the other core busy, and stay row by row. */
 #define FN_LANE_ROWS 8
 #define FN_LANE_ROW_MAX 64
+
+/* For each of eight one-block rows r: 0 + (fn_wide_sum_f32 of its part[r], widened, +
+ * tail[r]), as fn_row_centered_sums_f32 adds it to a zeroed sum.
+ * The parts are transposed first, so that vector l holds lane l of every row. */
+static inline void fn_lane_row_sums_f32(const fn_v8f* part, const float* tail, double* out) {
+    fn_v8f lane[8];
+    FN_TRANSPOSE8(f32, (const float*)part, 8, (float*)lane, 8);
+    fn_v4d zero = {0};
+    for (int h = 0; h < 2; h++) {                                 /* rows 4h .. 4h + 3 */
+        fn_v4d t[8];
+        fn_v4f tails;
+        for (int l = 0; l < 8; l++) {
+            fn_v4f half = h ? __builtin_shufflevector(lane[l], lane[l], 4, 5, 6, 7)
+                            : __builtin_shufflevector(lane[l], lane[l], 0, 1, 2, 3);
+            t[l] = zero + __builtin_convertvector(half, fn_v4d);
+        }
+        memcpy(&tails, tail + 4 * h, sizeof tails);
+        fn_v4d sum = zero + ((((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])))
+                             + __builtin_convertvector(tails, fn_v4d));
+        memcpy(out + 4 * h, &sum, sizeof sum);
+    }
+}
+
 /* Moments of `rows` rows of n values from x, as fn_short_row_moments_f32 gives them;
- * 0 (nothing done) when they do not fit the groups (float rows only). */
+ * 0 (nothing done) when they do not fit a group. A row whose pilot is off center takes
+ * the one-row route whole. */
 static inline int fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrdiff_t n, int centered,
                                       double* mean, double* m2) {
-    if (rows != FN_LANE_ROWS || n % 32 != 0 || n > FN_LANE_ROW_MAX) return 0;
-    float shift[FN_LANE_ROWS] = {0};
-    fn_v8f part_d[FN_LANE_ROWS], part_dd[FN_LANE_ROWS], lane_d[8], lane_dd[8];
+    if (rows != FN_LANE_ROWS || n > FN_LANE_ROW_MAX) return 0;
+    float shift[FN_LANE_ROWS] = {0}, tail_d[FN_LANE_ROWS] = {0}, tail_dd[FN_LANE_ROWS] = {0};
+    fn_v8f part_d[FN_LANE_ROWS], part_dd[FN_LANE_ROWS];
+    double sum_d[FN_LANE_ROWS], sum_dd[FN_LANE_ROWS];
     if (centered)                     /* first all pilots: eight chains that overlap */
         for (int r = 0; r < FN_LANE_ROWS; r++) shift[r] = fn_row_pilot_f32(x + r * n, n);
-    /* fn_row_centered_sums_f32 up to its float64 totals (one block, no tail) */
+    for (int r = 0; r < FN_LANE_ROWS; r++)
+        fn_block_centered_parts_f32(x + r * n, n, shift[r], 0, part_d + r, part_dd + r,
+                                    tail_d + r, tail_dd + r);
+    fn_lane_row_sums_f32(part_d, tail_d, sum_d);
+    fn_lane_row_sums_f32(part_dd, tail_dd, sum_dd);
     for (int r = 0; r < FN_LANE_ROWS; r++) {
-        const float* xr = x + r * n;
-        fn_v8f d0 = {0}, d1 = {0}, d2 = {0}, d3 = {0}, q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
-        for (ptrdiff_t i = 0; i < n; i += 32) {
-            fn_v8f u0 = fn_row_load_f32(xr + i) - shift[r];
-            fn_v8f u1 = fn_row_load_f32(xr + i + 8) - shift[r];
-            fn_v8f u2 = fn_row_load_f32(xr + i + 16) - shift[r];
-            fn_v8f u3 = fn_row_load_f32(xr + i + 24) - shift[r];
-            d0 += u0;
-            d1 += u1;
-            d2 += u2;
-            d3 += u3;
-            q0 += u0 * u0;
-            q1 += u1 * u1;
-            q2 += u2 * u2;
-            q3 += u3 * u3;
-        }
-        part_d[r] = (d0 + d1) + (d2 + d3);
-        part_dd[r] = (q0 + q1) + (q2 + q3);
-    }
-    FN_TRANSPOSE8(f32, (float*)part_d, 8, (float*)lane_d, 8);
-    FN_TRANSPOSE8(f32, (float*)part_dd, 8, (float*)lane_dd, 8);
-    /* fn_wide_add_f32 into a zeroed total, fn_wide_sum_f32, then the callers'
-     * `0 + (total + tail)` with an empty tail; rows 0-3 in [0], rows 4-7 in [1] */
-    fn_v4d zero = {0}, sum_d[2], sum_dd[2];
-    for (int h = 0; h < 2; h++) {
-        fn_v4d td[8], tdd[8];
-        for (int l = 0; l < 8; l++) {
-            fn_v4f ed = h ? __builtin_shufflevector(lane_d[l], lane_d[l], 4, 5, 6, 7)
-                          : __builtin_shufflevector(lane_d[l], lane_d[l], 0, 1, 2, 3);
-            fn_v4f edd = h ? __builtin_shufflevector(lane_dd[l], lane_dd[l], 4, 5, 6, 7)
-                           : __builtin_shufflevector(lane_dd[l], lane_dd[l], 0, 1, 2, 3);
-            td[l] = zero + __builtin_convertvector(ed, fn_v4d);
-            tdd[l] = zero + __builtin_convertvector(edd, fn_v4d);
-        }
-        sum_d[h] = zero + ((((td[0] + td[1]) + (td[2] + td[3])) +
-                           ((td[4] + td[5]) + (td[6] + td[7]))) + zero);
-        sum_dd[h] = zero + ((((tdd[0] + tdd[1]) + (tdd[2] + tdd[3])) +
-                            ((tdd[4] + tdd[5]) + (tdd[6] + tdd[7]))) + zero);
-    }
-    for (int r = 0; r < FN_LANE_ROWS; r++) {
-        double sd = sum_d[r / 4][r % 4], sdd = sum_dd[r / 4][r % 4];
         if (!centered) {
             mean[r] = 0;
-            m2[r] = sdd;
-        } else if (fn_moments_off_center(sd, sdd, (double)n)) {
+            m2[r] = sum_dd[r];
+        } else if (fn_moments_off_center(sum_d[r], sum_dd[r], (double)n)) {
             fn_block_moments_f32(x + r * n, 1, n, n, mean + r, m2 + r);
         } else {
-            fn_moments_finish(shift[r], sd, sdd, (double)n, mean + r, m2 + r);
+            fn_moments_finish(shift[r], sum_d[r], sum_dd[r], (double)n, mean + r, m2 + r);
         }
     }
     return 1;
 }
+
 /* double rows always take the one-row route */
 #define fn_lane_moments_f64(x, rows, n, centered, mean, m2) 0
 
@@ -1001,8 +1004,9 @@ static inline int fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrdiff_t 
  * general path the per-row bookkeeping cost as much as the work: a 32-value
  * LayerNorm row took ~550 instructions forward, ~290 here. Longer rows stay on the
  * general path: at 512 and 768 values this loop measured 15-20% slower forward
- * (1 thread, 4 Mi values; at 128-384 values 10-30% faster). Float rows of 32 and 64
- * values take their moments eight rows at a time (fn_lane_moments_f32), the same bits.
+ * (1 thread, 4 Mi values; at 128-384 values 10-30% faster). The forward takes the
+ * moments of float rows of at most 64 values eight rows at a time (fn_lane_moments_f32),
+ * the same bits.
  * centered = 0 (RMSNorm): mean 0, m2 = sum(x^2). */
 #define FN_SHORT_ROW 384
 #define FN_DEFINE_SHORT_ROWS(T, SUFFIX)                                                         \
@@ -1023,11 +1027,11 @@ static inline int fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrdiff_t 
         double row_mean[FN_LANE_ROWS], m2[FN_LANE_ROWS];                                        \
         for (ptrdiff_t r0 = 0; r0 < nrows; r0 += FN_LANE_ROWS) {                                \
             ptrdiff_t rows = nrows - r0 < FN_LANE_ROWS ? nrows - r0 : FN_LANE_ROWS;             \
-            if (!fn_lane_moments_##SUFFIX(x + r0 * n, rows, n, centered, row_mean, m2))         \
-                for (ptrdiff_t k = 0; k < rows; k++)                                            \
-                    fn_short_row_moments_##SUFFIX(x + (r0 + k) * n, n, centered, row_mean + k,  \
-                                                  m2 + k);                                      \
+            /* not in a group: row by row, each row whole (measured faster for long rows) */   \
+            int grouped = fn_lane_moments_##SUFFIX(x + r0 * n, rows, n, centered, row_mean, m2); \
             for (ptrdiff_t k = 0, r = r0; k < rows; k++, r++) {                                 \
+                if (!grouped)                                                                   \
+                    fn_short_row_moments_##SUFFIX(x + r * n, n, centered, row_mean + k, m2 + k);\
                 fn_store_row_stats(row_mean[k], m2[k], (double)n, eps, mean ? mean + r : NULL,  \
                                    rstd + r, var ? var + r : NULL);                             \
                 T mean_hi = (T)row_mean[k], mean_lo = (T)(row_mean[k] - (double)mean_hi);       \
