@@ -963,12 +963,13 @@ static inline void fn_lane_row_sums_f32(const fn_v8f* part, const float* tail, d
     }
 }
 
-/* Moments of `rows` rows of n values from x, as fn_short_row_moments_f32 gives them;
- * 0 (nothing done) when they do not fit a group. A row whose pilot is off center takes
- * the one-row route whole. */
-static inline int fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrdiff_t n, int centered,
-                                      double* mean, double* m2) {
-    if (rows != FN_LANE_ROWS || n > FN_LANE_ROW_MAX) return 0;
+/* Moments of the first FN_LANE_ROWS of `rows` rows of n values from x, as
+ * fn_short_row_moments_f32 gives them: returns how many rows it did (FN_LANE_ROWS, or 0
+ * when they do not fit a group). A row whose pilot is off center takes the one-row
+ * route whole. */
+static inline ptrdiff_t fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrdiff_t n,
+                                            int centered, double* mean, double* m2) {
+    if (rows < FN_LANE_ROWS || n > FN_LANE_ROW_MAX) return 0;
     float shift[FN_LANE_ROWS] = {0}, tail_d[FN_LANE_ROWS] = {0}, tail_dd[FN_LANE_ROWS] = {0};
     fn_v8f part_d[FN_LANE_ROWS], part_dd[FN_LANE_ROWS];
     double sum_d[FN_LANE_ROWS], sum_dd[FN_LANE_ROWS];
@@ -989,7 +990,7 @@ static inline int fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrdiff_t 
             fn_moments_finish(shift[r], sum_d[r], sum_dd[r], (double)n, mean + r, m2 + r);
         }
     }
-    return 1;
+    return FN_LANE_ROWS;
 }
 
 /* double rows always take the one-row route */
@@ -1025,13 +1026,14 @@ static inline int fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrdiff_t 
                                                       double eps, double* mean, double* rstd,   \
                                                       double* var, int stream) {                \
         double row_mean[FN_LANE_ROWS], m2[FN_LANE_ROWS];                                        \
-        for (ptrdiff_t r0 = 0; r0 < nrows; r0 += FN_LANE_ROWS) {                                \
-            ptrdiff_t rows = nrows - r0 < FN_LANE_ROWS ? nrows - r0 : FN_LANE_ROWS;             \
-            /* not in a group: row by row, each row whole (measured faster for long rows) */   \
-            int grouped = fn_lane_moments_##SUFFIX(x + r0 * n, rows, n, centered, row_mean, m2); \
-            for (ptrdiff_t k = 0, r = r0; k < rows; k++, r++) {                                 \
-                if (!grouped)                                                                   \
-                    fn_short_row_moments_##SUFFIX(x + r * n, n, centered, row_mean + k, m2 + k);\
+        for (ptrdiff_t r = 0; r < nrows;) {                                                     \
+            ptrdiff_t rows = fn_lane_moments_##SUFFIX(x + r * n, nrows - r, n, centered,        \
+                                                      row_mean, m2);                            \
+            if (rows == 0) {                                  /* not in a group: one row */     \
+                rows = 1;                                                                       \
+                fn_short_row_moments_##SUFFIX(x + r * n, n, centered, row_mean, m2);            \
+            }                                                                                   \
+            for (ptrdiff_t k = 0; k < rows; k++, r++) {                                         \
                 fn_store_row_stats(row_mean[k], m2[k], (double)n, eps, mean ? mean + r : NULL,  \
                                    rstd + r, var ? var + r : NULL);                             \
                 T mean_hi = (T)row_mean[k], mean_lo = (T)(row_mean[k] - (double)mean_hi);       \
@@ -1049,16 +1051,29 @@ static inline int fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrdiff_t 
                                                        int centered, const double* mean,        \
                                                        const double* rstd, double* acc, T* wacc,\
                                                        ptrdiff_t row_group) {                   \
-        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
-            const T *xr = x + r * n, *dyr = dy + r * n;                                         \
-            double row_mean = centered ? mean[r] : 0.0, sum_g = 0, sum_gd = 0;                  \
+        /* Rows of at most FN_LANE_ROW_MAX values are software-pipelined: row r + 1's sums    \
+           are taken before row r's dx, so that their chain of dependent steps overlaps row   \
+           r's elementwise work (LayerNorm backward, 4 Mi floats, 1 thread, C driver: rows of  \
+           32 4.6 -> 3.6 ms, of 64 3.1 -> 2.7 ms; at 256 values it was 20% slower). */           \
+        ptrdiff_t ahead = n <= FN_LANE_ROW_MAX;                                                 \
+        double sum_g[2] = {0, 0}, sum_gd[2] = {0, 0};                                           \
+        for (ptrdiff_t r = 0; r < nrows + ahead; r++) {                                         \
+            if (r < nrows) {                                                                    \
+                double row_mean = centered ? mean[r] : 0.0;                                     \
+                T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);             \
+                sum_g[r & 1] = sum_gd[r & 1] = 0;                                               \
+                fn_row_grad_sums_##SUFFIX(x + r * n, dy + r * n, w, n, mean_hi, mean_lo,        \
+                                          sum_g + (r & 1), sum_gd + (r & 1));                   \
+            }                                                                                   \
+            ptrdiff_t q = r - ahead;                                    /* the row for dx */    \
+            if (q < 0) continue;                                                                \
+            double row_mean = centered ? mean[q] : 0.0, k_d, c_0;                               \
             T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
-            fn_row_grad_sums_##SUFFIX(xr, dyr, w, n, mean_hi, mean_lo, &sum_g, &sum_gd);        \
-            double k_d, c_0;                                                                    \
-            fn_row_backward_coefficients(rstd[r], sum_g, sum_gd, (double)n, centered, &k_d, &c_0); \
-            fn_row_backward_##SUFFIX(xr, dyr, w, dx + r * n, n, mean_hi, mean_lo, (T)rstd[r],   \
-                                     (T)c_0, (T)k_d, wacc, wacc + n);                           \
-            if (r % row_group == row_group - 1 || r == nrows - 1) {                             \
+            fn_row_backward_coefficients(rstd[q], sum_g[q & 1], sum_gd[q & 1], (double)n,       \
+                                         centered, &k_d, &c_0);                                 \
+            fn_row_backward_##SUFFIX(x + q * n, dy + q * n, w, dx + q * n, n, mean_hi, mean_lo, \
+                                     (T)rstd[q], (T)c_0, (T)k_d, wacc, wacc + n);               \
+            if (q % row_group == row_group - 1 || q == nrows - 1) {                             \
                 fn_flush_partials_##SUFFIX(acc, wacc, n);                                       \
                 fn_flush_partials_##SUFFIX(acc + n, wacc + n, n);                               \
             }                                                                                   \
