@@ -23,7 +23,9 @@ cdef enum:
     # stores: they would not stay in cache anyway, and the stores then skip
     # reading each output line first (a third of the traffic). Measured on a
     # 32 MiB L3: 16 MiB outputs (input + output ~ the L3) ran 2x slower
-    # streamed, 24 MiB ones 10% faster, 48 MiB ones 10-15% faster.
+    # streamed, 24 MiB ones 10% faster, 48 MiB ones 10-15% faster. The row
+    # family's per-channel backward streams dx by the same measure, when x, dy
+    # and dx together reach twice this (streams_output in _rows.pxi).
     STREAM_BYTES = 24 << 20
 
 
@@ -112,6 +114,12 @@ cdef extern from "_simd.h" nogil:
     void fn_channels_backward_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
                                   const double* mean_hi, const double* k_dy, const double* k_x,
                                   const double* k_0)
+    void fn_affine_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
+                                float mean_hi, float mean_lo, float k_dy, float k_x, float k_0,
+                                int stream)
+    void fn_affine_backward_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
+                                double mean_hi, double mean_lo, double k_dy, double k_x,
+                                double k_0, int stream)
     void fn_affine_out_f32(const float* x, float* y, const float* w, const float* b,
                            Py_ssize_t n, float mean_hi, float mean_lo, float scale, float shift,
                            int stream)
@@ -343,11 +351,14 @@ cdef inline void run_add(const floating* a, const floating* b, floating* out,
 
 cdef inline void run_affine_backward(const floating* x, const floating* dy, floating* dx,
                                      Py_ssize_t n, floating mean_hi, floating mean_lo,
-                                     floating k_dy, floating k_x, floating k_0) noexcept nogil:
-    """dx = k_dy * dy + k_x * (x - mean) + k_0 over n contiguous values."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        dx[i] = k_dy * dy[i] + k_x * ((x[i] - mean_hi) - mean_lo) + k_0
+                                     floating k_dy, floating k_x, floating k_0,
+                                     bint stream=False) noexcept nogil:
+    """dx = k_dy * dy + (k_x * (x - mean) + k_0) over n contiguous values (dx may be dy);
+    stream: non-temporal stores (same values; see fn_affine_backward in _simd.h)."""
+    if floating is float:
+        fn_affine_backward_f32(x, dy, dx, n, mean_hi, mean_lo, k_dy, k_x, k_0, stream)
+    else:
+        fn_affine_backward_f64(x, dy, dx, n, mean_hi, mean_lo, k_dy, k_x, k_0, stream)
 
 
 cdef inline Py_ssize_t stripe_start(Py_ssize_t n_units, Py_ssize_t n_stripes,

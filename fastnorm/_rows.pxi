@@ -84,7 +84,8 @@ cdef struct RowGeom:
     bint per_channel, centered
     # units: unit_runs whole runs of S values, or pieces of unit_cols values
     Py_ssize_t unit_runs, unit_cols, units_per_run, n_units
-    bint stream     # forward output written with non-temporal stores (large outputs)
+    bint stream     # output (forward y; per-channel backward dx) written with non-temporal
+                    # stores: large passes (see streams_output)
     int act         # fused activation code (ACT_NONE: none)
 
 
@@ -267,7 +268,7 @@ cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floa
             run_affine_backward(xrow + at + j * g.S, dyrow + at + j * g.S,
                                 dxrow + at + j * g.S, ncols, mean_hi, mean_lo,
                                 <floating>(rstd * w[c0 + j]), <floating>k_d,
-                                <floating>(rstd * c_0))
+                                <floating>(rstd * c_0), g.stream)
     if ghrow != NULL:
         run_add(dxrow + at, ghrow + at, dxrow + at, nruns * ncols)
 
@@ -479,6 +480,8 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
                      row_sums, wacc, wacc + g.D)
         if not g.per_channel and group_ends(r, first, stop):
             flush_columns(g, acc, wacc, 0, g.D)
+    if g.stream:
+        fn_stream_fence()
 
 
 cdef void backward_by_row(const floating* x, const floating* dy, floating* dx,
@@ -558,6 +561,8 @@ cdef inline void backward_block_unit(const floating* x, const floating* dy, floa
                       wacc, wacc + g.D)
         if not g.per_channel and group_ends(r, first, stop):
             flush_columns(g, acc, wacc, s0, ncols)
+    if g.stream:
+        fn_stream_fence()
 
 
 cdef inline void add_doubles(double* acc, const double* part, Py_ssize_t n) noexcept nogil:
@@ -608,6 +613,12 @@ cdef inline double* f64_ptr(object a):
     return <double*>data_or_null(a)
 
 
+cdef inline bint streams_output(Py_ssize_t moved) noexcept nogil:
+    """Whether a pass that moves `moved` bytes (its inputs and its output) writes the
+    output with non-temporal stores: from 2 * STREAM_BYTES on (see _common.pxd)."""
+    return moved >= 2 * <Py_ssize_t>STREAM_BYTES
+
+
 def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t R,
                 Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G, bint per_channel, bint centered,
                 double eps, cnp.ndarray y, object mean, cnp.ndarray rstd, object var,
@@ -633,7 +644,7 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     cdef double* work = NULL
     g.act = act
     # an activation rereads its output, which must then stay in cache
-    g.stream = act == ACT_NONE and g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
+    g.stream = act == ACT_NONE and streams_output(2 * g.R * g.D * cnp.PyArray_ITEMSIZE(x))
     if split_by_unit(&g, n_threads):
         scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
         work = <double*>cnp.PyArray_DATA(scratch)
@@ -701,6 +712,10 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     cdef double* work
     cdef cnp.ndarray partials
     g.act = act
+    # per-channel dx only: elementwise rows measured no faster streamed, an activation
+    # or grad_h rereads dx
+    g.stream = (per_channel and act == ACT_NONE and grad_h is None
+                and streams_output(3 * g.R * g.D * cnp.PyArray_ITEMSIZE(x)))
     by_unit = split_by_unit(&g, n_threads)
     # one float64 scratch array: row sums | block partials | unit sums | coefficients
     n_sums = g.R * sums_per_row(&g) if per_channel else 2 * n_blocks
