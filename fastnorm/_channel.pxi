@@ -32,7 +32,7 @@
 
 import numpy as np
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 
 from fastnorm._common cimport (
     FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, block_moments,
@@ -114,6 +114,12 @@ cdef enum:
     RUNS_MAX_BYTES = 16384
     # Shortest run written with non-temporal stores by the memory-order elementwise pass
     STREAM_RUN_BYTES = 4096
+    # Smallest channels-last (rows) output written with non-temporal stores, one fence
+    # per thread. A/B in the benchmark's conditions (fresh output per call, 32 MiB L3):
+    # streamed was 1.3-1.6x faster from 12 MiB up at 1 and 2 threads ((R, 1024) and
+    # (R, 64) rows); at 8 MiB, 2 threads or 64 channels ran up to 1.7x faster plain
+    # (input and output stay in cache), and below that always.
+    STREAM_ROWS_BYTES = 16 << 20
     # Rows whose mean is the shift of a stripe's one-pass sums (rows strategy)
     PILOT_ROWS = 8
     # Rows per call of a plain channels-last forward (rows_affine)
@@ -501,17 +507,20 @@ cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floa
 
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* hi, const floating* scale, const floating* shift,
-                      int act, const floating* dy, int n_threads) noexcept nogil:
+                      int act, const floating* dy, int n_threads,
+                      bint stream=False) noexcept nogil:
     """row_affine_act over every row and channel (dy NULL: forward). A plain forward
     goes AFFINE_ROWS rows per call (one call per row cost 8% more instructions at 128
-    channels)."""
+    channels); stream (plain forward only): non-temporal stores, one fence per thread."""
     cdef Py_ssize_t r, t
     if dy == NULL and act == ACT_NONE:
-        for t in prange((R + AFFINE_ROWS - 1) // AFFINE_ROWS, num_threads=n_threads,
-                        schedule="static"):
-            r = t * AFFINE_ROWS
-            channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
-                            shift)
+        with parallel(num_threads=n_threads):
+            for t in prange((R + AFFINE_ROWS - 1) // AFFINE_ROWS, schedule="static"):
+                r = t * AFFINE_ROWS
+                channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
+                                shift, stream)
+            if stream:
+                fn_stream_fence()
         return
     for r in prange(R, num_threads=n_threads, schedule="static"):
         row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C, hi,
@@ -656,7 +665,7 @@ cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
         with nogil:
             hi = affine_rows_coefficients(&mean[0], &scale[0], &shift[0], C, &w[0, 0])
             rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, hi, &w[1, 0], &w[2, 0], act, dy,
-                        n_threads)
+                        n_threads, N * C * <Py_ssize_t>sizeof(floating) >= STREAM_ROWS_BYTES)
         return
     w = _working_copies(x, &mean[0], &scale[0], &shift[0], NULL)
     # a large plain output goes straight to memory (non-temporal stores), in runs long

@@ -102,10 +102,11 @@ cdef extern from "_simd.h" nogil:
     void fn_row_grad_sums_f64(const double* x, const double* g, const double* w, Py_ssize_t n,
                               double mean_hi, double mean_lo, double* sum_g, double* sum_gd)
     void fn_channels_affine_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t n,
-                                const float* mean_hi, const float* scale, const float* shift)
+                                const float* mean_hi, const float* scale, const float* shift,
+                                int stream)
     void fn_channels_affine_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t n,
                                 const double* mean_hi, const double* scale,
-                                const double* shift)
+                                const double* shift, int stream)
     void fn_channels_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
                                   const float* mean_hi, const float* k_dy, const float* k_x,
                                   const float* k_0)
@@ -215,14 +216,14 @@ cdef inline void row_grad_sums(const floating* x, const floating* dy, const floa
 
 cdef inline void channels_affine(const floating* x, floating* y, Py_ssize_t rows,
                                  Py_ssize_t n, const floating* mean_hi, const floating* scale,
-                                 const floating* shift) noexcept nogil:
+                                 const floating* shift, bint stream=False) noexcept nogil:
     """Channels-last rows (rows whole rows of n channels, or one row's channel range):
     y = (x - mean_hi) * scale + shift with parameters per channel (x * scale + shift
-    when mean_hi is NULL)."""
+    when mean_hi is NULL); stream: non-temporal stores (same values; fence after)."""
     if floating is float:
-        fn_channels_affine_f32(x, y, rows, n, mean_hi, scale, shift)
+        fn_channels_affine_f32(x, y, rows, n, mean_hi, scale, shift, stream)
     else:
-        fn_channels_affine_f64(x, y, rows, n, mean_hi, scale, shift)
+        fn_channels_affine_f64(x, y, rows, n, mean_hi, scale, shift, stream)
 
 
 cdef inline void channels_backward(const floating* x, const floating* dy, floating* dx,

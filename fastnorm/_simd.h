@@ -275,34 +275,60 @@ FN_DEFINE_AFFINE_OUT(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd, _
 #undef FN_AFFINE_OUT_STREAMED
 
 
-/* One channels-last row of n channels, parameters per channel:
+/* Channels-last rows of n channels, parameters per channel:
  *   y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c],  or  x[c] * scale[c] + shift[c]
  * when mean_hi is NULL. The callers fold the rest into shift (affine_coefficients in
  * _common.pxd): one fma and at most three parameter loads per value, as a plain
- * scale-and-shift has. (Non-temporal stores were slower here: streamed row by row,
- * 1.9x slower on 24 and 48 MiB outputs; computed in 8 KiB spans in L1 and copied out
- * streamed, 3-20% slower on 16-25 MiB outputs at one thread, allocated per call as a
- * user's forward does: the freed output of the previous call is still in cache.) */
-#define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX)                                                \
+ * scale-and-shift has.
+ * stream != 0 (AVX2 builds) writes y with non-temporal stores from its first 32-byte
+ * boundary in each row (the values before it and a partial last vector use the same
+ * formula, contracted to the same fma); the caller fences once per thread after its
+ * last call (STREAM_ROWS_BYTES in _channel.pxi says when). One fence per thread made
+ * BatchNorm2d NHWC (32,64,56,56) eval 2.18 -> 1.63 ms at 1 thread (torch 2.22 ms);
+ * a fence per row had made streaming 1.9x slower, and staging 8 KiB spans in L1 to
+ * copy them out streamed was 3-20% slower. */
+#if FN_HAVE_STREAM
+#define FN_CHANNELS_AFFINE_STREAMED(LANES, LOADU, SUB, FMADD, STREAM)                           \
+    if (stream) {                                                                               \
+        for (; c < n && ((size_t)(y + c) & 31); c++)                                            \
+            y[c] = (mean_hi ? x[c] - mean_hi[c] : x[c]) * scale[c] + shift[c];                  \
+        if (mean_hi) {                                                                          \
+            for (; c + LANES <= n; c += LANES)                                                  \
+                STREAM(y + c, FMADD(SUB(LOADU(x + c), LOADU(mean_hi + c)), LOADU(scale + c),    \
+                                    LOADU(shift + c)));                                         \
+        } else {                                                                                \
+            for (; c + LANES <= n; c += LANES)                                                  \
+                STREAM(y + c, FMADD(LOADU(x + c), LOADU(scale + c), LOADU(shift + c)));         \
+        }                                                                                       \
+    }
+#else
+#define FN_CHANNELS_AFFINE_STREAMED(LANES, LOADU, SUB, FMADD, STREAM) (void)stream;
+#endif
+#define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX, LANES, LOADU, SUB, FMADD, STREAM)              \
     /* rows whole rows of n channels, one after the other (or one row's channel range) */   \
     static inline void fn_channels_affine_##SUFFIX(const T* restrict x, T* restrict y,      \
                                                    ptrdiff_t rows, ptrdiff_t n,             \
                                                    const T* restrict mean_hi,               \
                                                    const T* restrict scale,                 \
-                                                   const T* restrict shift) {               \
+                                                   const T* restrict shift, int stream) {   \
         for (ptrdiff_t r = 0; r < rows; r++, x += n, y += n) {                              \
+            ptrdiff_t c = 0;                                                                \
+            FN_CHANNELS_AFFINE_STREAMED(LANES, LOADU, SUB, FMADD, STREAM)                   \
             if (mean_hi) {                                                                  \
                 _Pragma("omp simd")                                                         \
-                for (ptrdiff_t c = 0; c < n; c++) y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c];\
+                for (ptrdiff_t j = c; j < n; j++) y[j] = (x[j] - mean_hi[j]) * scale[j] + shift[j];\
             } else {                                                                        \
                 _Pragma("omp simd")                                                         \
-                for (ptrdiff_t c = 0; c < n; c++) y[c] = x[c] * scale[c] + shift[c];        \
+                for (ptrdiff_t j = c; j < n; j++) y[j] = x[j] * scale[j] + shift[j];        \
             }                                                                               \
         }                                                                                   \
     }
-FN_DEFINE_CHANNELS_AFFINE(float, f32)
-FN_DEFINE_CHANNELS_AFFINE(double, f64)
+FN_DEFINE_CHANNELS_AFFINE(float, f32, 8, _mm256_loadu_ps, _mm256_sub_ps, _mm256_fmadd_ps,
+                          _mm256_stream_ps)
+FN_DEFINE_CHANNELS_AFFINE(double, f64, 4, _mm256_loadu_pd, _mm256_sub_pd,
+                          _mm256_fmadd_pd, _mm256_stream_pd)
 #undef FN_DEFINE_CHANNELS_AFFINE
+#undef FN_CHANNELS_AFFINE_STREAMED
 
 /* One channels-last row of a backward pass, coefficients per channel:
  *   dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c]
