@@ -114,11 +114,12 @@ cdef enum:
     RUNS_MAX_BYTES = 16384
     # Shortest run written with non-temporal stores by the memory-order elementwise pass
     STREAM_RUN_BYTES = 4096
-    # Smallest channels-last (rows) output written with non-temporal stores, one fence
-    # per thread. A/B in the benchmark's conditions (fresh output per call, 32 MiB L3):
-    # streamed was 1.3-1.6x faster from 12 MiB up at 1 and 2 threads ((R, 1024) and
-    # (R, 64) rows); at 8 MiB, 2 threads or 64 channels ran up to 1.7x faster plain
-    # (input and output stay in cache), and below that always.
+    # Smallest channels-last (rows) output or dx written with non-temporal stores, one
+    # fence per thread. A/B in the benchmark's conditions (fresh output per call, 32 MiB
+    # L3): the plain forward streamed was 1.3-1.6x faster from 12 MiB up at 1 and 2
+    # threads ((R, 1024) and (R, 64) rows); at 8 MiB, 2 threads or 64 channels ran up to
+    # 1.7x faster plain (input and output stay in cache), and below that always. The
+    # backward apply streamed: BatchNorm2d NHWC (32,64,56,56) backward 5.8 -> 4.9 ms.
     STREAM_ROWS_BYTES = 16 << 20
     # Rows whose mean is the shift of a stripe's one-pass sums (rows strategy)
     PILOT_ROWS = 8
@@ -543,12 +544,17 @@ cdef floating* affine_rows_coefficients(const double* mean, const double* scale,
 cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,
                                Py_ssize_t R, Py_ssize_t C, const floating* mean_hi,
                                const floating* k_dy, const floating* k_x, const floating* k_0,
-                               int n_threads) noexcept nogil:
+                               int n_threads, bint stream=False) noexcept nogil:
     """dx = k_dy * dy + k_x * (x - mean_hi) + k_0 per channel over (R, C) rows, k_0 with
-    the mean's tail folded in (see channels_backward)."""
+    the mean's tail folded in (see channels_backward); stream: non-temporal stores, one
+    fence per thread."""
     cdef Py_ssize_t r
-    for r in prange(R, num_threads=n_threads, schedule="static"):
-        channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0)
+    with parallel(num_threads=n_threads):
+        for r in prange(R, schedule="static"):
+            channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0,
+                              stream)
+        if stream:
+            fn_stream_fence()
 
 
 # --------------------------------------------------------- coefficients
@@ -828,7 +834,8 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
             fold_mean_tail(mean[c], k_x[c], k_0[c], &w[0, c], &w[4, c])
         with nogil:
             rows_affine_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], N, C, &w[0, 0],
-                                 &w[2, 0], &w[3, 0], &w[4, 0], n_threads)
+                                 &w[2, 0], &w[3, 0], &w[4, 0], n_threads,
+                                 N * C * <Py_ssize_t>sizeof(floating) >= STREAM_ROWS_BYTES)
         return
     with nogil:
         for run in prange(N * C, num_threads=n_threads, schedule="static"):

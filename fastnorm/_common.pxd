@@ -109,10 +109,10 @@ cdef extern from "_simd.h" nogil:
                                 const double* shift, int stream)
     void fn_channels_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
                                   const float* mean_hi, const float* k_dy, const float* k_x,
-                                  const float* k_0)
+                                  const float* k_0, int stream)
     void fn_channels_backward_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
                                   const double* mean_hi, const double* k_dy, const double* k_x,
-                                  const double* k_0)
+                                  const double* k_0, int stream)
     void fn_affine_out_f32(const float* x, float* y, const float* w, const float* b,
                            Py_ssize_t n, float mean_hi, float mean_lo, float scale, float shift,
                            int stream)
@@ -228,13 +228,15 @@ cdef inline void channels_affine(const floating* x, floating* y, Py_ssize_t rows
 
 cdef inline void channels_backward(const floating* x, const floating* dy, floating* dx,
                                    Py_ssize_t n, const floating* mean_hi, const floating* k_dy,
-                                   const floating* k_x, const floating* k_0) noexcept nogil:
+                                   const floating* k_x, const floating* k_0,
+                                   bint stream=False) noexcept nogil:
     """One channels-last row: dx = k_dy * dy + k_x * (x - mean_hi) + k_0, coefficients per
-    channel, the mean's tail folded into k_0 (k_0 - k_x * mean_lo); dx may be dy."""
+    channel, the mean's tail folded into k_0 (k_0 - k_x * mean_lo); dx may be dy.
+    stream: non-temporal stores (same values; fence after)."""
     if floating is float:
-        fn_channels_backward_f32(x, dy, dx, n, mean_hi, k_dy, k_x, k_0)
+        fn_channels_backward_f32(x, dy, dx, n, mean_hi, k_dy, k_x, k_0, stream)
     else:
-        fn_channels_backward_f64(x, dy, dx, n, mean_hi, k_dy, k_x, k_0)
+        fn_channels_backward_f64(x, dy, dx, n, mean_hi, k_dy, k_x, k_0, stream)
 
 
 cdef inline void affine_coefficients(double mean, double scale, double shift, floating* hi,

@@ -333,20 +333,42 @@ FN_DEFINE_CHANNELS_AFFINE(double, f64, 4, _mm256_loadu_pd, _mm256_sub_pd,
 /* One channels-last row of a backward pass, coefficients per channel:
  *   dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c]
  * the mean's tail folded into k_0 by the caller. dx may be dy (no restrict there:
- * each element is read before it is written). */
-#define FN_DEFINE_CHANNELS_BACKWARD(T, SUFFIX)                                              \
+ * each element is read before it is written). stream != 0 (AVX2 builds): dx written
+ * with non-temporal stores from its first 32-byte boundary, as fn_channels_affine
+ * does; the vectors spell out the contraction gcc gives the loop (one fma, k_dy * dy
+ * added to the rounded product k_x * (x - mean_hi), then k_0), which
+ * test_batchnorm.py pins bitwise. */
+#if FN_HAVE_STREAM
+#define FN_CHANNELS_BACKWARD_STREAMED(LANES, LOADU, ADD, SUB, MUL, FMADD, STREAM)               \
+    if (stream) {                                                                               \
+        for (; c < n && ((size_t)(dx + c) & 31); c++)                                           \
+            dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c];                    \
+        for (; c + LANES <= n; c += LANES)                                                      \
+            STREAM(dx + c, ADD(FMADD(LOADU(k_dy + c), LOADU(dy + c),                            \
+                                     MUL(SUB(LOADU(x + c), LOADU(mean_hi + c)), LOADU(k_x + c))),\
+                               LOADU(k_0 + c)));                                                \
+    }
+#else
+#define FN_CHANNELS_BACKWARD_STREAMED(LANES, LOADU, ADD, SUB, MUL, FMADD, STREAM) (void)stream;
+#endif
+#define FN_DEFINE_CHANNELS_BACKWARD(T, SUFFIX, LANES, LOADU, ADD, SUB, MUL, FMADD, STREAM)      \
     static inline void fn_channels_backward_##SUFFIX(const T* restrict x, const T* dy, T* dx, \
                                                      ptrdiff_t n, const T* restrict mean_hi, \
                                                      const T* restrict k_dy,                \
                                                      const T* restrict k_x,                 \
-                                                     const T* restrict k_0) {               \
+                                                     const T* restrict k_0, int stream) {   \
+        ptrdiff_t c = 0;                                                                    \
+        FN_CHANNELS_BACKWARD_STREAMED(LANES, LOADU, ADD, SUB, MUL, FMADD, STREAM)           \
         _Pragma("omp simd")                                                                 \
-        for (ptrdiff_t c = 0; c < n; c++)                                                   \
-            dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c];                \
+        for (ptrdiff_t j = c; j < n; j++)                                                   \
+            dx[j] = k_dy[j] * dy[j] + k_x[j] * (x[j] - mean_hi[j]) + k_0[j];                \
     }
-FN_DEFINE_CHANNELS_BACKWARD(float, f32)
-FN_DEFINE_CHANNELS_BACKWARD(double, f64)
+FN_DEFINE_CHANNELS_BACKWARD(float, f32, 8, _mm256_loadu_ps, _mm256_add_ps, _mm256_sub_ps,
+                            _mm256_mul_ps, _mm256_fmadd_ps, _mm256_stream_ps)
+FN_DEFINE_CHANNELS_BACKWARD(double, f64, 4, _mm256_loadu_pd, _mm256_add_pd, _mm256_sub_pd,
+                            _mm256_mul_pd, _mm256_fmadd_pd, _mm256_stream_pd)
 #undef FN_DEFINE_CHANNELS_BACKWARD
+#undef FN_CHANNELS_BACKWARD_STREAMED
 
 /* Elementwise steps with a parameter per element (LayerNorm/RMSNorm rows).
  * Not reductions, but written here with restrict and `omp simd` so that they

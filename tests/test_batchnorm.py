@@ -4,6 +4,7 @@ import pytest
 
 import fastnorm as fn
 from fastnorm import functional as F
+from fastnorm._kernels import kernels
 from helpers import is_channels_last, make_input, num_threads, tolerance, torch_or_skip
 import reference as ref
 
@@ -300,6 +301,26 @@ def test_large_rows_output_written_with_streaming_stores_is_bitwise_the_same(
     big = layer(x)
     for part in (slice(0, 1), slice(3, 5), slice(shape[0] - 1, None)):
         assert np.array_equal(big[part], layer(x[part]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [77, 1601])
+def test_large_rows_backward_written_with_streaming_stores_is_bitwise_the_same(dtype, channels):
+    """A channels-last dx of 16 MiB and more is written with non-temporal stores (rows
+    starting at every alignment); the same coefficients on a few rows take plain stores:
+    same bits."""
+    rows = (16 << 20) // (channels * np.dtype(dtype).itemsize) + 2
+    x = make_input((rows, channels, 1), dtype, seed=6, mean=1e3)
+    dy = make_input((rows, channels, 1), dtype, seed=7)
+    rng = np.random.default_rng(8)
+    mean = 1e3 + rng.standard_normal(channels)
+    k_dy, k_x, k_0 = rng.standard_normal((3, channels))
+    big = np.empty_like(x)
+    kernels.channel_backward_apply(x, dy, mean, k_dy, k_x, k_0, big, 2)
+    for part in (slice(0, 1), slice(3, 5), slice(rows - 1, None)):
+        small = np.empty_like(x[part])
+        kernels.channel_backward_apply(x[part], dy[part], mean, k_dy, k_x, k_0, small, 1)
+        assert np.array_equal(big[part], small)
 
 
 @pytest.mark.smoke
