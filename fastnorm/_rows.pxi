@@ -762,9 +762,10 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
                             Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
                             const floating* b, double eps, double* mean, double* rstd,
                             double* var, double* ch, double[:, :, ::1] scratch, floating* vec,
-                            int act, int n_threads) noexcept nogil:
+                            int act, bint stream, int n_threads) noexcept nogil:
     """Sample n. ch: 3*C float64 (channel means, m2, then the normalization's per-channel
-    mean, scale, shift); vec: 3*C per-channel coefficients."""
+    mean, scale, shift); vec: 3*C per-channel coefficients; stream: y written with
+    non-temporal stores (see rows_affine)."""
     cdef Py_ssize_t grp, c, cg = C // G
     cdef Moments acc, part
     cdef floating* hi
@@ -785,7 +786,7 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
             ch[2 * C + c] = b[c]
     hi = affine_rows_coefficients(ch, ch + C, ch + 2 * C, C, vec)
     rows_affine(x + n * S * C, y + n * S * C, S, C, hi, vec + C, vec + 2 * C, act,
-                <const floating*>NULL, n_threads)
+                <const floating*>NULL, n_threads, stream)
 
 
 cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,
@@ -793,18 +794,20 @@ cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S,
                      double* mean, double* rstd, double* var, double* ch,
                      double[:, :, :, ::1] scratch, floating* vec, int act,
                      int n_threads) noexcept nogil:
-    """ch, scratch, vec: one set per thread (see groups_cl_forward)."""
+    """ch, scratch, vec: one set per thread (see groups_cl_forward). The output is
+    streamed by its total size, as BatchNorm's (STREAM_ROWS_BYTES): each sample's is small."""
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t n, t
+    cdef bint stream = N * S * C * <Py_ssize_t>sizeof(floating) >= STREAM_ROWS_BYTES
     if by_sample(N, n_threads):
         for n in prange(N, num_threads=n_threads, schedule="static"):
             t = threadid()
             cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch + 3 * C * t,
-                              scratch[t], vec + 3 * C * t, act, 1)
+                              scratch[t], vec + 3 * C * t, act, stream, 1)
     else:
         for n in range(N):
             cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch, scratch[0],
-                              vec, act, n_threads)
+                              vec, act, stream, n_threads)
 
 
 cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx, RowPlan* p,
