@@ -275,36 +275,82 @@ FN_DEFINE_AFFINE_OUT(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd, _
 #undef FN_AFFINE_OUT_STREAMED
 
 
+/* Channels-last rows written with non-temporal stores (AVX2 builds), for outputs much
+ * larger than the caches (STREAM_ROWS_BYTES in _channel.pxi): stores of 16 bytes, so a
+ * row needs only 16-byte alignment (numpy's) and a multiple of 16 bytes (else it is
+ * written plainly). No plain store may share a line with streamed ones: a scalar peel
+ * to 32-byte alignment, mixed in, made 32 MiB of 32-channel rows 2.5x slower than plain
+ * stores (C driver; 16-byte streams were 1.2x faster than plain there, 1.4x when
+ * aligned). The arithmetic is the plain loops' own, fma for fma (test_batchnorm.py
+ * pins the bits); the caller fences once per thread after its last row. */
+#if FN_HAVE_STREAM
+static inline int fn_row_streamable(const void* y, ptrdiff_t n, size_t itemsize) {
+    return ((size_t)y & 15) == 0 && (n * itemsize & 15) == 0;
+}
+/* W: 32-byte vector ops, H: 16-byte ones; HALF(v, i): 16-byte half i of v */
+#define FN_DEFINE_STREAMED_ROWS(T, SUFFIX, WL, HL, LOADW, LOADH, ADDW, ADDH, SUBW, SUBH,     \
+                                MULW, MULH, FMAW, FMAH, HALF, STREAMH)                      \
+    static inline void fn_affine_row_streamed_##SUFFIX(const T* restrict x, T* restrict y,  \
+                                                       ptrdiff_t n, const T* restrict hi,   \
+                                                       const T* restrict scale,             \
+                                                       const T* restrict shift) {           \
+        ptrdiff_t c = 0;                                                                    \
+        for (; c + WL <= n; c += WL) {                                                      \
+            __typeof__(LOADW(x)) v = hi ? SUBW(LOADW(x + c), LOADW(hi + c)) : LOADW(x + c); \
+            v = FMAW(v, LOADW(scale + c), LOADW(shift + c));                                \
+            STREAMH(y + c, HALF(v, 0));                                                     \
+            STREAMH(y + c + HL, HALF(v, 1));                                                \
+        }                                                                                   \
+        for (; c < n; c += HL) {                                                            \
+            __typeof__(LOADH(x)) v = hi ? SUBH(LOADH(x + c), LOADH(hi + c)) : LOADH(x + c); \
+            STREAMH(y + c, FMAH(v, LOADH(scale + c), LOADH(shift + c)));                    \
+        }                                                                                   \
+    }                                                                                       \
+    /* dx = fma(k_dy, dy, k_x * (x - hi)) + k_0: gcc's contraction of the plain loop */     \
+    static inline void fn_backward_row_streamed_##SUFFIX(const T* restrict x, const T* dy,  \
+                                                         T* dx, ptrdiff_t n,                \
+                                                         const T* restrict hi,              \
+                                                         const T* restrict k_dy,            \
+                                                         const T* restrict k_x,             \
+                                                         const T* restrict k_0) {           \
+        ptrdiff_t c = 0;                                                                    \
+        for (; c + WL <= n; c += WL) {                                                      \
+            __typeof__(LOADW(x)) v = ADDW(FMAW(LOADW(k_dy + c), LOADW(dy + c),              \
+                                               MULW(SUBW(LOADW(x + c), LOADW(hi + c)),      \
+                                                    LOADW(k_x + c))),                       \
+                                          LOADW(k_0 + c));                                  \
+            STREAMH(dx + c, HALF(v, 0));                                                    \
+            STREAMH(dx + c + HL, HALF(v, 1));                                               \
+        }                                                                                   \
+        for (; c < n; c += HL)                                                              \
+            STREAMH(dx + c, ADDH(FMAH(LOADH(k_dy + c), LOADH(dy + c),                       \
+                                      MULH(SUBH(LOADH(x + c), LOADH(hi + c)),               \
+                                           LOADH(k_x + c))),                                \
+                                 LOADH(k_0 + c)));                                          \
+    }
+FN_DEFINE_STREAMED_ROWS(float, f32, 8, 4, _mm256_loadu_ps, _mm_loadu_ps, _mm256_add_ps,
+                        _mm_add_ps, _mm256_sub_ps, _mm_sub_ps, _mm256_mul_ps, _mm_mul_ps,
+                        _mm256_fmadd_ps, _mm_fmadd_ps, _mm256_extractf128_ps, _mm_stream_ps)
+FN_DEFINE_STREAMED_ROWS(double, f64, 4, 2, _mm256_loadu_pd, _mm_loadu_pd, _mm256_add_pd,
+                        _mm_add_pd, _mm256_sub_pd, _mm_sub_pd, _mm256_mul_pd, _mm_mul_pd,
+                        _mm256_fmadd_pd, _mm_fmadd_pd, _mm256_extractf128_pd, _mm_stream_pd)
+#undef FN_DEFINE_STREAMED_ROWS
+/* With stream, a streamable row goes to fn_KIND_row_streamed_SUFFIX(...), then `done` */
+#define FN_ROW_STREAMED(done, SUFFIX, KIND, y, n, ...)                                      \
+    if (stream && fn_row_streamable((y), (n), sizeof *(y))) {                               \
+        fn_##KIND##_row_streamed_##SUFFIX(__VA_ARGS__);                                     \
+        done;                                                                               \
+    }
+#else
+#define FN_ROW_STREAMED(done, SUFFIX, KIND, y, n, ...) (void)stream;
+#endif
+
 /* Channels-last rows of n channels, parameters per channel:
  *   y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c],  or  x[c] * scale[c] + shift[c]
  * when mean_hi is NULL. The callers fold the rest into shift (affine_coefficients in
  * _common.pxd): one fma and at most three parameter loads per value, as a plain
- * scale-and-shift has.
- * stream != 0 (AVX2 builds) writes y with non-temporal stores from its first 32-byte
- * boundary in each row (the values before it and a partial last vector use the same
- * formula, contracted to the same fma); the caller fences once per thread after its
- * last call (STREAM_ROWS_BYTES in _channel.pxi says when). One fence per thread made
- * BatchNorm2d NHWC (32,64,56,56) eval 2.18 -> 1.63 ms at 1 thread (torch 2.22 ms);
- * a fence per row had made streaming 1.9x slower, and staging 8 KiB spans in L1 to
- * copy them out streamed was 3-20% slower. */
-#if FN_HAVE_STREAM
-#define FN_CHANNELS_AFFINE_STREAMED(LANES, LOADU, SUB, FMADD, STREAM)                           \
-    if (stream) {                                                                               \
-        for (; c < n && ((size_t)(y + c) & 31); c++)                                            \
-            y[c] = (mean_hi ? x[c] - mean_hi[c] : x[c]) * scale[c] + shift[c];                  \
-        if (mean_hi) {                                                                          \
-            for (; c + LANES <= n; c += LANES)                                                  \
-                STREAM(y + c, FMADD(SUB(LOADU(x + c), LOADU(mean_hi + c)), LOADU(scale + c),    \
-                                    LOADU(shift + c)));                                         \
-        } else {                                                                                \
-            for (; c + LANES <= n; c += LANES)                                                  \
-                STREAM(y + c, FMADD(LOADU(x + c), LOADU(scale + c), LOADU(shift + c)));         \
-        }                                                                                       \
-    }
-#else
-#define FN_CHANNELS_AFFINE_STREAMED(LANES, LOADU, SUB, FMADD, STREAM) (void)stream;
-#endif
-#define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX, LANES, LOADU, SUB, FMADD, STREAM)              \
+ * scale-and-shift has. stream: non-temporal stores (see above). */
+#define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX)                                                \
     /* rows whole rows of n channels, one after the other (or one row's channel range) */   \
     static inline void fn_channels_affine_##SUFFIX(const T* restrict x, T* restrict y,      \
                                                    ptrdiff_t rows, ptrdiff_t n,             \
@@ -312,63 +358,39 @@ FN_DEFINE_AFFINE_OUT(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd, _
                                                    const T* restrict scale,                 \
                                                    const T* restrict shift, int stream) {   \
         for (ptrdiff_t r = 0; r < rows; r++, x += n, y += n) {                              \
-            ptrdiff_t c = 0;                                                                \
-            FN_CHANNELS_AFFINE_STREAMED(LANES, LOADU, SUB, FMADD, STREAM)                   \
+            FN_ROW_STREAMED(continue, SUFFIX, affine, y, n, x, y, n, mean_hi, scale, shift) \
             if (mean_hi) {                                                                  \
                 _Pragma("omp simd")                                                         \
-                for (ptrdiff_t j = c; j < n; j++) y[j] = (x[j] - mean_hi[j]) * scale[j] + shift[j];\
+                for (ptrdiff_t c = 0; c < n; c++) y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c];\
             } else {                                                                        \
                 _Pragma("omp simd")                                                         \
-                for (ptrdiff_t j = c; j < n; j++) y[j] = x[j] * scale[j] + shift[j];        \
+                for (ptrdiff_t c = 0; c < n; c++) y[c] = x[c] * scale[c] + shift[c];        \
             }                                                                               \
         }                                                                                   \
     }
-FN_DEFINE_CHANNELS_AFFINE(float, f32, 8, _mm256_loadu_ps, _mm256_sub_ps, _mm256_fmadd_ps,
-                          _mm256_stream_ps)
-FN_DEFINE_CHANNELS_AFFINE(double, f64, 4, _mm256_loadu_pd, _mm256_sub_pd,
-                          _mm256_fmadd_pd, _mm256_stream_pd)
+FN_DEFINE_CHANNELS_AFFINE(float, f32)
+FN_DEFINE_CHANNELS_AFFINE(double, f64)
 #undef FN_DEFINE_CHANNELS_AFFINE
-#undef FN_CHANNELS_AFFINE_STREAMED
 
 /* One channels-last row of a backward pass, coefficients per channel:
  *   dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c]
  * the mean's tail folded into k_0 by the caller. dx may be dy (no restrict there:
- * each element is read before it is written). stream != 0 (AVX2 builds): dx written
- * with non-temporal stores from its first 32-byte boundary, as fn_channels_affine
- * does; the vectors spell out the contraction gcc gives the loop (one fma, k_dy * dy
- * added to the rounded product k_x * (x - mean_hi), then k_0), which
- * test_batchnorm.py pins bitwise. */
-#if FN_HAVE_STREAM
-#define FN_CHANNELS_BACKWARD_STREAMED(LANES, LOADU, ADD, SUB, MUL, FMADD, STREAM)               \
-    if (stream) {                                                                               \
-        for (; c < n && ((size_t)(dx + c) & 31); c++)                                           \
-            dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c];                    \
-        for (; c + LANES <= n; c += LANES)                                                      \
-            STREAM(dx + c, ADD(FMADD(LOADU(k_dy + c), LOADU(dy + c),                            \
-                                     MUL(SUB(LOADU(x + c), LOADU(mean_hi + c)), LOADU(k_x + c))),\
-                               LOADU(k_0 + c)));                                                \
-    }
-#else
-#define FN_CHANNELS_BACKWARD_STREAMED(LANES, LOADU, ADD, SUB, MUL, FMADD, STREAM) (void)stream;
-#endif
-#define FN_DEFINE_CHANNELS_BACKWARD(T, SUFFIX, LANES, LOADU, ADD, SUB, MUL, FMADD, STREAM)      \
+ * each element is read before it is written). stream: non-temporal stores (see above). */
+#define FN_DEFINE_CHANNELS_BACKWARD(T, SUFFIX)                                              \
     static inline void fn_channels_backward_##SUFFIX(const T* restrict x, const T* dy, T* dx, \
                                                      ptrdiff_t n, const T* restrict mean_hi, \
                                                      const T* restrict k_dy,                \
                                                      const T* restrict k_x,                 \
                                                      const T* restrict k_0, int stream) {   \
-        ptrdiff_t c = 0;                                                                    \
-        FN_CHANNELS_BACKWARD_STREAMED(LANES, LOADU, ADD, SUB, MUL, FMADD, STREAM)           \
+        FN_ROW_STREAMED(return, SUFFIX, backward, dx, n, x, dy, dx, n, mean_hi, k_dy, k_x, k_0)\
         _Pragma("omp simd")                                                                 \
-        for (ptrdiff_t j = c; j < n; j++)                                                   \
-            dx[j] = k_dy[j] * dy[j] + k_x[j] * (x[j] - mean_hi[j]) + k_0[j];                \
+        for (ptrdiff_t c = 0; c < n; c++)                                                   \
+            dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c];                \
     }
-FN_DEFINE_CHANNELS_BACKWARD(float, f32, 8, _mm256_loadu_ps, _mm256_add_ps, _mm256_sub_ps,
-                            _mm256_mul_ps, _mm256_fmadd_ps, _mm256_stream_ps)
-FN_DEFINE_CHANNELS_BACKWARD(double, f64, 4, _mm256_loadu_pd, _mm256_add_pd, _mm256_sub_pd,
-                            _mm256_mul_pd, _mm256_fmadd_pd, _mm256_stream_pd)
+FN_DEFINE_CHANNELS_BACKWARD(float, f32)
+FN_DEFINE_CHANNELS_BACKWARD(double, f64)
 #undef FN_DEFINE_CHANNELS_BACKWARD
-#undef FN_CHANNELS_BACKWARD_STREAMED
+#undef FN_ROW_STREAMED
 
 /* Elementwise steps with a parameter per element (LayerNorm/RMSNorm rows).
  * Not reductions, but written here with restrict and `omp simd` so that they

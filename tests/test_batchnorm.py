@@ -280,15 +280,17 @@ def test_bitwise_identical_for_any_thread_count(shape, layout, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape, layout", [((2700, 1601), "contiguous"),
+@pytest.mark.parametrize("shape, layout", [((2700, 1604), "contiguous"),
+                                           ((2700, 1602), "contiguous"),
+                                           ((6, 76, 96, 100), "channels_last"),
                                            ((6, 77, 96, 100), "channels_last")])
 @pytest.mark.parametrize("running_mean", [0.0, 1e3])
 def test_large_rows_output_written_with_streaming_stores_is_bitwise_the_same(
         shape, layout, dtype, running_mean):
     """(N, C) and channels-last outputs of 16 MiB and more are written with non-temporal
-    stores, each row from its first 32-byte boundary on (77 and 1601 channels: rows start
-    at every alignment); a few samples alone take plain stores. Same bits, with the mean
-    subtracted (far from zero) and folded into the shift (running mean 0)."""
+    stores where rows are whole 16-byte vectors (76, 1604 channels: a half vector at the
+    end in float32; 1602 in float64; 77 never); a few samples alone take plain stores.
+    Same bits, with the mean subtracted (far from zero) and folded into the shift."""
     x = make_input(shape, dtype, layout, seed=4, mean=running_mean)
     layer = fn.BatchNorm1d(shape[1], dtype=dtype) if len(shape) == 2 else fn.BatchNorm2d(
         shape[1], dtype=dtype)
@@ -304,11 +306,11 @@ def test_large_rows_output_written_with_streaming_stores_is_bitwise_the_same(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("channels", [77, 1601])
+@pytest.mark.parametrize("channels", [76, 1602, 77])
 def test_large_rows_backward_written_with_streaming_stores_is_bitwise_the_same(dtype, channels):
-    """A channels-last dx of 16 MiB and more is written with non-temporal stores (rows
-    starting at every alignment); the same coefficients on a few rows take plain stores:
-    same bits."""
+    """A channels-last dx of 16 MiB and more is written with non-temporal stores where rows
+    are whole 16-byte vectors (see the forward test); the same coefficients on a few rows
+    take plain stores: same bits."""
     rows = (16 << 20) // (channels * np.dtype(dtype).itemsize) + 2
     x = make_input((rows, channels, 1), dtype, seed=6, mean=1e3)
     dy = make_input((rows, channels, 1), dtype, seed=7)
