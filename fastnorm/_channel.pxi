@@ -32,7 +32,7 @@
 
 import numpy as np
 from cython cimport floating
-from cython.parallel cimport prange
+from cython.parallel cimport parallel, prange
 
 from fastnorm._common cimport (
     FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, block_moments,
@@ -501,17 +501,20 @@ cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floa
 
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* hi, const floating* scale, const floating* shift,
-                      int act, const floating* dy, int n_threads) noexcept nogil:
+                      int act, const floating* dy, int n_threads,
+                      bint stream=False) noexcept nogil:
     """row_affine_act over every row and channel (dy NULL: forward). A plain forward
     goes AFFINE_ROWS rows per call (one call per row cost 8% more instructions at 128
-    channels)."""
+    channels); stream (plain forward only): non-temporal stores, one fence per thread."""
     cdef Py_ssize_t r, t
     if dy == NULL and act == ACT_NONE:
-        for t in prange((R + AFFINE_ROWS - 1) // AFFINE_ROWS, num_threads=n_threads,
-                        schedule="static"):
-            r = t * AFFINE_ROWS
-            channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
-                            shift)
+        with parallel(num_threads=n_threads):
+            for t in prange((R + AFFINE_ROWS - 1) // AFFINE_ROWS, schedule="static"):
+                r = t * AFFINE_ROWS
+                channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
+                                shift, stream)
+            if stream:
+                fn_stream_fence()
         return
     for r in prange(R, num_threads=n_threads, schedule="static"):
         row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C, hi,
@@ -534,12 +537,17 @@ cdef floating* affine_rows_coefficients(const double* mean, const double* scale,
 cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,
                                Py_ssize_t R, Py_ssize_t C, const floating* mean_hi,
                                const floating* k_dy, const floating* k_x, const floating* k_0,
-                               int n_threads) noexcept nogil:
+                               int n_threads, bint stream=False) noexcept nogil:
     """dx = k_dy * dy + k_x * (x - mean_hi) + k_0 per channel over (R, C) rows, k_0 with
-    the mean's tail folded in (see channels_backward)."""
+    the mean's tail folded in (see channels_backward); stream: non-temporal stores, one
+    fence per thread."""
     cdef Py_ssize_t r
-    for r in prange(R, num_threads=n_threads, schedule="static"):
-        channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0)
+    with parallel(num_threads=n_threads):
+        for r in prange(R, schedule="static"):
+            channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0,
+                              stream)
+        if stream:
+            fn_stream_fence()
 
 
 # --------------------------------------------------------- coefficients
@@ -656,7 +664,7 @@ cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
         with nogil:
             hi = affine_rows_coefficients(&mean[0], &scale[0], &shift[0], C, &w[0, 0])
             rows_affine(&x[0, 0, 0], &y[0, 0, 0], N, C, hi, &w[1, 0], &w[2, 0], act, dy,
-                        n_threads)
+                        n_threads, N * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
         return
     w = _working_copies(x, &mean[0], &scale[0], &shift[0], NULL)
     # a large plain output goes straight to memory (non-temporal stores), in runs long
@@ -819,7 +827,8 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
             fold_mean_tail(mean[c], k_x[c], k_0[c], &w[0, c], &w[4, c])
         with nogil:
             rows_affine_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], N, C, &w[0, 0],
-                                 &w[2, 0], &w[3, 0], &w[4, 0], n_threads)
+                                 &w[2, 0], &w[3, 0], &w[4, 0], n_threads,
+                                 N * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
         return
     with nogil:
         for run in prange(N * C, num_threads=n_threads, schedule="static"):

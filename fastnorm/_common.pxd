@@ -19,14 +19,17 @@ cdef enum:
     # stripe is the piece of work one thread takes. Fixed by the shape, never
     # by the thread count, so partial results always merge the same way.
     MAX_STRIPES = 16
-    # Forward outputs of at least this size are written with non-temporal
-    # stores: they would not stay in cache anyway, and the stores then skip
-    # reading each output line first (a third of the traffic). Measured on a
-    # 32 MiB L3: 16 MiB outputs (input + output ~ the L3) ran 2x slower
-    # streamed, 24 MiB ones 10% faster, 48 MiB ones 10-15% faster. The row
-    # family's per-channel backward streams dx by the same measure, when x, dy
-    # and dx together reach twice this (streams_output in _rows.pxi).
-    STREAM_BYTES = 24 << 20
+    # Outputs (forward y, backward dx) of at least this size are written with
+    # non-temporal stores, 16 bytes at a time (fn_row_streamable in _simd.h): they
+    # would not stay in cache anyway, and the stores then skip reading each output
+    # line first (a third of the traffic). A/B in the benchmark's conditions (fresh
+    # output per call, 32 MiB L3): streamed from 12 MiB up was 1.3-1.6x faster for
+    # channels-last rows and GroupNorm/InstanceNorm dx, 1.2-1.5x for 16 MiB
+    # InstanceNorm/GroupNorm/LayerNorm forwards; at 8 MiB plain stores were up to
+    # 1.7x faster at 2 threads (input and output stay in cache), and below that always.
+    # (An earlier "16 MiB ran 2x slower streamed" came from plain stores to reach
+    # 32-byte alignment sharing lines with the streamed ones.)
+    STREAM_BYTES = 16 << 20
 
 
 cdef struct Moments:
@@ -104,16 +107,17 @@ cdef extern from "_simd.h" nogil:
     void fn_row_grad_sums_f64(const double* x, const double* g, const double* w, Py_ssize_t n,
                               double mean_hi, double mean_lo, double* sum_g, double* sum_gd)
     void fn_channels_affine_f32(const float* x, float* y, Py_ssize_t rows, Py_ssize_t n,
-                                const float* mean_hi, const float* scale, const float* shift)
+                                const float* mean_hi, const float* scale, const float* shift,
+                                int stream)
     void fn_channels_affine_f64(const double* x, double* y, Py_ssize_t rows, Py_ssize_t n,
                                 const double* mean_hi, const double* scale,
-                                const double* shift)
+                                const double* shift, int stream)
     void fn_channels_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
                                   const float* mean_hi, const float* k_dy, const float* k_x,
-                                  const float* k_0)
+                                  const float* k_0, int stream)
     void fn_channels_backward_f64(const double* x, const double* dy, double* dx, Py_ssize_t n,
                                   const double* mean_hi, const double* k_dy, const double* k_x,
-                                  const double* k_0)
+                                  const double* k_0, int stream)
     void fn_affine_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
                                 float mean_hi, float mean_lo, float k_dy, float k_x, float k_0,
                                 int stream)
@@ -223,25 +227,27 @@ cdef inline void row_grad_sums(const floating* x, const floating* dy, const floa
 
 cdef inline void channels_affine(const floating* x, floating* y, Py_ssize_t rows,
                                  Py_ssize_t n, const floating* mean_hi, const floating* scale,
-                                 const floating* shift) noexcept nogil:
+                                 const floating* shift, bint stream=False) noexcept nogil:
     """Channels-last rows (rows whole rows of n channels, or one row's channel range):
     y = (x - mean_hi) * scale + shift with parameters per channel (x * scale + shift
-    when mean_hi is NULL)."""
+    when mean_hi is NULL); stream: non-temporal stores (same values; fence after)."""
     if floating is float:
-        fn_channels_affine_f32(x, y, rows, n, mean_hi, scale, shift)
+        fn_channels_affine_f32(x, y, rows, n, mean_hi, scale, shift, stream)
     else:
-        fn_channels_affine_f64(x, y, rows, n, mean_hi, scale, shift)
+        fn_channels_affine_f64(x, y, rows, n, mean_hi, scale, shift, stream)
 
 
 cdef inline void channels_backward(const floating* x, const floating* dy, floating* dx,
                                    Py_ssize_t n, const floating* mean_hi, const floating* k_dy,
-                                   const floating* k_x, const floating* k_0) noexcept nogil:
+                                   const floating* k_x, const floating* k_0,
+                                   bint stream=False) noexcept nogil:
     """One channels-last row: dx = k_dy * dy + k_x * (x - mean_hi) + k_0, coefficients per
-    channel, the mean's tail folded into k_0 (k_0 - k_x * mean_lo); dx may be dy."""
+    channel, the mean's tail folded into k_0 (k_0 - k_x * mean_lo); dx may be dy.
+    stream: non-temporal stores (same values; fence after)."""
     if floating is float:
-        fn_channels_backward_f32(x, dy, dx, n, mean_hi, k_dy, k_x, k_0)
+        fn_channels_backward_f32(x, dy, dx, n, mean_hi, k_dy, k_x, k_0, stream)
     else:
-        fn_channels_backward_f64(x, dy, dx, n, mean_hi, k_dy, k_x, k_0)
+        fn_channels_backward_f64(x, dy, dx, n, mean_hi, k_dy, k_x, k_0, stream)
 
 
 cdef inline void affine_coefficients(double mean, double scale, double shift, floating* hi,

@@ -85,7 +85,7 @@ cdef struct RowGeom:
     # units: unit_runs whole runs of S values, or pieces of unit_cols values
     Py_ssize_t unit_runs, unit_cols, units_per_run, n_units
     bint stream     # output (forward y; per-channel backward dx) written with non-temporal
-                    # stores: large passes (see streams_output)
+                    # stores: outputs of STREAM_BYTES and more
     int act         # fused activation code (ACT_NONE: none)
 
 
@@ -613,12 +613,6 @@ cdef inline double* f64_ptr(object a):
     return <double*>data_or_null(a)
 
 
-cdef inline bint streams_output(Py_ssize_t moved) noexcept nogil:
-    """Whether a pass that moves `moved` bytes (its inputs and its output) writes the
-    output with non-temporal stores: from 2 * STREAM_BYTES on (see _common.pxd)."""
-    return moved >= 2 * <Py_ssize_t>STREAM_BYTES
-
-
 def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t R,
                 Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G, bint per_channel, bint centered,
                 double eps, cnp.ndarray y, object mean, cnp.ndarray rstd, object var,
@@ -644,7 +638,7 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     cdef double* work = NULL
     g.act = act
     # an activation rereads its output, which must then stay in cache
-    g.stream = act == ACT_NONE and streams_output(2 * g.R * g.D * cnp.PyArray_ITEMSIZE(x))
+    g.stream = act == ACT_NONE and g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
     if split_by_unit(&g, n_threads):
         scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
         work = <double*>cnp.PyArray_DATA(scratch)
@@ -715,7 +709,7 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     # per-channel dx only: elementwise rows measured no faster streamed, an activation
     # or grad_h rereads dx
     g.stream = (per_channel and act == ACT_NONE and grad_h is None
-                and streams_output(3 * g.R * g.D * cnp.PyArray_ITEMSIZE(x)))
+                and g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES)
     by_unit = split_by_unit(&g, n_threads)
     # one float64 scratch array: row sums | block partials | unit sums | coefficients
     n_sums = g.R * sums_per_row(&g) if per_channel else 2 * n_blocks
@@ -777,9 +771,10 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
                             Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
                             const floating* b, double eps, double* mean, double* rstd,
                             double* var, double* ch, double[:, :, ::1] scratch, floating* vec,
-                            int act, int n_threads) noexcept nogil:
+                            int act, bint stream, int n_threads) noexcept nogil:
     """Sample n. ch: 3*C float64 (channel means, m2, then the normalization's per-channel
-    mean, scale, shift); vec: 3*C per-channel coefficients."""
+    mean, scale, shift); vec: 3*C per-channel coefficients; stream: y written with
+    non-temporal stores (see rows_affine)."""
     cdef Py_ssize_t grp, c, cg = C // G
     cdef Moments acc, part
     cdef floating* hi
@@ -800,7 +795,7 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
             ch[2 * C + c] = b[c]
     hi = affine_rows_coefficients(ch, ch + C, ch + 2 * C, C, vec)
     rows_affine(x + n * S * C, y + n * S * C, S, C, hi, vec + C, vec + 2 * C, act,
-                <const floating*>NULL, n_threads)
+                <const floating*>NULL, n_threads, stream)
 
 
 cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,
@@ -808,18 +803,20 @@ cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S,
                      double* mean, double* rstd, double* var, double* ch,
                      double[:, :, :, ::1] scratch, floating* vec, int act,
                      int n_threads) noexcept nogil:
-    """ch, scratch, vec: one set per thread (see groups_cl_forward)."""
+    """ch, scratch, vec: one set per thread (see groups_cl_forward). The output is
+    streamed by its total size, as BatchNorm's (STREAM_BYTES): each sample's is small."""
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t n, t
+    cdef bint stream = N * S * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     if by_sample(N, n_threads):
         for n in prange(N, num_threads=n_threads, schedule="static"):
             t = threadid()
             cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch + 3 * C * t,
-                              scratch[t], vec + 3 * C * t, act, 1)
+                              scratch[t], vec + 3 * C * t, act, stream, 1)
     else:
         for n in range(N):
             cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch, scratch[0],
-                              vec, act, n_threads)
+                              vec, act, stream, n_threads)
 
 
 cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx, RowPlan* p,

@@ -260,31 +260,58 @@ static inline void fn_stream_fence(void) {
 #endif
 }
 
-/* FN_AFFINE_OUT_STREAMED: with stream, the vectors from y's first 32-byte boundary on,
- * written with non-temporal stores (the steps before it use the scalar formula); it
- * advances i, and the loops after it finish the row. */
 #if FN_HAVE_STREAM
-#define FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)                     \
-    if (stream) {                                                                                   \
-        for (; i < n && ((size_t)(y + i) & 31); i++)                                                \
-            y[i] = w ? ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i]                           \
-                     : ((x[i] - mean_hi) - mean_lo) * scale + shift;                                \
+/* Non-temporal stores are 16 bytes wide here, and a run is streamed only when it is
+ * 16-byte aligned and a whole number of 16-byte pieces (else it is written plainly):
+ * numpy's outputs are 16 bytes off a 32-byte boundary as often as not, and no plain
+ * store may share a cache line with streamed ones. A scalar peel to 32-byte alignment,
+ * mixed in, made 32 MiB of 32-channel rows 2.5x slower than plain stores (C driver;
+ * 16-byte streams were 1.2x faster than plain there, 1.4x when aligned). */
+static inline int fn_row_streamable(const void* y, ptrdiff_t n, size_t itemsize) {
+    return ((size_t)y & 15) == 0 && (n * itemsize & 15) == 0;
+}
+/* the 32 bytes of v to p, 16-byte aligned, as two non-temporal stores */
+static inline void fn_stream32(void* p, __m256i v) {
+    _mm_stream_si128((__m128i*)p, _mm256_castsi256_si128(v));
+    _mm_stream_si128((__m128i*)p + 1, _mm256_extracti128_si256(v, 1));
+}
+/* the 16 bytes at src to p, 16-byte aligned, as one non-temporal store */
+static inline void fn_stream16(void* p, const void* src) {
+    _mm_stream_si128((__m128i*)p, _mm_loadu_si128((const __m128i*)src));
+}
+#endif
+
+/* FN_AFFINE_OUT_STREAMED: with stream, a streamable row (fn_row_streamable) written
+ * with non-temporal stores, its last 16-byte piece by the scalar formula; it advances
+ * i to n. CASTI: the vector's bits as __m256i. */
+#define FN_AFFINE_OUT_FORMULA(i) (w ? ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i]          \
+                                    : ((x[i] - mean_hi) - mean_lo) * scale + shift)
+#if FN_HAVE_STREAM
+#define FN_AFFINE_OUT_STREAMED(T, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, CASTI)                   \
+    if (stream && fn_row_streamable(y, n, sizeof(T))) {                                             \
         VT hi = SET1(mean_hi), lo = SET1(mean_lo), sc = SET1(scale), sh = SET1(shift);              \
         for (; i + LANES <= n; i += LANES) {                                                        \
             VT d = SUB(SUB(LOADU(x + i), hi), lo);                                                  \
-            STREAM(y + i, w ? FMADD(MUL(d, sc), LOADU(w + i), LOADU(b + i)) : FMADD(d, sc, sh));    \
+            fn_stream32(y + i, CASTI(w ? FMADD(MUL(d, sc), LOADU(w + i), LOADU(b + i))             \
+                                       : FMADD(d, sc, sh)));                                        \
+        }                                                                                           \
+        if (i < n) {                                                                                \
+            T tail[LANES / 2];                                                                      \
+            for (ptrdiff_t j = i; j < n; j++) tail[j - i] = FN_AFFINE_OUT_FORMULA(j);               \
+            fn_stream16(y + i, tail);                                                               \
+            i = n;                                                                                  \
         }                                                                                           \
     }
 #else
-#define FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM) (void)stream;
+#define FN_AFFINE_OUT_STREAMED(T, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, CASTI) (void)stream;
 #endif
-#define FN_DEFINE_AFFINE_OUT(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)            \
+#define FN_DEFINE_AFFINE_OUT(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, CASTI)             \
     static inline void fn_affine_out_##SUFFIX(const T* restrict x, T* restrict y,                    \
                                              const T* restrict w, const T* restrict b,              \
                                              ptrdiff_t n, T mean_hi, T mean_lo, T scale,            \
                                              T shift, int stream) {                                 \
         ptrdiff_t i = 0;                                                                            \
-        FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)                     \
+        FN_AFFINE_OUT_STREAMED(T, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, CASTI)                   \
         if (w) {                                                                                    \
             _Pragma("omp simd")                                                                     \
             for (ptrdiff_t j = i; j < n; j++)                                                       \
@@ -295,70 +322,138 @@ static inline void fn_stream_fence(void) {
         }                                                                                           \
     }
 FN_DEFINE_AFFINE_OUT(float, f32, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_sub_ps,
-                     _mm256_mul_ps, _mm256_fmadd_ps, _mm256_stream_ps)
+                     _mm256_mul_ps, _mm256_fmadd_ps, _mm256_castps_si256)
 FN_DEFINE_AFFINE_OUT(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd, _mm256_sub_pd,
-                     _mm256_mul_pd, _mm256_fmadd_pd, _mm256_stream_pd)
+                     _mm256_mul_pd, _mm256_fmadd_pd, _mm256_castpd_si256)
 #undef FN_DEFINE_AFFINE_OUT
 #undef FN_AFFINE_OUT_STREAMED
+#undef FN_AFFINE_OUT_FORMULA
 
 
 /* One run of a backward pass with scalar coefficients (GroupNorm/InstanceNorm rows
  * per channel, BatchNorm runs): dx = k_dy * dy + (k_x * ((x - mean_hi) - mean_lo) + k_0).
- * stream != 0 writes dx with non-temporal stores from its first 32-byte boundary on
+ * stream != 0 writes a streamable dx (fn_row_streamable) with non-temporal stores
  * (AVX2 builds), the same fmas as the loop: the choice never changes a result. The
- * callers stream when the pass moves at least 2 * STREAM_BYTES (x, dy and dx): then dx
- * would not stay in cache, and the stores skip reading every dx line first.
+ * callers stream dx of STREAM_BYTES and more: it would not stay in cache, and the
+ * stores skip reading every dx line first.
  * GroupNorm (8,128,64,64) backward at 1 thread: 2.5-3.5 -> 1.6-2.1 ms. dx may be dy (a
  * fused activation's g is kept in dx): no restrict there, each dy[i] is read before
  * dx[i] is written. */
+#define FN_AFFINE_BACKWARD_FORMULA(i) (k_dy * dy[i] + (k_x * ((x[i] - mean_hi) - mean_lo) + k_0))
 #if FN_HAVE_STREAM
-#define FN_AFFINE_BACKWARD_STREAMED(VT, LANES, SET1, LOADU, SUB, FMADD, STREAM)                  \
-    if (stream) {                                                                            \
-        for (; i < n && ((size_t)(dx + i) & 31); i++)                                        \
-            dx[i] = k_dy * dy[i] + (k_x * ((x[i] - mean_hi) - mean_lo) + k_0);               \
+#define FN_AFFINE_BACKWARD_STREAMED(T, VT, LANES, SET1, LOADU, SUB, FMADD, CASTI)              \
+    if (stream && fn_row_streamable(dx, n, sizeof(T))) {                                     \
         VT hi = SET1(mean_hi), lo = SET1(mean_lo), a = SET1(k_dy), c = SET1(k_x), z = SET1(k_0); \
         for (; i + LANES <= n; i += LANES) {                                                 \
             VT d = SUB(SUB(LOADU(x + i), hi), lo);                                           \
-            STREAM(dx + i, FMADD(a, LOADU(dy + i), FMADD(c, d, z)));                         \
+            fn_stream32(dx + i, CASTI(FMADD(a, LOADU(dy + i), FMADD(c, d, z))));             \
+        }                                                                                    \
+        if (i < n) {                                                                         \
+            T tail[LANES / 2];                                                               \
+            for (ptrdiff_t j = i; j < n; j++) tail[j - i] = FN_AFFINE_BACKWARD_FORMULA(j);   \
+            fn_stream16(dx + i, tail);                                                       \
+            i = n;                                                                           \
         }                                                                                    \
     }
 #else
-#define FN_AFFINE_BACKWARD_STREAMED(VT, LANES, SET1, LOADU, SUB, FMADD, STREAM) (void)stream;
+#define FN_AFFINE_BACKWARD_STREAMED(T, VT, LANES, SET1, LOADU, SUB, FMADD, CASTI) (void)stream;
 #endif
-#define FN_DEFINE_AFFINE_BACKWARD(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, FMADD, STREAM)      \
+#define FN_DEFINE_AFFINE_BACKWARD(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, FMADD, CASTI)       \
     static inline void fn_affine_backward_##SUFFIX(const T* restrict x, const T* dy, T* dx,   \
                                                    ptrdiff_t n, T mean_hi,                    \
                                                    T mean_lo, T k_dy, T k_x, T k_0,           \
                                                    int stream) {                              \
         ptrdiff_t i = 0;                                                                     \
-        FN_AFFINE_BACKWARD_STREAMED(VT, LANES, SET1, LOADU, SUB, FMADD, STREAM)              \
+        FN_AFFINE_BACKWARD_STREAMED(T, VT, LANES, SET1, LOADU, SUB, FMADD, CASTI)            \
         _Pragma("omp simd")                                                                  \
-        for (ptrdiff_t j = i; j < n; j++)                                                    \
-            dx[j] = k_dy * dy[j] + (k_x * ((x[j] - mean_hi) - mean_lo) + k_0);               \
+        for (ptrdiff_t j = i; j < n; j++) dx[j] = FN_AFFINE_BACKWARD_FORMULA(j);             \
     }
 FN_DEFINE_AFFINE_BACKWARD(float, f32, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_sub_ps,
-                          _mm256_fmadd_ps, _mm256_stream_ps)
+                          _mm256_fmadd_ps, _mm256_castps_si256)
 FN_DEFINE_AFFINE_BACKWARD(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd,
-                          _mm256_sub_pd, _mm256_fmadd_pd, _mm256_stream_pd)
+                          _mm256_sub_pd, _mm256_fmadd_pd, _mm256_castpd_si256)
 #undef FN_DEFINE_AFFINE_BACKWARD
 #undef FN_AFFINE_BACKWARD_STREAMED
+#undef FN_AFFINE_BACKWARD_FORMULA
 
-/* One channels-last row of n channels, parameters per channel:
+/* Channels-last rows written with non-temporal stores (AVX2 builds), for outputs much
+ * larger than the caches (STREAM_BYTES): 16-byte stores over whole streamable rows
+ * (fn_row_streamable). The arithmetic is the plain loops' own, fma for fma
+ * (test_batchnorm.py pins the bits); the caller fences once per thread after its last
+ * row. */
+#if FN_HAVE_STREAM
+/* W: 32-byte vector ops, H: 16-byte ones; HALF(v, i): 16-byte half i of v */
+#define FN_DEFINE_STREAMED_ROWS(T, SUFFIX, WL, HL, LOADW, LOADH, ADDW, ADDH, SUBW, SUBH,     \
+                                MULW, MULH, FMAW, FMAH, HALF, STREAMH)                      \
+    static inline void fn_affine_row_streamed_##SUFFIX(const T* restrict x, T* restrict y,  \
+                                                       ptrdiff_t n, const T* restrict hi,   \
+                                                       const T* restrict scale,             \
+                                                       const T* restrict shift) {           \
+        ptrdiff_t c = 0;                                                                    \
+        for (; c + WL <= n; c += WL) {                                                      \
+            __typeof__(LOADW(x)) v = hi ? SUBW(LOADW(x + c), LOADW(hi + c)) : LOADW(x + c); \
+            v = FMAW(v, LOADW(scale + c), LOADW(shift + c));                                \
+            STREAMH(y + c, HALF(v, 0));                                                     \
+            STREAMH(y + c + HL, HALF(v, 1));                                                \
+        }                                                                                   \
+        for (; c < n; c += HL) {                                                            \
+            __typeof__(LOADH(x)) v = hi ? SUBH(LOADH(x + c), LOADH(hi + c)) : LOADH(x + c); \
+            STREAMH(y + c, FMAH(v, LOADH(scale + c), LOADH(shift + c)));                    \
+        }                                                                                   \
+    }                                                                                       \
+    /* dx = fma(k_dy, dy, k_x * (x - hi)) + k_0: gcc's contraction of the plain loop */     \
+    static inline void fn_backward_row_streamed_##SUFFIX(const T* restrict x, const T* dy,  \
+                                                         T* dx, ptrdiff_t n,                \
+                                                         const T* restrict hi,              \
+                                                         const T* restrict k_dy,            \
+                                                         const T* restrict k_x,             \
+                                                         const T* restrict k_0) {           \
+        ptrdiff_t c = 0;                                                                    \
+        for (; c + WL <= n; c += WL) {                                                      \
+            __typeof__(LOADW(x)) v = ADDW(FMAW(LOADW(k_dy + c), LOADW(dy + c),              \
+                                               MULW(SUBW(LOADW(x + c), LOADW(hi + c)),      \
+                                                    LOADW(k_x + c))),                       \
+                                          LOADW(k_0 + c));                                  \
+            STREAMH(dx + c, HALF(v, 0));                                                    \
+            STREAMH(dx + c + HL, HALF(v, 1));                                               \
+        }                                                                                   \
+        for (; c < n; c += HL)                                                              \
+            STREAMH(dx + c, ADDH(FMAH(LOADH(k_dy + c), LOADH(dy + c),                       \
+                                      MULH(SUBH(LOADH(x + c), LOADH(hi + c)),               \
+                                           LOADH(k_x + c))),                                \
+                                 LOADH(k_0 + c)));                                          \
+    }
+FN_DEFINE_STREAMED_ROWS(float, f32, 8, 4, _mm256_loadu_ps, _mm_loadu_ps, _mm256_add_ps,
+                        _mm_add_ps, _mm256_sub_ps, _mm_sub_ps, _mm256_mul_ps, _mm_mul_ps,
+                        _mm256_fmadd_ps, _mm_fmadd_ps, _mm256_extractf128_ps, _mm_stream_ps)
+FN_DEFINE_STREAMED_ROWS(double, f64, 4, 2, _mm256_loadu_pd, _mm_loadu_pd, _mm256_add_pd,
+                        _mm_add_pd, _mm256_sub_pd, _mm_sub_pd, _mm256_mul_pd, _mm_mul_pd,
+                        _mm256_fmadd_pd, _mm_fmadd_pd, _mm256_extractf128_pd, _mm_stream_pd)
+#undef FN_DEFINE_STREAMED_ROWS
+/* With stream, a streamable row goes to fn_KIND_row_streamed_SUFFIX(...), then `done` */
+#define FN_ROW_STREAMED(done, SUFFIX, KIND, y, n, ...)                                      \
+    if (stream && fn_row_streamable((y), (n), sizeof *(y))) {                               \
+        fn_##KIND##_row_streamed_##SUFFIX(__VA_ARGS__);                                     \
+        done;                                                                               \
+    }
+#else
+#define FN_ROW_STREAMED(done, SUFFIX, KIND, y, n, ...) (void)stream;
+#endif
+
+/* Channels-last rows of n channels, parameters per channel:
  *   y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c],  or  x[c] * scale[c] + shift[c]
  * when mean_hi is NULL. The callers fold the rest into shift (affine_coefficients in
  * _common.pxd): one fma and at most three parameter loads per value, as a plain
- * scale-and-shift has. (Non-temporal stores were slower here: streamed row by row,
- * 1.9x slower on 24 and 48 MiB outputs; computed in 8 KiB spans in L1 and copied out
- * streamed, 3-20% slower on 16-25 MiB outputs at one thread, allocated per call as a
- * user's forward does: the freed output of the previous call is still in cache.) */
+ * scale-and-shift has. stream: non-temporal stores (see above). */
 #define FN_DEFINE_CHANNELS_AFFINE(T, SUFFIX)                                                \
     /* rows whole rows of n channels, one after the other (or one row's channel range) */   \
     static inline void fn_channels_affine_##SUFFIX(const T* restrict x, T* restrict y,      \
                                                    ptrdiff_t rows, ptrdiff_t n,             \
                                                    const T* restrict mean_hi,               \
                                                    const T* restrict scale,                 \
-                                                   const T* restrict shift) {               \
+                                                   const T* restrict shift, int stream) {   \
         for (ptrdiff_t r = 0; r < rows; r++, x += n, y += n) {                              \
+            FN_ROW_STREAMED(continue, SUFFIX, affine, y, n, x, y, n, mean_hi, scale, shift) \
             if (mean_hi) {                                                                  \
                 _Pragma("omp simd")                                                         \
                 for (ptrdiff_t c = 0; c < n; c++) y[c] = (x[c] - mean_hi[c]) * scale[c] + shift[c];\
@@ -375,13 +470,14 @@ FN_DEFINE_CHANNELS_AFFINE(double, f64)
 /* One channels-last row of a backward pass, coefficients per channel:
  *   dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c]
  * the mean's tail folded into k_0 by the caller. dx may be dy (no restrict there:
- * each element is read before it is written). */
+ * each element is read before it is written). stream: non-temporal stores (see above). */
 #define FN_DEFINE_CHANNELS_BACKWARD(T, SUFFIX)                                              \
     static inline void fn_channels_backward_##SUFFIX(const T* restrict x, const T* dy, T* dx, \
                                                      ptrdiff_t n, const T* restrict mean_hi, \
                                                      const T* restrict k_dy,                \
                                                      const T* restrict k_x,                 \
-                                                     const T* restrict k_0) {               \
+                                                     const T* restrict k_0, int stream) {   \
+        FN_ROW_STREAMED(return, SUFFIX, backward, dx, n, x, dy, dx, n, mean_hi, k_dy, k_x, k_0)\
         _Pragma("omp simd")                                                                 \
         for (ptrdiff_t c = 0; c < n; c++)                                                   \
             dx[c] = k_dy[c] * dy[c] + k_x[c] * (x[c] - mean_hi[c]) + k_0[c];                \
@@ -389,6 +485,7 @@ FN_DEFINE_CHANNELS_AFFINE(double, f64)
 FN_DEFINE_CHANNELS_BACKWARD(float, f32)
 FN_DEFINE_CHANNELS_BACKWARD(double, f64)
 #undef FN_DEFINE_CHANNELS_BACKWARD
+#undef FN_ROW_STREAMED
 
 /* Elementwise steps with a parameter per element (LayerNorm/RMSNorm rows).
  * Not reductions, but written here with restrict and `omp simd` so that they

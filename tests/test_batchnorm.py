@@ -4,6 +4,7 @@ import pytest
 
 import fastnorm as fn
 from fastnorm import functional as F
+from fastnorm._kernels import kernels
 from helpers import is_channels_last, make_input, num_threads, tolerance, torch_or_skip
 import reference as ref
 
@@ -276,6 +277,52 @@ def test_bitwise_identical_for_any_thread_count(shape, layout, monkeypatch):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape, layout", [((2700, 1604), "contiguous"),
+                                           ((2700, 1602), "contiguous"),
+                                           ((6, 76, 96, 100), "channels_last"),
+                                           ((6, 77, 96, 100), "channels_last")])
+@pytest.mark.parametrize("running_mean", [0.0, 1e3])
+def test_large_rows_output_written_with_streaming_stores_is_bitwise_the_same(
+        shape, layout, dtype, running_mean):
+    """(N, C) and channels-last outputs of 16 MiB and more are written with non-temporal
+    stores where rows are whole 16-byte vectors (76, 1604 channels: a half vector at the
+    end in float32; 1602 in float64; 77 never); a few samples alone take plain stores.
+    Same bits, with the mean subtracted (far from zero) and folded into the shift."""
+    x = make_input(shape, dtype, layout, seed=4, mean=running_mean)
+    layer = fn.BatchNorm1d(shape[1], dtype=dtype) if len(shape) == 2 else fn.BatchNorm2d(
+        shape[1], dtype=dtype)
+    rng = np.random.default_rng(5)
+    layer.running_mean[:] = running_mean + rng.standard_normal(shape[1])
+    layer.running_var[:] = rng.uniform(0.5, 2.0, shape[1])
+    layer.weight[:] = rng.uniform(0.5, 2.0, shape[1])
+    layer.bias[:] = rng.standard_normal(shape[1])
+    layer.eval()
+    big = layer(x)
+    for part in (slice(0, 1), slice(3, 5), slice(shape[0] - 1, None)):
+        assert np.array_equal(big[part], layer(x[part]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [76, 1602, 77])
+def test_large_rows_backward_written_with_streaming_stores_is_bitwise_the_same(dtype, channels):
+    """A channels-last dx of 16 MiB and more is written with non-temporal stores where rows
+    are whole 16-byte vectors (see the forward test); the same coefficients on a few rows
+    take plain stores: same bits."""
+    rows = (16 << 20) // (channels * np.dtype(dtype).itemsize) + 2
+    x = make_input((rows, channels, 1), dtype, seed=6, mean=1e3)
+    dy = make_input((rows, channels, 1), dtype, seed=7)
+    rng = np.random.default_rng(8)
+    mean = 1e3 + rng.standard_normal(channels)
+    k_dy, k_x, k_0 = rng.standard_normal((3, channels))
+    big = np.empty_like(x)
+    kernels.channel_backward_apply(x, dy, mean, k_dy, k_x, k_0, big, 2)
+    for part in (slice(0, 1), slice(3, 5), slice(rows - 1, None)):
+        small = np.empty_like(x[part])
+        kernels.channel_backward_apply(x[part], dy[part], mean, k_dy, k_x, k_0, small, 1)
+        assert np.array_equal(big[part], small)
 
 
 @pytest.mark.smoke
