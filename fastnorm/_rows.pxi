@@ -637,8 +637,10 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     cdef void* p_h = data_or_null(h)
     cdef double* work = NULL
     g.act = act
-    # an activation rereads its output, which must then stay in cache
-    g.stream = act == ACT_NONE and g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
+    # an activation rereads its output, which must then stay in cache; with a residual,
+    # the outputs are h (plain stores: the row rereads it) and y
+    g.stream = act == ACT_NONE and ((2 if residual is not None else 1)
+                                    * g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES)
     if split_by_unit(&g, n_threads):
         scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
         work = <double*>cnp.PyArray_DATA(scratch)
