@@ -35,7 +35,8 @@ from cython cimport floating
 from cython.parallel cimport parallel, prange
 
 from fastnorm._common cimport (
-    FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, block_moments,
+    FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, STREAM_RUN_BYTES, UNIT_ELEMS,
+    Moments, block_moments,
     affine_coefficients, chan_merge, channels_affine, channels_backward, cols_grad_sums,
     cols_moments, cols_shifted_sums, fn_column_rows_per_lane, fn_stream_fence, fold_mean_tail,
     row_centered_sums, row_grad_sums, run_affine_backward, run_affine_out, run_grad_sums,
@@ -112,8 +113,6 @@ cdef enum:
     # a page per run; longer runs amortize that).
     RUNS_MIN_SAMPLES = 8
     RUNS_MAX_BYTES = 16384
-    # Shortest run written with non-temporal stores by the memory-order elementwise pass
-    STREAM_RUN_BYTES = 4096
     # Rows whose mean is the shift of a stripe's one-pass sums (rows strategy)
     PILOT_ROWS = 8
     # Rows per call of a plain channels-last forward (rows_affine)

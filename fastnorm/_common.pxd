@@ -30,6 +30,10 @@ cdef enum:
     # (An earlier "16 MiB ran 2x slower streamed" came from plain stores to reach
     # 32-byte alignment sharing lines with the streamed ones.)
     STREAM_BYTES = 16 << 20
+    # Shortest contiguous run streamed by a forward (channels-first runs, rows): the
+    # plain stores at a run's ends share lines with its streamed ones (at 64 values it
+    # was 10x slower; fn_affine_out)
+    STREAM_RUN_BYTES = 4096
 
 
 cdef struct Moments:

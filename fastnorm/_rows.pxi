@@ -58,8 +58,8 @@ from cython.parallel cimport prange, threadid
 from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
-    FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, UNIT_ELEMS, Moments, affine_coefficients,
-    block_moments, chan_merge, flush_partials, fn_short_rows_backward_f32,
+    FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
+    affine_coefficients, block_moments, chan_merge, flush_partials, fn_short_rows_backward_f32,
     fn_row_backward_coefficients, fn_short_rows_backward_f64, fn_short_rows_forward_f32,
     fn_short_rows_forward_f64, fn_store_row_stats, fn_stream_fence, fold_mean_tail, row_grad_sums,
     row_sum_squares, run_add, run_affine_backward, run_affine_out, run_backward_weighted,
@@ -639,8 +639,10 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     g.act = act
     # an activation rereads its output, which must then stay in cache; with a residual,
     # the outputs are h (plain stores: the row rereads it) and y
-    g.stream = act == ACT_NONE and ((2 if residual is not None else 1)
-                                    * g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES)
+    g.stream = (act == ACT_NONE
+                and (2 if residual is not None else 1) * g.R * g.D * cnp.PyArray_ITEMSIZE(x)
+                >= STREAM_BYTES
+                and (g.S if per_channel else g.D) * cnp.PyArray_ITEMSIZE(x) >= STREAM_RUN_BYTES)
     if split_by_unit(&g, n_threads):
         scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
         work = <double*>cnp.PyArray_DATA(scratch)

@@ -233,7 +233,7 @@ def test_state_dict_round_trip_with_torch():
 def test_large_output_written_with_streaming_stores_is_bitwise_the_same(shape):
     """Outputs of 16 MiB and more take the non-temporal store path: same values. Rows of
     1028 floats end in half a vector and start at either 32-byte alignment; rows of 64
-    take the short-rows loop."""
+    (shorter than STREAM_RUN_BYTES) stay plain."""
     x = make_input(shape, np.float32, seed=20)
     layer = fn.LayerNorm(shape[1])
     randomize_parameters(layer)
