@@ -20,9 +20,11 @@ cdef enum:
     # by the thread count, so partial results always merge the same way.
     MAX_STRIPES = 16
     # Outputs (forward y, backward dx) of at least this size are written with
-    # non-temporal stores, 16 bytes at a time (fn_row_streamable in _simd.h): they
-    # would not stay in cache anyway, and the stores then skip reading each output
-    # line first (a third of the traffic). A/B in the benchmark's conditions (fresh
+    # non-temporal stores (row and channels-first forwards: 32-byte stores after a
+    # short plain peel, fn_affine_out; channels-last rows and dx: 16-byte stores over
+    # whole rows, fn_row_streamable in _simd.h): they would not stay in cache anyway,
+    # and the stores then skip reading each output line first (a third of the
+    # traffic). A/B in the benchmark's conditions (fresh
     # output per call, 32 MiB L3): streamed from 12 MiB up was 1.3-1.6x faster for
     # channels-last rows and GroupNorm/InstanceNorm dx, 1.2-1.5x for 16 MiB
     # InstanceNorm/GroupNorm/LayerNorm forwards; at 8 MiB plain stores were up to
@@ -31,8 +33,8 @@ cdef enum:
     # 32-byte alignment sharing lines with the streamed ones.)
     STREAM_BYTES = 16 << 20
     # Shortest contiguous run streamed by a forward (channels-first runs, rows): the
-    # plain stores at a run's ends share lines with its streamed ones (at 64 values it
-    # was 10x slower; fn_affine_out)
+    # channels-first pass fences after each run (at 64 values that was 10x slower), and
+    # fn_affine_out's plain peel and tail share lines with the streamed stores
     STREAM_RUN_BYTES = 4096
 
 

@@ -261,7 +261,8 @@ static inline void fn_stream_fence(void) {
 }
 
 #if FN_HAVE_STREAM
-/* Non-temporal stores are 16 bytes wide here, and a run is streamed only when it is
+/* Non-temporal stores of dx and of channels-last rows are 16 bytes wide (fn_affine_out
+ * keeps 32-byte ones, see there), and such a run is streamed only when it is
  * 16-byte aligned and a whole number of 16-byte pieces (else it is written plainly):
  * numpy's outputs are 16 bytes off a 32-byte boundary as often as not, and no plain
  * store may share a cache line with streamed ones. A scalar peel to 32-byte alignment,
