@@ -280,6 +280,61 @@ static inline void fn_stream32(void* p, __m256i v) {
  * as one non-temporal store built in a register */
 #define FN_STREAM_TAIL_f32(p, F, i) _mm_stream_ps((p), _mm_setr_ps(F(i), F(i + 1), F(i + 2), F(i + 3)))
 #define FN_STREAM_TAIL_f64(p, F, i) _mm_stream_pd((p), _mm_setr_pd(F(i), F(i + 1)))
+
+/* A float row y[0, n) whose values come as vectors at i = 0, 8, 16, ... of the
+ * computation's own frame (where its scratch rows are aligned), written with 32-byte
+ * non-temporal stores over the whole 64-byte lines of y, [p0, p1), whatever y's
+ * alignment: each vector is rotated by y's offset d from a 32-byte boundary and blended
+ * with the previous one into the aligned block it completes. The partial lines at the
+ * row's ends, shared with the neighbouring rows, get plain masked stores, so no line
+ * mixes the two kinds. (Realigning in registers instead of shifting the loop to y's
+ * boundaries keeps the scratch loads aligned: shifted, the streamed loop was no faster
+ * than plain stores.) fn_row_stream_put must be called for i = 0, 8, ... in order. */
+typedef struct {
+    float* y;
+    ptrdiff_t d, p0, p1;
+    __m256i rot;        /* lane j <- lane (j + d) & 7 */
+    __m256 from_prev;   /* block lanes taken from the previous vector: j < 8 - d (none if d = 0) */
+    __m256 prev;        /* the previous vector, rotated */
+} fn_row_stream;
+
+/* 0 when the row has no whole line to stream (then store it plainly) */
+static inline int fn_row_stream_init(fn_row_stream* s, float* y, ptrdiff_t n) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    if ((size_t)y & 3) return 0;
+    s->y = y;
+    s->d = (ptrdiff_t)((-(size_t)y & 31) / 4);
+    s->p0 = (ptrdiff_t)((-(size_t)y & 63) / 4);
+    if (n - s->p0 < 16) return 0;
+    s->p1 = s->p0 + (n - s->p0) / 16 * 16;
+    s->rot = _mm256_and_si256(_mm256_add_epi32(lanes, _mm256_set1_epi32((int)s->d)),
+                              _mm256_set1_epi32(7));
+    s->from_prev = _mm256_castsi256_ps(
+        s->d ? _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(8 - s->d)), lanes)
+             : _mm256_setzero_si256());
+    s->prev = _mm256_setzero_ps();
+    return 1;
+}
+
+/* y[i, i + m) = the first m lanes of v */
+static inline void fn_row_stream_put(fn_row_stream* s, ptrdiff_t i, __m256 v, ptrdiff_t m) {
+    __m256 r = _mm256_permutevar8x32_ps(v, s->rot);
+    ptrdiff_t q = s->d ? i - 8 + s->d : i;       /* the aligned block [q, q + 8) now complete */
+    if (q >= s->p0 && q + 8 <= s->p1)
+        _mm256_stream_ps(s->y + q, _mm256_blendv_ps(r, s->prev, s->from_prev));
+    s->prev = r;
+    if (i < s->p0 || i + 8 > s->p1) {            /* lanes outside the streamed lines */
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        __m256i pos = _mm256_add_epi32(lanes, _mm256_set1_epi32((int)i));
+        __m256i outside = _mm256_or_si256(
+            _mm256_cmpgt_epi32(_mm256_set1_epi32((int)s->p0), pos),
+            _mm256_andnot_si256(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)s->p1), pos),
+                                _mm256_set1_epi32(-1)));
+        __m256i mask = _mm256_and_si256(outside,
+                                        _mm256_cmpgt_epi32(_mm256_set1_epi32((int)m), lanes));
+        _mm256_maskstore_ps(s->y + i, mask, v);
+    }
+}
 #endif
 
 /* FN_AFFINE_OUT_STREAMED: with stream, the vectors from y's first 32-byte boundary on,
@@ -683,9 +738,10 @@ FN_DEFINE_COLUMN_KERNELS(double, f64)
  * only an infinite or NaN s can occur, and it makes the fast result NaN: the
  * loop just ORs a NaN mask and redoes the NaN values afterwards. Otherwise
  * every vector is checked. The last partial vector is padded, so every
- * element gets the same arithmetic wherever it sits in a row. (Non-temporal
- * stores were tried: with the prefetches they were slower, at one thread
- * and at two.) */
+ * element gets the same arithmetic wherever it sits in a row. Large outputs
+ * (the caller's stream) go through fn_row_stream: non-temporal stores realigned
+ * in registers (earlier attempts shifted the loop to y's alignment, which left
+ * the scratch loads misaligned, and were slower than plain stores). */
 static inline float fn_pow075_portable(float s, int plus_one) {
     float root = sqrtf(s);
     return 1.0f / (root * sqrtf(root) * (plus_one ? s : 1.0f));
@@ -816,47 +872,66 @@ static inline __m256 fn_nan_lanes(__m256 v) {
  * then the padded last vector; they return the NaN lanes of all outputs. */
 #define FN_LRN_STEP static inline __attribute__((always_inline))
 
+/* y[i, i + m) = the first m lanes of v: streamed through st, or plain when st is NULL */
+static inline void fn_row_put(fn_row_stream* st, float* y, ptrdiff_t i, __m256 v, ptrdiff_t m) {
+    if (st)
+        fn_row_stream_put(st, i, v, m);
+    else
+        fn_store8(y + i, v, m);
+}
+
 #define FN_DEFINE_LRN075(T, SUFFIX)                                                      \
     FN_LRN_STEP __m256 fn_lrn_forward8_##SUFFIX(const T* suffix, T* prefix,              \
                                                 const float* grow, const float* x,       \
-                                                float* y, ptrdiff_t m, double k,         \
-                                                double a, int checked) {                 \
-        __m256 s = fn_lrn_scale8_##SUFFIX(suffix, prefix, grow, m, k, a);                \
-        __m256 v = _mm256_mul_ps(fn_load8(x, m), fn_pow075_8(s, checked, NULL));          \
-        fn_store8(y, v, m);                                                              \
+                                                float* y, fn_row_stream* st, ptrdiff_t i, \
+                                                ptrdiff_t m, double k, double a,         \
+                                                int checked) {                           \
+        __m256 s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
+                                          m, k, a);                                      \
+        __m256 v = _mm256_mul_ps(fn_load8(x + i, m), fn_pow075_8(s, checked, NULL));      \
+        fn_row_put(st, y, i, v, m);                                                      \
         return fn_nan_lanes(v);                                                          \
     }                                                                                    \
     FN_LRN_STEP __m256 fn_lrn_forward_loop_##SUFFIX(const T* suffix, T* prefix,          \
                                                     const float* grow, const float* x,   \
-                                                    float* y, ptrdiff_t n, double k,     \
-                                                    double a, const float* prefetch,     \
-                                                    int checked) {                       \
+                                                    float* y, fn_row_stream* st,         \
+                                                    ptrdiff_t n, double k, double a,     \
+                                                    const float* prefetch, int checked) { \
         __m256 nan = _mm256_setzero_ps();                                                \
         ptrdiff_t i = 0;                                                                 \
         for (; i + 8 <= n; i += 8) {                                                     \
             FN_PREFETCH_SPREAD(prefetch, i);                                             \
-            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix + i, prefix + i,     \
-                                                             grow ? grow + i : NULL,     \
-                                                             x + i, y + i, 8, k, a, checked)); \
+            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix, prefix, grow, x, y, \
+                                                             st, i, 8, k, a, checked));  \
         }                                                                                \
         if (i < n)                                                                       \
-            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix + i, prefix + i,     \
-                                                             grow ? grow + i : NULL,     \
-                                                             x + i, y + i, n - i, k, a,  \
-                                                             checked));                  \
+            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix, prefix, grow, x, y, \
+                                                             st, i, n - i, k, a, checked)); \
         return nan;                                                                      \
     }                                                                                    \
     static inline void fn_lrn_forward075_##SUFFIX(const T* suffix, T* prefix,           \
                                                   const float* grow, const float* x,    \
                                                   float* y, ptrdiff_t n, double k,      \
-                                                  double a, const float* prefetch) {    \
+                                                  double a, const float* prefetch,      \
+                                                  int stream) {                         \
+        fn_row_stream st;                                                                \
+        __m256 nan;                                                                      \
+        stream = stream && fn_row_stream_init(&st, y, n);                                \
         if (!fn_pow075_s_is_normal(k, a)) {                                              \
-            fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, n, k, a, prefetch, 1); \
+            if (stream)                                                                  \
+                fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, &st, n, k, a,   \
+                                             prefetch, 1);                               \
+            else                                                                         \
+                fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, NULL, n, k, a,  \
+                                             prefetch, 1);                               \
             return;                                                                      \
         }                                                                                \
-        /* an infinite or NaN s, or a NaN x */                                           \
-        if (_mm256_movemask_ps(fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, n, \
-                                                            k, a, prefetch, 0)))         \
+        nan = stream ? fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, &st, n,  \
+                                                    k, a, prefetch, 0)                   \
+                     : fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, NULL, n, \
+                                                    k, a, prefetch, 0);                  \
+        /* an infinite or NaN s, or a NaN x (a streamed row is read back here: rare) */  \
+        if (_mm256_movemask_ps(nan))                                                     \
             for (ptrdiff_t j = 0; j < n; j++)                                            \
                 if (isnan(y[j]))                                                         \
                     y[j] = x[j] * fn_pow075_portable(                                    \
@@ -929,8 +1004,10 @@ static inline __m256 fn_nan_lanes(__m256 v) {
     static inline void fn_lrn_forward075_##SUFFIX(const T* suffix, T* prefix,           \
                                                   const float* grow, const float* x,    \
                                                   float* y, ptrdiff_t n, double k,      \
-                                                  double a, const float* prefetch) {    \
+                                                  double a, const float* prefetch,      \
+                                                  int stream) {                         \
         (void)prefetch;                                                                  \
+        (void)stream;                                                                    \
         for (ptrdiff_t i = 0; i < n; i++)                                                \
             y[i] = x[i] * fn_pow075_portable(                                            \
                 fn_lrn_scale1_##SUFFIX(suffix, prefix, grow, i, k, a), 0);               \

@@ -207,6 +207,24 @@ def test_large_input_like_small_ones():
     assert np.array_equal(dx[2:3], local_response_norm_backward(dy[2:3], x[2:3], 5))
 
 
+@pytest.mark.parametrize("offset", [0, 1, 3, 6])
+def test_streamed_output_like_plain(offset):
+    """A float32 output of STREAM_BYTES (16 MiB) and more is written with
+    non-temporal stores, realigned in registers to every row's 32-byte
+    boundaries (the rows of odd planes start at every offset), with plain
+    stores at the rows' ends; one sample alone is small and written plainly.
+    The values must be the same bit for bit, wherever out starts, and the
+    NaN/inf clean-up must find them in a streamed row."""
+    x = make((10, 16, 151, 181), np.float32)
+    x[3, 7, 40, 11] = np.nan
+    x[5, 2, 100, 3] = np.inf
+    assert x.nbytes >= 16 << 20
+    out = np.empty(x.size + 8, np.float32)[offset:offset + x.size].reshape(x.shape)
+    local_response_norm(x, 5, out=out)
+    for n in range(x.shape[0]):
+        assert np.array_equal(out[n:n + 1], local_response_norm(x[n:n + 1], 5), equal_nan=True)
+
+
 # ================================================================= layouts
 
 @pytest.mark.parametrize("dtype", DTYPES)
