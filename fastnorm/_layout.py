@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from ._memory import empty as empty_output
+
 
 @functools.lru_cache(maxsize=None)
 def _axes_channels_last(ndim):
@@ -81,9 +83,9 @@ def output_for(x, channels_last, out=None):
             return out, view
     n, c = x.shape[0], x.shape[1]
     if channels_last:
-        last = np.empty(x.shape[:1] + x.shape[2:] + x.shape[1:2], dtype=x.dtype)
+        last = empty_output(x.shape[:1] + x.shape[2:] + x.shape[1:2], x.dtype)
         return last.transpose(_axes_channels_first(last.ndim)), last.reshape(-1, c, 1)
-    target = np.empty(x.shape, dtype=x.dtype)
+    target = empty_output(x.shape, x.dtype)
     return target, target.reshape(n, c, math.prod(x.shape[2:]))
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
+from .._memory import empty as empty_output
 from .._overflow import refit_rows
 from .._layout import (
     channels_to_last, contiguous, deliver, is_channels_last, is_kernel_array, kernel_view,
@@ -208,7 +209,7 @@ def groups_forward(x, num_groups, weight, bias, eps, out, want_var=False, act=0)
                 target[...] = refit
         return deliver(target, out), mean, rstd, var
     x = contiguous(x)
-    y = out if out is not None and is_kernel_array(out) else np.empty(x.shape, x.dtype)
+    y = out if out is not None and is_kernel_array(out) else empty_output(x.shape, x.dtype)
     if x.size:
         overflowed = kernels.row_forward(x, weight, bias, n * num_groups, channels // num_groups,
                                          spatial, num_groups, True, True, eps, y, mean, rstd,
@@ -237,7 +238,7 @@ def groups_backward(grad_output, x, num_groups, weight, mean, rstd, act=0, bias=
         return grad_input, grad_weight, grad_bias
     x = contiguous(x)
     dy = contiguous(grad_output)
-    grad_input = np.empty(x.shape, x.dtype)
+    grad_input = empty_output(x.shape, x.dtype)
     if x.size:
         kernels.row_backward(x, dy, weight, n * num_groups, channels // num_groups, spatial,
                              num_groups, True, True, mean, rstd, grad_input, grad_weight,

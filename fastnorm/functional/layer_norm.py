@@ -25,6 +25,7 @@ import numpy as np
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
 from .._layout import is_kernel_array
+from .._memory import empty as empty_output
 from .._overflow import refit_rows
 from .._threads import threads_for
 from .._validation import check_float_array, check_grad_output, check_like, check_out
@@ -218,11 +219,11 @@ def rows_forward(x, residual, shape, weight, bias, eps, centered, out, act=0):
     lead = x.shape[:x.ndim - len(shape)]
     size = prod(shape)
     x = contiguous(x)
-    y = out if out is not None and is_kernel_array(out) else np.empty(x.shape, x.dtype)
+    y = out if out is not None and is_kernel_array(out) else empty_output(x.shape, x.dtype)
     h = None
     if residual is not None:
         residual = contiguous(residual)
-        h = np.empty(x.shape, x.dtype)
+        h = empty_output(x.shape, x.dtype)
     rows = x.size // size if size else prod(lead)
     rstd = np.empty(lead)
     mean = np.empty(lead) if centered else None
@@ -249,7 +250,7 @@ def rows_backward(grad_output, x, shape, weight, mean, rstd, centered, act=0, bi
     size = prod(shape)
     x = contiguous(x)
     dy = contiguous(grad_output)
-    grad_input = np.empty(x.shape, x.dtype)
+    grad_input = empty_output(x.shape, x.dtype)
     grad_weight = np.empty(shape, x.dtype)
     grad_bias = np.empty(shape, x.dtype) if centered else None
     if x.size:

@@ -1,0 +1,118 @@
+"""The output pool (fastnorm/_memory.py): large outputs reuse blocks whose arrays are
+all gone, never one still in use."""
+import threading
+
+import numpy as np
+import pytest
+
+import fastnorm as fn
+from fastnorm import _memory
+from fastnorm.functional import layer_norm, local_response_norm
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def pool(monkeypatch):
+    """The pool emptied, with 1 MiB arrays already pooled (small, fast tests)."""
+    _memory.release()
+    monkeypatch.setattr(_memory, "_blocks", [])
+    monkeypatch.setattr(_memory, "POOL_MIN_BYTES", MIB)
+    yield _memory
+    _memory._blocks.clear()
+
+
+def address(a):
+    return a.__array_interface__["data"][0]
+
+
+def test_small_arrays_are_not_pooled(pool):
+    a = pool.empty((100, 100), np.float32)
+    assert a.shape == (100, 100) and a.dtype == np.float32 and a.flags.c_contiguous
+    assert pool.pooled_bytes() == 0
+
+
+def test_block_reused_only_when_its_arrays_are_gone(pool):
+    a = pool.empty((512, 1024), np.float32)          # 2 MiB
+    assert a.shape == (512, 1024) and a.flags.c_contiguous and a.flags.writeable
+    assert address(a) % 4096 == pool.PAGE_OFFSET
+    b = pool.empty((512, 1024), np.float32)
+    assert not np.may_share_memory(a, b)
+    where = address(a)
+    view = a[1:]
+    del a
+    c = pool.empty((512, 1024), np.float32)          # a's block is still seen through view
+    assert not np.may_share_memory(c, view) and not np.may_share_memory(c, b)
+    del view
+    d = pool.empty((1024, 512), np.float32)
+    assert address(d) == where
+    assert len(pool._blocks) == 3
+
+
+def test_a_much_larger_free_block_is_not_used(pool):
+    big = pool.empty((8 * MIB,), np.uint8)
+    big_at = address(big)
+    del big
+    small = pool.empty((2 * MIB,), np.uint8)
+    assert address(small) != big_at
+    assert len(pool._blocks) == 2
+
+
+def test_pool_never_holds_more_than_its_limit(pool, monkeypatch):
+    monkeypatch.setattr(pool, "POOL_MAX_BYTES", 6 * MIB)
+    a = pool.empty((2 * MIB,), np.uint8)
+    b = pool.empty((2 * MIB,), np.uint8)
+    c = pool.empty((2 * MIB,), np.uint8)             # no room: a plain array
+    assert len(pool._blocks) == 2 and pool.pooled_bytes() <= 6 * MIB
+    assert not np.may_share_memory(c, a) and not np.may_share_memory(c, b)
+    del a, c
+    d = pool.empty((3 * MIB,), np.uint8)             # a's free block is dropped for it
+    assert len(pool._blocks) == 2 and pool.pooled_bytes() <= 6 * MIB
+    assert not np.may_share_memory(d, b)
+
+
+def test_release_drops_free_blocks_only(pool):
+    a = pool.empty((2 * MIB,), np.uint8)
+    b = pool.empty((2 * MIB,), np.uint8)
+    del b
+    pool.release()
+    assert len(pool._blocks) == 1
+    assert pool._blocks[0].__array_interface__["data"][0] <= address(a)
+
+
+def test_threads_never_share_a_block(pool):
+    errors = []
+
+    def work(tag):
+        for _ in range(200):
+            a = pool.empty((MIB // 4,), np.float32)
+            a.fill(tag)
+            a[:: 4096] = tag                          # touch again after other threads ran
+            if not (a == tag).all():
+                errors.append(tag)
+            del a                                     # before the next request
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(pool._blocks) <= 4
+
+
+def test_layer_outputs_come_from_the_pool(pool):
+    x = np.random.default_rng(0).standard_normal((4, 8, 64, 64)).astype(np.float32)  # 512 KiB
+    pool.POOL_MIN_BYTES = 256 * 1024
+    y = local_response_norm(x, 5)
+    assert pool.pooled_bytes() > 0
+    where = address(y)
+    expected = y.copy()
+    del y
+    y2 = local_response_norm(x, 5)
+    assert address(y2) == where
+    np.testing.assert_array_equal(y2, expected)
+    rows = np.random.default_rng(1).standard_normal((256, 512)).astype(np.float32)
+    z = layer_norm(rows, (512,))
+    assert not np.may_share_memory(z, y2)
+    assert fn.LayerNorm(512)(rows).shape == rows.shape
