@@ -289,10 +289,14 @@ static inline void fn_stream32(void* p, __m256i v) {
  * row's ends, shared with the neighbouring rows, get plain masked stores, so no line
  * mixes the two kinds. (Realigning in registers instead of shifting the loop to y's
  * boundaries keeps the scratch loads aligned: shifted, the streamed loop was no faster
- * than plain stores.) fn_row_stream_put must be called for i = 0, 8, ... in order. */
+ * than plain stores.) Every vector goes through fn_row_put, for i = 0, 8, ... in order:
+ * FN_PUT_EDGE (anywhere) or, for body_from <= i < body_to, FN_PUT_BODY (just the rotation,
+ * the blend and the stream: the edge checks cost 1.6 instructions per value). */
 typedef struct {
     float* y;
     ptrdiff_t d, p0, p1;
+    ptrdiff_t body_from, body_to;
+    ptrdiff_t shift;    /* a body vector at i completes the block at i + shift */
     __m256i rot;        /* lane j <- lane (j + d) & 7 */
     __m256 from_prev;   /* block lanes taken from the previous vector: j < 8 - d (none if d = 0) */
     __m256 prev;        /* the previous vector, rotated */
@@ -307,6 +311,9 @@ static inline int fn_row_stream_init(fn_row_stream* s, float* y, ptrdiff_t n) {
     s->p0 = (ptrdiff_t)((-(size_t)y & 63) / 4);
     if (n - s->p0 < 16) return 0;
     s->p1 = s->p0 + (n - s->p0) / 16 * 16;
+    s->shift = s->d ? s->d - 8 : 0;
+    s->body_from = s->p0 - s->shift;
+    s->body_to = s->p1 - s->d;
     s->rot = _mm256_and_si256(_mm256_add_epi32(lanes, _mm256_set1_epi32((int)s->d)),
                               _mm256_set1_epi32(7));
     s->from_prev = _mm256_castsi256_ps(
@@ -319,7 +326,7 @@ static inline int fn_row_stream_init(fn_row_stream* s, float* y, ptrdiff_t n) {
 /* y[i, i + m) = the first m lanes of v */
 static inline void fn_row_stream_put(fn_row_stream* s, ptrdiff_t i, __m256 v, ptrdiff_t m) {
     __m256 r = _mm256_permutevar8x32_ps(v, s->rot);
-    ptrdiff_t q = s->d ? i - 8 + s->d : i;       /* the aligned block [q, q + 8) now complete */
+    ptrdiff_t q = i + s->shift;                  /* the aligned block [q, q + 8) now complete */
     if (q >= s->p0 && q + 8 <= s->p1)
         _mm256_stream_ps(s->y + q, _mm256_blendv_ps(r, s->prev, s->from_prev));
     s->prev = r;
@@ -872,12 +879,21 @@ static inline __m256 fn_nan_lanes(__m256 v) {
  * then the padded last vector; they return the NaN lanes of all outputs. */
 #define FN_LRN_STEP static inline __attribute__((always_inline))
 
-/* y[i, i + m) = the first m lanes of v: streamed through st, or plain when st is NULL */
-static inline void fn_row_put(fn_row_stream* st, float* y, ptrdiff_t i, __m256 v, ptrdiff_t m) {
-    if (st)
+/* y[i, i + m) = the first m lanes of v: plain stores, or streamed through st (see
+ * fn_row_stream; FN_PUT_BODY only for its body vectors, m = 8) */
+enum { FN_PUT_PLAIN, FN_PUT_EDGE, FN_PUT_BODY };
+static inline __attribute__((always_inline)) void fn_row_put(fn_row_stream* st, float* y,
+                                                             ptrdiff_t i, __m256 v, ptrdiff_t m,
+                                                             int how) {
+    if (how == FN_PUT_BODY) {
+        __m256 r = _mm256_permutevar8x32_ps(v, st->rot);
+        _mm256_stream_ps(y + i + st->shift, _mm256_blendv_ps(r, st->prev, st->from_prev));
+        st->prev = r;
+    } else if (how == FN_PUT_EDGE) {
         fn_row_stream_put(st, i, v, m);
-    else
+    } else {
         fn_store8(y + i, v, m);
+    }
 }
 
 #define FN_DEFINE_LRN075(T, SUFFIX)                                                      \
@@ -885,28 +901,55 @@ static inline void fn_row_put(fn_row_stream* st, float* y, ptrdiff_t i, __m256 v
                                                 const float* grow, const float* x,       \
                                                 float* y, fn_row_stream* st, ptrdiff_t i, \
                                                 ptrdiff_t m, double k, double a,         \
-                                                int checked) {                           \
+                                                int checked, int how) {                  \
         __m256 s = fn_lrn_scale8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
                                           m, k, a);                                      \
         __m256 v = _mm256_mul_ps(fn_load8(x + i, m), fn_pow075_8(s, checked, NULL));      \
-        fn_row_put(st, y, i, v, m);                                                      \
+        fn_row_put(st, y, i, v, m, how);                                                 \
         return fn_nan_lanes(v);                                                          \
+    }                                                                                    \
+    /* whole vectors from *i up to stop, each stored `how` */                            \
+    FN_LRN_STEP __m256 fn_lrn_forward_run_##SUFFIX(const T* suffix, T* prefix,           \
+                                                   const float* grow, const float* x,    \
+                                                   float* y, fn_row_stream* st,          \
+                                                   ptrdiff_t* i, ptrdiff_t stop,         \
+                                                   double k, double a,                   \
+                                                   const float* prefetch, int checked,   \
+                                                   int how) {                            \
+        __m256 nan = _mm256_setzero_ps();                                                \
+        for (; *i < stop; *i += 8) {                                                     \
+            FN_PREFETCH_SPREAD(prefetch, *i);                                            \
+            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix, prefix, grow, x, y, \
+                                                             st, *i, 8, k, a, checked,   \
+                                                             how));                      \
+        }                                                                                \
+        return nan;                                                                      \
     }                                                                                    \
     FN_LRN_STEP __m256 fn_lrn_forward_loop_##SUFFIX(const T* suffix, T* prefix,          \
                                                     const float* grow, const float* x,   \
                                                     float* y, fn_row_stream* st,         \
                                                     ptrdiff_t n, double k, double a,     \
                                                     const float* prefetch, int checked) { \
-        __m256 nan = _mm256_setzero_ps();                                                \
-        ptrdiff_t i = 0;                                                                 \
-        for (; i + 8 <= n; i += 8) {                                                     \
-            FN_PREFETCH_SPREAD(prefetch, i);                                             \
-            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix, prefix, grow, x, y, \
-                                                             st, i, 8, k, a, checked));  \
+        __m256 nan;                                                                      \
+        ptrdiff_t i = 0, whole = n / 8 * 8;                                              \
+        if (st) {                                                                        \
+            nan = fn_lrn_forward_run_##SUFFIX(suffix, prefix, grow, x, y, st, &i,        \
+                                              st->body_from, k, a, prefetch, checked,    \
+                                              FN_PUT_EDGE);                              \
+            nan = _mm256_or_ps(nan, fn_lrn_forward_run_##SUFFIX(                         \
+                                        suffix, prefix, grow, x, y, st, &i, st->body_to, \
+                                        k, a, prefetch, checked, FN_PUT_BODY));          \
+            nan = _mm256_or_ps(nan, fn_lrn_forward_run_##SUFFIX(                         \
+                                        suffix, prefix, grow, x, y, st, &i, whole, k, a, \
+                                        prefetch, checked, FN_PUT_EDGE));                \
+        } else {                                                                         \
+            nan = fn_lrn_forward_run_##SUFFIX(suffix, prefix, grow, x, y, st, &i, whole, \
+                                              k, a, prefetch, checked, FN_PUT_PLAIN);    \
         }                                                                                \
         if (i < n)                                                                       \
-            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix, prefix, grow, x, y, \
-                                                             st, i, n - i, k, a, checked)); \
+            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(                            \
+                                        suffix, prefix, grow, x, y, st, i, n - i, k, a,  \
+                                        checked, st ? FN_PUT_EDGE : FN_PUT_PLAIN));      \
         return nan;                                                                      \
     }                                                                                    \
     static inline void fn_lrn_forward075_##SUFFIX(const T* suffix, T* prefix,           \
