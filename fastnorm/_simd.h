@@ -896,6 +896,29 @@ static inline __attribute__((always_inline)) void fn_row_put(fn_row_stream* st, 
     }
 }
 
+/* STEP(..., i, m, how) for the vectors of a row of n values in order (m = 8 but for
+ * the last one): how = FN_PUT_PLAIN when st is NULL, else FN_PUT_EDGE, and FN_PUT_BODY
+ * over st's body, each a constant in its own loop so that the step specializes. */
+#define FN_ROW_STEPS(st, n, STEP, ...)                                                   \
+    do {                                                                                 \
+        ptrdiff_t i_ = 0, whole_ = (n) / 8 * 8;                                          \
+        if (st) {                                                                        \
+            for (; i_ < (st)->body_from; i_ += 8) STEP(__VA_ARGS__, i_, 8, FN_PUT_EDGE); \
+            for (; i_ < (st)->body_to; i_ += 8) STEP(__VA_ARGS__, i_, 8, FN_PUT_BODY);   \
+            for (; i_ < whole_; i_ += 8) STEP(__VA_ARGS__, i_, 8, FN_PUT_EDGE);          \
+            if (i_ < (n)) STEP(__VA_ARGS__, i_, (n) - i_, FN_PUT_EDGE);                  \
+        } else {                                                                         \
+            for (; i_ < whole_; i_ += 8) STEP(__VA_ARGS__, i_, 8, FN_PUT_PLAIN);         \
+            if (i_ < (n)) STEP(__VA_ARGS__, i_, (n) - i_, FN_PUT_PLAIN);                 \
+        }                                                                                \
+    } while (0)
+
+/* st set up for y when stream (and y has a whole line to stream), else NULL */
+static inline fn_row_stream* fn_row_stream_or_null(fn_row_stream* st, float* y, ptrdiff_t n,
+                                                   int stream) {
+    return stream && fn_row_stream_init(st, y, n) ? st : NULL;
+}
+
 #define FN_DEFINE_LRN075(T, SUFFIX)                                                      \
     FN_LRN_STEP __m256 fn_lrn_forward8_##SUFFIX(const T* suffix, T* prefix,              \
                                                 const float* grow, const float* x,       \
@@ -908,48 +931,24 @@ static inline __attribute__((always_inline)) void fn_row_put(fn_row_stream* st, 
         fn_row_put(st, y, i, v, m, how);                                                 \
         return fn_nan_lanes(v);                                                          \
     }                                                                                    \
-    /* whole vectors from *i up to stop, each stored `how` */                            \
-    FN_LRN_STEP __m256 fn_lrn_forward_run_##SUFFIX(const T* suffix, T* prefix,           \
-                                                   const float* grow, const float* x,    \
-                                                   float* y, fn_row_stream* st,          \
-                                                   ptrdiff_t* i, ptrdiff_t stop,         \
-                                                   double k, double a,                   \
-                                                   const float* prefetch, int checked,   \
-                                                   int how) {                            \
-        __m256 nan = _mm256_setzero_ps();                                                \
-        for (; *i < stop; *i += 8) {                                                     \
-            FN_PREFETCH_SPREAD(prefetch, *i);                                            \
-            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(suffix, prefix, grow, x, y, \
-                                                             st, *i, 8, k, a, checked,   \
-                                                             how));                      \
-        }                                                                                \
-        return nan;                                                                      \
+    FN_LRN_STEP void fn_lrn_forward_step_##SUFFIX(__m256* nan, const T* suffix,          \
+                                                  T* prefix, const float* grow,          \
+                                                  const float* x, float* y,              \
+                                                  fn_row_stream* st, double k, double a, \
+                                                  const float* prefetch, int checked,    \
+                                                  ptrdiff_t i, ptrdiff_t m, int how) {   \
+        FN_PREFETCH_SPREAD(prefetch, i);                                                 \
+        *nan = _mm256_or_ps(*nan, fn_lrn_forward8_##SUFFIX(suffix, prefix, grow, x, y,   \
+                                                           st, i, m, k, a, checked, how)); \
     }                                                                                    \
     FN_LRN_STEP __m256 fn_lrn_forward_loop_##SUFFIX(const T* suffix, T* prefix,          \
                                                     const float* grow, const float* x,   \
                                                     float* y, fn_row_stream* st,         \
                                                     ptrdiff_t n, double k, double a,     \
                                                     const float* prefetch, int checked) { \
-        __m256 nan;                                                                      \
-        ptrdiff_t i = 0, whole = n / 8 * 8;                                              \
-        if (st) {                                                                        \
-            nan = fn_lrn_forward_run_##SUFFIX(suffix, prefix, grow, x, y, st, &i,        \
-                                              st->body_from, k, a, prefetch, checked,    \
-                                              FN_PUT_EDGE);                              \
-            nan = _mm256_or_ps(nan, fn_lrn_forward_run_##SUFFIX(                         \
-                                        suffix, prefix, grow, x, y, st, &i, st->body_to, \
-                                        k, a, prefetch, checked, FN_PUT_BODY));          \
-            nan = _mm256_or_ps(nan, fn_lrn_forward_run_##SUFFIX(                         \
-                                        suffix, prefix, grow, x, y, st, &i, whole, k, a, \
-                                        prefetch, checked, FN_PUT_EDGE));                \
-        } else {                                                                         \
-            nan = fn_lrn_forward_run_##SUFFIX(suffix, prefix, grow, x, y, st, &i, whole, \
-                                              k, a, prefetch, checked, FN_PUT_PLAIN);    \
-        }                                                                                \
-        if (i < n)                                                                       \
-            nan = _mm256_or_ps(nan, fn_lrn_forward8_##SUFFIX(                            \
-                                        suffix, prefix, grow, x, y, st, i, n - i, k, a,  \
-                                        checked, st ? FN_PUT_EDGE : FN_PUT_PLAIN));      \
+        __m256 nan = _mm256_setzero_ps();                                                \
+        FN_ROW_STEPS(st, n, fn_lrn_forward_step_##SUFFIX, &nan, suffix, prefix, grow, x, \
+                     y, st, k, a, prefetch, checked);                                    \
         return nan;                                                                      \
     }                                                                                    \
     static inline void fn_lrn_forward075_##SUFFIX(const T* suffix, T* prefix,           \
@@ -957,22 +956,15 @@ static inline __attribute__((always_inline)) void fn_row_put(fn_row_stream* st, 
                                                   float* y, ptrdiff_t n, double k,      \
                                                   double a, const float* prefetch,      \
                                                   int stream) {                         \
-        fn_row_stream st;                                                                \
+        fn_row_stream st_, *st = fn_row_stream_or_null(&st_, y, n, stream);             \
         __m256 nan;                                                                      \
-        stream = stream && fn_row_stream_init(&st, y, n);                                \
         if (!fn_pow075_s_is_normal(k, a)) {                                              \
-            if (stream)                                                                  \
-                fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, &st, n, k, a,   \
-                                             prefetch, 1);                               \
-            else                                                                         \
-                fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, NULL, n, k, a,  \
-                                             prefetch, 1);                               \
+            fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, st, n, k, a,        \
+                                         prefetch, 1);                                   \
             return;                                                                      \
         }                                                                                \
-        nan = stream ? fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, &st, n,  \
-                                                    k, a, prefetch, 0)                   \
-                     : fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, NULL, n, \
-                                                    k, a, prefetch, 0);                  \
+        nan = fn_lrn_forward_loop_##SUFFIX(suffix, prefix, grow, x, y, st, n, k, a,      \
+                                           prefetch, 0);                                 \
         /* an infinite or NaN s, or a NaN x (a streamed row is read back here: rare) */  \
         if (_mm256_movemask_ps(nan))                                                     \
             for (ptrdiff_t j = 0; j < n; j++)                                            \
