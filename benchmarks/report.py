@@ -162,8 +162,10 @@ METHOD = (
     "first thread count and reused for the others. GB/s counts the one-pass minimum traffic "
     "(forward: read x + write y; backward: read x, dy + write dx; fwd+bwd: both), and % BW "
     "divides it by the copy bandwidth measured in the same run (forwards allocate their output, "
-    "as a user's call does; for tensors above glibc's 32 MiB mmap threshold that includes "
-    "page-faulting fresh memory: `--fastnorm-out` excludes it for fastnorm). torch forward runs under "
+    "as a user's call does; above glibc's 32 MiB mmap threshold torch's output is fresh, "
+    "page-faulted memory each call, fastnorm's a reused block of its output pool once the "
+    "previous output is freed; `--fastnorm-out` writes into one preallocated array instead). "
+    "torch forward runs under "
     "no_grad/inference_mode; torch backward is autograd (`torch.autograd.grad` of input and "
     "parameters with a retained graph). For layers without running statistics `train` is the "
     "forward.")

@@ -91,6 +91,12 @@ cdef extern from "_simd.h" nogil:
                                 const float* x, const float* dy, float* dx, float* t,
                                 Py_ssize_t n, double k, double a, const float* prefetch,
                                 const float* prefetch2)
+    void fn_lrn_window_term_f64(const double* suffix, double* prefix, const float* grow,
+                                const float* x, const float* own, float* dx, Py_ssize_t n,
+                                float coef, bint stream)
+    void fn_lrn_window_term_f32(const float* suffix, float* prefix, const float* grow,
+                                const float* x, const float* own, float* dx, Py_ssize_t n,
+                                float coef, bint stream)
     void fn_prefetch_lines(const void* p, Py_ssize_t bytes, int write)
     void fn_lrn_tile_in_f32(const float* rows, float* tile, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_in_f64(const double* rows, double* tile, Py_ssize_t C, Py_ssize_t w)

@@ -57,6 +57,7 @@ from libc.string cimport memset
 
 from fastnorm._common cimport (
     fn_lrn_backward075_f32, fn_lrn_backward075_f64, fn_lrn_forward075_f32, fn_lrn_forward075_f64,
+    fn_lrn_window_term_f32, fn_lrn_window_term_f64,
     fn_lrn_tile_in_f32, fn_lrn_tile_in_f64, fn_lrn_tile_out_f32, fn_lrn_tile_out_f64,
     fn_prefetch_lines, fn_stream_fence, STREAM_BYTES, STREAM_RUN_BYTES,
 )
@@ -104,10 +105,11 @@ cdef struct LrnPlan:
     Py_ssize_t per_n      # tasks per n (channels-first)
     Py_ssize_t n_tasks
     Py_ssize_t ring       # block rows kept by a window: min(size, C)
+    Py_ssize_t own_rows   # backward: rows of dx's own part kept until the window term, size//2 + 1
     Py_ssize_t n_sums     # accumulator scratch per thread
     Py_ssize_t n_work     # working-precision scratch per thread
-    bint stream           # channels-first output of STREAM_BYTES and more, in rows of at
-                          # least STREAM_RUN_BYTES: written with non-temporal stores
+    bint stream           # channels-first output (y or dx) of STREAM_BYTES and more, in rows
+                          # of at least STREAM_RUN_BYTES: written with non-temporal stores
 
 
 cdef struct Ahead:
@@ -224,17 +226,25 @@ cdef inline void row_backward_own(const acc_t* suffix, acc_t* prefix, const floa
 
 
 cdef inline void row_window_term(const acc_t* suffix, acc_t* prefix, const floating* grow,
-                                 const floating* x, floating* dx, Py_ssize_t w,
-                                 floating coef) noexcept nogil:
-    """dx -= coef * x * (suffix + prefix), after prefix += grow (unless NULL)."""
+                                 const floating* x, const floating* own, floating* dx,
+                                 Py_ssize_t w, floating coef, bint stream) noexcept nogil:
+    """dx = own - coef * x * (suffix + prefix), after prefix += grow (unless NULL).
+    float data: fn_lrn_window_term_*, which writes dx with non-temporal stores
+    when stream (double data: plain loops, never streamed)."""
     cdef Py_ssize_t i
+    if floating is float:
+        if acc_t is float:
+            fn_lrn_window_term_f32(suffix, prefix, grow, x, own, dx, w, coef, stream)
+        else:
+            fn_lrn_window_term_f64(suffix, prefix, grow, x, own, dx, w, coef, stream)
+        return
     if grow != NULL:
         for i in range(w):
             prefix[i] = prefix[i] + <acc_t>grow[i]
-            dx[i] = dx[i] - coef * x[i] * <floating>(suffix[i] + prefix[i])
+            dx[i] = own[i] - coef * x[i] * <floating>(suffix[i] + prefix[i])
     else:
         for i in range(w):
-            dx[i] = dx[i] - coef * x[i] * <floating>(suffix[i] + prefix[i])
+            dx[i] = own[i] - coef * x[i] * <floating>(suffix[i] + prefix[i])
 
 
 # ------------------------------------------------------------ window sums
@@ -328,20 +338,23 @@ cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ss
 
 cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
                          Py_ssize_t w, Lrn* p, Py_ssize_t ring, acc_t* sums, floating* t,
-                         Ahead* ahead) noexcept nogil:
+                         floating* own, Ahead* ahead, bint stream) noexcept nogil:
     """dx for w positions (rows as in forward_block).
-    ring = min(size, C); sums: 2 * (ring + 2) * pitch; t: ring * pitch (pitch = row_pitch(w)).
+    ring = min(size, C); sums: 2 * (ring + 2) * pitch; t: ring * pitch; own:
+    (size//2 + 1) * pitch (pitch = row_pitch(w)). stream: dx rows written with
+    non-temporal stores (fence before dx is read).
 
-    Step c first gives channel c its own part, dx_c = dy_c * s_c^-beta, and
-    stores t_c in a ring of `ring` rows; then channel j = c - size//2, whose
-    mirrored window now has every t it needs, gets its window term."""
+    Step c first gives channel c its own part, dy_c * s_c^-beta, kept in a ring
+    of size//2 + 1 rows (own), and stores t_c in a ring of `ring` rows; then
+    channel j = c - size//2, whose mirrored window now has every t it needs, gets
+    dx_j = own_j - its window term: each dx row is written once."""
     cdef Window scales, grads
     cdef acc_t* scale_sums = sums
     cdef Py_ssize_t pitch = row_pitch(w)
     cdef acc_t* grad_sums = sums + (ring + 2) * pitch
     cdef acc_t* scale_prefix = scale_sums + (ring + 1) * pitch
     cdef acc_t* grad_prefix = grad_sums + (ring + 1) * pitch
-    cdef Py_ssize_t c, j
+    cdef Py_ssize_t c, j, own_rows = p.lo + 1
     cdef const acc_t* suffix
     cdef const floating* grow
     window_init(&scales, p.C, w, p.lo, p.hi, p.C)
@@ -350,15 +363,16 @@ cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx
         if c < p.C:
             suffix = window_next(&scales, scale_sums, x, stride, True, c, &grow)
             row_backward_own(suffix, scale_prefix, grow, x + c * stride, dy + c * stride,
-                             dx + c * stride, t + (c % ring) * pitch, w, p,
+                             own + (c % own_rows) * pitch, t + (c % ring) * pitch, w, p,
                              ahead_row(ahead.x, c, ahead.x_rows, ahead.stride, x),
                              ahead_row(ahead.dy, c, ahead.dy_rows, ahead.stride, x))
             prefetch_out_row(ahead, c, w * sizeof(floating))
         j = c - p.lo
         if j >= 0:
             suffix = window_next(&grads, grad_sums, t, pitch, False, j, &grow)
-            row_window_term(suffix, grad_prefix, grow, x + j * stride, dx + j * stride, w,
-                            <floating>p.coef)
+            row_window_term(suffix, grad_prefix, grow, x + j * stride,
+                            own + (j % own_rows) * pitch, dx + j * stride, w, <floating>p.coef,
+                            stream)
 
 
 # ------------------------------------------------- channels-last tiles
@@ -409,6 +423,7 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
     q.S = S
     q.rows = S == 1
     q.ring = min(size, C)
+    q.own_rows = size // 2 + 1
     positions = N if q.rows else N * S
     width = min(LRN_WINDOW_BYTES // ((q.ring + 2) * acc_bytes),
                 (positions + LRN_MIN_TASKS - 1) // LRN_MIN_TASKS)
@@ -432,7 +447,7 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
         q.n_tasks = N * q.per_n
     if backward:
         q.n_sums = 2 * (q.ring + 2) * row_pitch(q.block)
-        q.n_work = q.ring * row_pitch(q.block)
+        q.n_work = (q.ring + q.own_rows) * row_pitch(q.block)
         tiles = 3       # x, dy, dx
     else:
         q.n_sums = (q.ring + 2) * row_pitch(q.block)
@@ -440,8 +455,7 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
         tiles = 2       # x, y
     if q.rows:
         q.n_work = row_pitch(q.n_work + tiles * C * q.block)   # threads' scratch stays aligned
-    # (only the forward streams: backward rows are written twice, see lrn_backward_block)
-    q.stream = (not backward and not q.rows and N * C * S * item_bytes >= STREAM_BYTES
+    q.stream = (not q.rows and N * C * S * item_bytes >= STREAM_BYTES
                 and q.width * item_bytes >= STREAM_RUN_BYTES)
     return q
 
@@ -522,7 +536,8 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
                         Py_ssize_t task, acc_t* sums, floating* work) noexcept nogil:
     cdef Py_ssize_t offset, stride, w, i, t0, tw
     cdef Ahead ahead
-    cdef floating* x_tile = work + q.ring * row_pitch(q.block)
+    cdef floating* own = work + q.ring * row_pitch(q.block)
+    cdef floating* x_tile = own + q.own_rows * row_pitch(q.block)
     cdef floating* dy_tile = x_tile + q.C * q.block
     cdef floating* dx_tile = dy_tile + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
@@ -530,7 +545,9 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
         ahead = rows_ahead(x + offset + (p.hi + 1) * stride, dy + offset + stride,
                            stride * sizeof(floating), p)
         lrn_backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q.ring, sums, work,
-                           &ahead)
+                           own, &ahead, q.stream)
+        if q.stream:
+            fn_stream_fence()
         return
     x += offset
     dy += offset
@@ -541,7 +558,8 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
         ahead = tile_ahead(x, dy, dx, sizeof(floating), q, t0, w)
         tile_gather(x + t0 * q.C, x_tile, q.C, tw)
         tile_gather(dy + t0 * q.C, dy_tile, q.C, tw)
-        lrn_backward_block(x_tile, dy_tile, dx_tile, tw, tw, p, q.ring, sums, work, &ahead)
+        lrn_backward_block(x_tile, dy_tile, dx_tile, tw, tw, p, q.ring, sums, work, own, &ahead,
+                           False)
         tile_scatter(dx_tile, dx + t0 * q.C, q.C, tw)
 
 

@@ -856,6 +856,33 @@ static inline __m256 fn_lrn_scale8_f64(const double* suffix, double* prefix, con
     return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
 }
 
+/* prefix += grow (unless NULL), then the window sum suffix + prefix rounded to float, for
+ * the m (<= 8) positions from here (the backward's second window, of t) */
+static inline __m256 fn_lrn_window8_f32(const float* suffix, float* prefix, const float* grow,
+                                        ptrdiff_t m) {
+    __m256 p = fn_load8(prefix, m);
+    if (grow) {
+        p = _mm256_add_ps(p, fn_load8(grow, m));
+        fn_store8(prefix, p, m);
+    }
+    return _mm256_add_ps(fn_load8(suffix, m), p);
+}
+
+static inline __m256 fn_lrn_window8_f64(const double* suffix, double* prefix, const float* grow,
+                                        ptrdiff_t m) {
+    __m256d plo = fn_load4d(prefix, m), phi = fn_load4d(prefix + 4, m - 4);
+    if (grow) {
+        __m256 g = fn_load8(grow, m);
+        plo = _mm256_add_pd(plo, _mm256_cvtps_pd(_mm256_castps256_ps128(g)));
+        phi = _mm256_add_pd(phi, _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1)));
+        fn_store4d(prefix, plo, m);
+        fn_store4d(prefix + 4, phi, m - 4);
+    }
+    __m256d lo = _mm256_add_pd(fn_load4d(suffix, m), plo);
+    __m256d hi = _mm256_add_pd(fn_load4d(suffix + 4, m - 4), phi);
+    return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
+}
+
 static inline float fn_lrn_scale1_f32(const float* suffix, const float* prefix, double k,
                                       double a) {
     return fmaf((float)a, *suffix + *prefix, (float)k);
@@ -972,6 +999,26 @@ static inline fn_row_stream* fn_row_stream_or_null(fn_row_stream* st, float* y, 
                     y[j] = x[j] * fn_pow075_portable(                                    \
                         fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a), 0);        \
     }                                                                                    \
+    FN_LRN_STEP void fn_lrn_term_step_##SUFFIX(const T* suffix, T* prefix,               \
+                                               const float* grow, const float* x,        \
+                                               const float* own, float* dx,              \
+                                               fn_row_stream* st, __m256 coef,           \
+                                               ptrdiff_t i, ptrdiff_t m, int how) {      \
+        __m256 s = fn_lrn_window8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
+                                           m);                                           \
+        fn_row_put(st, dx, i,                                                            \
+                   _mm256_fnmadd_ps(_mm256_mul_ps(coef, fn_load8(x + i, m)), s,          \
+                                    fn_load8(own + i, m)),                               \
+                   m, how);                                                              \
+    }                                                                                    \
+    static inline void fn_lrn_window_term_##SUFFIX(const T* suffix, T* prefix,          \
+                                                   const float* grow, const float* x,   \
+                                                   const float* own, float* dx,         \
+                                                   ptrdiff_t n, float coef, int stream) { \
+        fn_row_stream st_, *st = fn_row_stream_or_null(&st_, dx, n, stream);            \
+        FN_ROW_STEPS(st, n, fn_lrn_term_step_##SUFFIX, suffix, prefix, grow, x, own, dx, \
+                     st, _mm256_set1_ps(coef));                                          \
+    }                                                                                    \
     FN_LRN_STEP __m256 fn_lrn_backward8_##SUFFIX(const T* suffix, T* prefix,             \
                                                  const float* grow, const float* x,      \
                                                  const float* dy, float* dx, float* t,   \
@@ -1059,6 +1106,16 @@ static inline fn_row_stream* fn_row_stream_or_null(fn_row_stream* st, float* y, 
             float s = fn_lrn_scale1_##SUFFIX(suffix, prefix, grow, i, k, a);             \
             dx[i] = dy[i] * fn_pow075_portable(s, 0);                                    \
             t[i] = dy[i] * x[i] * fn_pow075_portable(s, 1);                              \
+        }                                                                                \
+    }                                                                                    \
+    static inline void fn_lrn_window_term_##SUFFIX(const T* suffix, T* prefix,          \
+                                                   const float* grow, const float* x,   \
+                                                   const float* own, float* dx,         \
+                                                   ptrdiff_t n, float coef, int stream) { \
+        (void)stream;                                                                    \
+        for (ptrdiff_t i = 0; i < n; i++) {                                              \
+            if (grow) prefix[i] = prefix[i] + (T)grow[i];                                \
+            dx[i] = own[i] - coef * x[i] * (float)(suffix[i] + prefix[i]);               \
         }                                                                                \
     }
 #endif

@@ -209,10 +209,10 @@ def test_large_input_like_small_ones():
 
 @pytest.mark.parametrize("offset", [0, 1, 3, 6])
 def test_streamed_output_like_plain(offset):
-    """A float32 output of STREAM_BYTES (16 MiB) and more is written with
-    non-temporal stores, realigned in registers to every row's 32-byte
-    boundaries (the rows of odd planes start at every offset), with plain
-    stores at the rows' ends; one sample alone is small and written plainly.
+    """A float32 output (y, and the backward's dx) of STREAM_BYTES (16 MiB) and
+    more is written with non-temporal stores, realigned in registers to every
+    row's 32-byte boundaries (the rows of odd planes start at every offset), with
+    plain stores at the rows' ends; one sample alone is small and written plainly.
     The values must be the same bit for bit, wherever out starts, and the
     NaN/inf clean-up must find them in a streamed row."""
     x = make((10, 16, 151, 181), np.float32)
@@ -221,8 +221,13 @@ def test_streamed_output_like_plain(offset):
     assert x.nbytes >= 16 << 20
     out = np.empty(x.size + 8, np.float32)[offset:offset + x.size].reshape(x.shape)
     local_response_norm(x, 5, out=out)
+    dy = np.empty(x.size + 8, np.float32)[offset:offset + x.size].reshape(x.shape)
+    dy[...] = make(x.shape, np.float32, seed=1)
+    dx = local_response_norm_backward(dy, x, 5)
     for n in range(x.shape[0]):
         assert np.array_equal(out[n:n + 1], local_response_norm(x[n:n + 1], 5), equal_nan=True)
+        assert np.array_equal(dx[n:n + 1], local_response_norm_backward(dy[n:n + 1], x[n:n + 1], 5),
+                              equal_nan=True)
 
 
 # ================================================================= layouts
