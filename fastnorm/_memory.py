@@ -19,6 +19,7 @@ CPU take loads of x for reloads of just-stored y (4K aliasing): LocalResponseNor
 other, is the good case for both.
 """
 import math
+import os
 import sys
 import threading
 
@@ -31,6 +32,15 @@ _PAGE = 4096
 
 _blocks = []                # raw uint8 blocks, least recently handed out first
 _lock = threading.Lock()    # two threads must never be handed the same free block
+
+
+def _new_lock_after_fork():
+    """A child forked while another thread held the lock would wait on it forever."""
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_lock_after_fork)
 
 
 def empty(shape, dtype):

@@ -1,6 +1,8 @@
 """The output pool (fastnorm/_memory.py): large outputs reuse blocks whose arrays are
 all gone, never one still in use."""
+import os
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -116,3 +118,21 @@ def test_layer_outputs_come_from_the_pool(pool):
     z = layer_norm(rows, (512,))
     assert not np.may_share_memory(z, y2)
     assert fn.LayerNorm(512)(rows).shape == rows.shape
+
+
+def test_forked_child_allocates_while_parent_thread_holds_the_lock(pool):
+    with pool._lock:                    # as if another thread were inside empty() at fork
+        pid = os.fork()
+        if pid == 0:                    # child: must not wait for a lock nobody will release
+            a = pool.empty((2 * MIB,), np.uint8)
+            os._exit(0 if a.nbytes == 2 * MIB else 1)
+    for _ in range(400):                # up to 20 s, then the child is deemed hung
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on the pool's lock")
+    assert os.waitstatus_to_exitcode(status) == 0
