@@ -326,7 +326,12 @@ static inline void fn_stream32(void* p, __m256i v) {
 #else
 #define FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM) (void)stream;
 #endif
-#define FN_DEFINE_AFFINE_OUT(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)            \
+/* The per-element path (LayerNorm/RMSNorm rows) in vectors of the vector extensions,
+ * two per step: gcc's `omp simd` version of it, inlined into forward_row, kept its
+ * pointers and bound on the stack (12 instructions per 8 floats; LayerNorm (8,512,768)
+ * forward 2.76 -> 2.35 instructions per value, callgrind). Same fmas, same bits. EV: the
+ * extension's 32-byte vector of T, EL lanes. */
+#define FN_DEFINE_AFFINE_OUT(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM, EV, EL)    \
     static inline void fn_affine_out_##SUFFIX(const T* restrict x, T* restrict y,                    \
                                              const T* restrict w, const T* restrict b,              \
                                              ptrdiff_t n, T mean_hi, T mean_lo, T scale,            \
@@ -334,7 +339,14 @@ static inline void fn_stream32(void* p, __m256i v) {
         ptrdiff_t i = 0;                                                                            \
         FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)                     \
         if (w) {                                                                                    \
-            _Pragma("omp simd")                                                                     \
+            for (; i + 2 * EL <= n; i += 2 * EL) {                                                  \
+                EV y0 = ((fn_row_load_##SUFFIX(x + i) - mean_hi) - mean_lo) * scale                 \
+                        * fn_row_load_##SUFFIX(w + i) + fn_row_load_##SUFFIX(b + i);                \
+                EV y1 = ((fn_row_load_##SUFFIX(x + i + EL) - mean_hi) - mean_lo) * scale            \
+                        * fn_row_load_##SUFFIX(w + i + EL) + fn_row_load_##SUFFIX(b + i + EL);      \
+                memcpy(y + i, &y0, sizeof y0);                                                      \
+                memcpy(y + i + EL, &y1, sizeof y1);                                                 \
+            }                                                                                       \
             for (ptrdiff_t j = i; j < n; j++)                                                       \
                 y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];                          \
         } else {                                                                                    \
@@ -343,9 +355,9 @@ static inline void fn_stream32(void* p, __m256i v) {
         }                                                                                           \
     }
 FN_DEFINE_AFFINE_OUT(float, f32, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_sub_ps,
-                     _mm256_mul_ps, _mm256_fmadd_ps, _mm256_stream_ps)
+                     _mm256_mul_ps, _mm256_fmadd_ps, _mm256_stream_ps, fn_v8f, 8)
 FN_DEFINE_AFFINE_OUT(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd, _mm256_sub_pd,
-                     _mm256_mul_pd, _mm256_fmadd_pd, _mm256_stream_pd)
+                     _mm256_mul_pd, _mm256_fmadd_pd, _mm256_stream_pd, fn_v4d, 4)
 #undef FN_DEFINE_AFFINE_OUT
 #undef FN_AFFINE_OUT_STREAMED
 
