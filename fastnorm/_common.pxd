@@ -36,6 +36,14 @@ cdef enum:
     # channels-first pass fences after each run (at 64 values that was 10x slower), and
     # fn_affine_out's plain peel and tail share lines with the streamed stores
     STREAM_RUN_BYTES = 4096
+    # LayerNorm/RMSNorm backward: dx of at least this size, in rows of at least
+    # STREAM_DX_ROW_BYTES, is streamed (fn_group_backward's whole lines). Its x and dy are
+    # read in the same pass, so dx stays in cache less than a forward's output: kernels
+    # A/B, 1 thread, medians of 200-300 calls: 6 MiB (rows of 768) 1.07x faster, 8 MiB
+    # (rows of 256-2048) 1.04-1.33x, 12 MiB 1.06-1.16x, 24 MiB 1.14x; rows of 128 0.97x,
+    # rows of 64 0.6-0.84x (a plain line, shared by neighbouring rows, in every four).
+    STREAM_DX_BYTES = 4 << 20
+    STREAM_DX_ROW_BYTES = 1024
 
 
 cdef struct Moments:
@@ -145,21 +153,22 @@ cdef extern from "_simd.h" nogil:
                                    double* mean, double* rstd, double* var, int stream)
     void fn_short_rows_backward_f32(const float* x, const float* dy, float* dx, const float* w,
                                     Py_ssize_t nrows, Py_ssize_t n, int centered,
-                                    const double* mean, const double* rstd, double* acc)
+                                    const double* mean, const double* rstd, double* acc,
+                                    int stream)
     void fn_short_rows_backward_f64(const double* x, const double* dy, double* dx,
                                     const double* w, Py_ssize_t nrows, Py_ssize_t n,
                                     int centered, const double* mean, const double* rstd,
-                                    double* acc)
+                                    double* acc, int stream)
     void fn_stream_fence()
     enum: FN_ROW_GROUP
     void fn_group_backward_f32(const float* x, const float* g, const float* w, float* dx,
                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t n,
                                const double* mean, const double* rstd, const double* coef,
-                               float* part, double* acc, Py_ssize_t at)
+                               float* part, double* acc, Py_ssize_t at, int stream)
     void fn_group_backward_f64(const double* x, const double* g, const double* w, double* dx,
                                Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t n,
                                const double* mean, const double* rstd, const double* coef,
-                               double* part, double* acc, Py_ssize_t at)
+                               double* part, double* acc, Py_ssize_t at, int stream)
 
 
 cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept nogil:
@@ -298,15 +307,19 @@ cdef inline void run_affine_out(const floating* x, floating* y, const floating* 
 cdef inline void group_backward(const floating* x, const floating* g, const floating* w,
                                 floating* dx, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t n,
                                 const double* mean, const double* rstd, const double* coef,
-                                floating* part, double* acc, Py_ssize_t at) noexcept nogil:
+                                floating* part, double* acc, Py_ssize_t at,
+                                bint stream) noexcept nogil:
     """dx of n values of nrows <= FN_ROW_GROUP rows of a row group (stride apart), and their
     weight/bias partials, added to part[0:n], part[at:at+n] (part NULL: the rows are the
     whole group); acc not NULL (the rows end the group): the partials then go into acc
-    (same layout). See fn_group_backward_* in _simd.h."""
+    (same layout); stream: dx's whole lines written non-temporally (fenced). See
+    fn_group_backward_* in _simd.h."""
     if floating is float:
-        fn_group_backward_f32(x, g, w, dx, nrows, stride, n, mean, rstd, coef, part, acc, at)
+        fn_group_backward_f32(x, g, w, dx, nrows, stride, n, mean, rstd, coef, part, acc, at,
+                              stream)
     else:
-        fn_group_backward_f64(x, g, w, dx, nrows, stride, n, mean, rstd, coef, part, acc, at)
+        fn_group_backward_f64(x, g, w, dx, nrows, stride, n, mean, rstd, coef, part, acc, at,
+                              stream)
 
 
 cdef inline double row_sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:

@@ -58,7 +58,8 @@ from cython.parallel cimport prange, threadid
 from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
-    FN_ROW_GROUP, FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
+    FN_ROW_GROUP, FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_DX_BYTES, STREAM_DX_ROW_BYTES,
+    STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
     affine_coefficients, block_moments, chan_merge, fn_short_rows_backward_f32,
     fn_row_backward_coefficients, fn_short_rows_backward_f64, fn_short_rows_forward_f32,
     fn_short_rows_forward_f64, fn_store_row_stats, fn_stream_fence, fold_mean_tail, group_backward,
@@ -87,8 +88,8 @@ cdef struct RowGeom:
     bint per_channel, centered
     # units: unit_runs whole runs of S values, or pieces of unit_cols values
     Py_ssize_t unit_runs, unit_cols, units_per_run, n_units
-    bint stream     # output (forward y; per-channel backward dx) written with non-temporal
-                    # stores: outputs of STREAM_BYTES and more
+    bint stream     # output (forward y, backward dx) written with non-temporal stores:
+                    # see STREAM_BYTES and STREAM_DX_BYTES
     int act         # fused activation code (ACT_NONE: none)
 
 
@@ -287,7 +288,7 @@ cdef inline void group_backward_unit(const floating* x, const floating* dy, floa
     group_backward(x + at, src + at, w + s0, dx + at, r1 - r0, g.D,
                    ncols, mean + r0 if g.centered else NULL, rstd + r0, coef,
                    NULL if wacc == NULL else wacc + s0,
-                   acc + s0 if flush else NULL, g.D)
+                   acc + s0 if flush else NULL, g.D, g.stream)
     if gh != NULL:
         for r in range(r0, r1):
             run_add(dx + r * g.D + s0, gh + r * g.D + s0, dx + r * g.D + s0, ncols)
@@ -492,11 +493,13 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
         if floating is float:
             fn_short_rows_backward_f32(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
                                        stop - first, g.D, g.centered,
-                                       mean + first if g.centered else NULL, rstd + first, acc)
+                                       mean + first if g.centered else NULL, rstd + first, acc,
+                                       g.stream)
         else:
             fn_short_rows_backward_f64(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
                                        stop - first, g.D, g.centered,
-                                       mean + first if g.centered else NULL, rstd + first, acc)
+                                       mean + first if g.centered else NULL, rstd + first, acc,
+                                       g.stream)
         return
     rows_per_step = ROW_GROUP if 2 * ROW_GROUP * g.D * sizeof(floating) <= GROUP_BYTES else 1
     row_sums = sums + 2 * k
@@ -745,10 +748,13 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     cdef double* work
     cdef cnp.ndarray partials
     g.act = act
-    # per-channel dx only: elementwise rows measured no faster streamed, an activation
-    # or grad_h rereads dx
-    g.stream = (per_channel and act == ACT_NONE and grad_h is None
-                and g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES)
+    # an activation or grad_h rereads dx; elementwise rows: see STREAM_DX_BYTES
+    if per_channel:
+        g.stream = g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
+    else:
+        g.stream = (g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_DX_BYTES
+                    and g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_DX_ROW_BYTES)
+    g.stream = g.stream and act == ACT_NONE and grad_h is None
     by_unit = split_by_unit(&g, n_threads)
     # one float64 scratch array: row sums | block partials | unit sums | coefficients
     n_sums = g.R * sums_per_row(&g) if per_channel else 2 * n_blocks

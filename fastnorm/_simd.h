@@ -527,7 +527,15 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
  * FN_ROW_GROUP: rows whose partials are summed in the working precision (at most 8
  * terms per partial, so float32 loses almost nothing) before they go into float64. */
 #define FN_ROW_GROUP 8
-#define FN_GROUP_STEP 2          /* vectors of columns per step */
+#define FN_GROUP_STEP 2          /* vectors of columns per step: one 64-byte line of float or double */
+/* the 32 bytes of a vector-extension vector v to 32-byte aligned p, non-temporal */
+#if FN_HAVE_STREAM
+#define fn_stream_vec_f32(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define fn_stream_vec_f64(p, v) _mm256_stream_pd((p), (__m256d)(v))
+#else
+#define fn_stream_vec_f32(p, v) memcpy((p), &(v), sizeof(v))
+#define fn_stream_vec_f64(p, v) memcpy((p), &(v), sizeof(v))
+#endif
 /* acc[0 .. lanes of v) += v, widened to float64 (AVX2: one conversion per half; gcc
  * lowers __builtin_convertvector of a half into 2-lane pieces and shuffles) */
 #if FN_HAVE_STREAM
@@ -561,11 +569,11 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
        (c_0 = -mean(w*g) first, so that it cancels before the large factor k_g = rstd           \
        multiplies), partials aw += g * d * k_g, ab += g, from part (NULL: from zero) into     \
        part and/or acc (see fn_group_backward). Per row the coefficients hi, lo, k_g, c_0,     \
-       k_d (vectors of one value). */                                                        \
+       k_d (vectors of one value). nt: dx written with non-temporal stores (32-byte aligned). */\
     static inline __attribute__((always_inline)) void fn_group_step_##SUFFIX(                 \
         const T* restrict x, const T* g, const T* restrict w, T* dx, ptrdiff_t nrows,         \
         ptrdiff_t stride, ptrdiff_t c, const int u, const VT (*coef)[5], T* restrict part,    \
-        double* restrict acc, ptrdiff_t at) {                                                 \
+        double* restrict acc, ptrdiff_t at, const int nt) {                                   \
         VT aw[FN_GROUP_STEP], ab[FN_GROUP_STEP];                                              \
         _Pragma("GCC unroll 4")                                                               \
         for (int k = 0; k < u; k++) {                                                         \
@@ -585,7 +593,10 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
                 VT d = (fn_row_load_##SUFFIX(xr + k * NL) - coef[r][0]) - coef[r][1];         \
                 VT out = (fn_row_load_##SUFFIX(w + c + k * NL) * gi + coef[r][3]) * coef[r][2] \
                          + coef[r][4] * d;                                                    \
-                memcpy(dr + k * NL, &out, sizeof out);                                        \
+                if (nt)                                                                       \
+                    fn_stream_vec_##SUFFIX(dr + k * NL, out);                                 \
+                else                                                                          \
+                    memcpy(dr + k * NL, &out, sizeof out);                                    \
                 aw[k] += gi * (d * coef[r][2]);                                               \
                 ab[k] += gi;                                                                  \
             }                                                                                 \
@@ -603,6 +614,31 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
+    /* Columns [c0, c1) of the group's rows one by one: fn_group_step's arithmetic. */        \
+    static inline __attribute__((always_inline)) void fn_group_columns_##SUFFIX(              \
+        const T* restrict x, const T* g, const T* restrict w, T* dx, ptrdiff_t nrows,         \
+        ptrdiff_t stride, ptrdiff_t c0, ptrdiff_t c1, const VT (*k)[5], T* restrict part,     \
+        double* restrict acc, ptrdiff_t at) {                                                 \
+        for (ptrdiff_t c = c0; c < c1; c++) {                                                 \
+            T aw = part ? part[c] : 0, ab = part ? part[at + c] : 0;                          \
+            for (ptrdiff_t r = 0; r < nrows; r++) {                                           \
+                T gi = g[r * stride + c];                                                     \
+                T d = (x[r * stride + c] - k[r][0][0]) - k[r][1][0];                          \
+                dx[r * stride + c] = (w[c] * gi + k[r][3][0]) * k[r][2][0] + k[r][4][0] * d;  \
+                aw += gi * (d * k[r][2][0]);                                                  \
+                ab += gi;                                                                     \
+            }                                                                                 \
+            if (acc) {                                                                        \
+                acc[c] += (double)aw;                                                         \
+                acc[at + c] += (double)ab;                                                    \
+                aw = ab = 0;                                                                  \
+            }                                                                                 \
+            if (part) {                                                                       \
+                part[c] = aw;                                                                 \
+                part[at + c] = ab;                                                            \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
     /* dx of nrows <= FN_ROW_GROUP rows of a row group (n values each, stride apart) and      \
        their weight/bias partials in working precision: weight ones at [0, n), bias ones at   \
        [at, at + n) of part and acc. part: the partials of the group's earlier rows, updated  \
@@ -610,13 +646,14 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
        partials then go into these float64 totals (and part is zeroed). Per row r the mean    \
        (NULL: 0), rstd and coef[2r:2r+2] = (k_d, c_0) of fn_row_backward_coefficients. g may   \
        be dx itself (a fused activation's g = dy * act'(z) is kept there): both lack          \
-       restrict, each g value is read before its dx is written. */                            \
+       restrict, each g value is read before its dx is written. stream: dx's whole lines      \
+       written with non-temporal stores (see STREAM_BYTES in _common.pxd), fenced here. */     \
     FN_SHARED void fn_group_backward_##SUFFIX(const T* restrict x, const T* g,                \
                                               const T* restrict w, T* dx, ptrdiff_t nrows,   \
                                               ptrdiff_t stride, ptrdiff_t n,                 \
                                               const double* mean, const double* rstd,        \
                                               const double* coef, T* part, double* acc,      \
-                                              ptrdiff_t at) {                                \
+                                              ptrdiff_t at, int stream) {                    \
         VT k[FN_ROW_GROUP][5];                       /* hi, lo, k_g, c_0, k_d per row */     \
         const VT zero = {0};                                                                 \
         for (ptrdiff_t r = 0; r < nrows; r++) {                                              \
@@ -628,32 +665,29 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
             k[r][3] = (T)coef[2 * r + 1] - zero;                                             \
             k[r][4] = (T)coef[2 * r] - zero;                                                 \
         }                                                                                    \
-        ptrdiff_t c = 0;                                                                     \
+        /* stream: dx's whole 64-byte lines are written non-temporally, the rest (the      \
+           columns before the first line of the first row, after the last, and every row   \
+           when rows are not whole lines apart) plainly, so that no line mixes the two */   \
+        ptrdiff_t c = 0, peel = 0;                                                           \
+        const int nt = FN_HAVE_STREAM && stream && (stride * sizeof(T)) % 64 == 0            \
+                       && (size_t)dx % sizeof(T) == 0;                                       \
+        if (nt) {                                                                            \
+            peel = (ptrdiff_t)((64 - (size_t)dx % 64) % 64 / sizeof(T));                     \
+            if (peel > n) peel = n;                                                          \
+            fn_group_columns_##SUFFIX(x, g, w, dx, nrows, stride, 0, peel,                   \
+                                      (const VT (*)[5])k, part, acc, at);                    \
+            c = peel;                                                                        \
+        }                                                                                    \
         for (; c + FN_GROUP_STEP * NL <= n; c += FN_GROUP_STEP * NL)                         \
             fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, FN_GROUP_STEP,             \
-                                   (const VT (*)[5])k, part, acc, at);                       \
+                                   (const VT (*)[5])k, part, acc, at, nt);                   \
         for (; c + NL <= n; c += NL)                                                         \
             fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, 1, (const VT (*)[5])k,     \
-                                   part, acc, at);                                           \
-        for (; c < n; c++) {                                                                 \
-            T aw = part ? part[c] : 0, ab = part ? part[at + c] : 0;                         \
-            for (ptrdiff_t r = 0; r < nrows; r++) {                                          \
-                T gi = g[r * stride + c];                                                    \
-                T d = (x[r * stride + c] - k[r][0][0]) - k[r][1][0];                         \
-                dx[r * stride + c] = (w[c] * gi + k[r][3][0]) * k[r][2][0] + k[r][4][0] * d; \
-                aw += gi * (d * k[r][2][0]);                                                 \
-                ab += gi;                                                                    \
-            }                                                                                \
-            if (acc) {                                                                       \
-                acc[c] += (double)aw;                                                        \
-                acc[at + c] += (double)ab;                                                   \
-                aw = ab = 0;                                                                 \
-            }                                                                                \
-            if (part) {                                                                      \
-                part[c] = aw;                                                                \
-                part[at + c] = ab;                                                           \
-            }                                                                                \
-        }                                                                                    \
+                                   part, acc, at, 0);                                        \
+        fn_group_columns_##SUFFIX(x, g, w, dx, nrows, stride, c, n, (const VT (*)[5])k,      \
+                                  part, acc, at);                                            \
+        if (nt)                                                                              \
+            fn_stream_fence();                                                               \
     }
 FN_DEFINE_ROWS_BACKWARD(float, f32, fn_v8f, 8)
 FN_DEFINE_ROWS_BACKWARD(double, f64, fn_v4d, 4)
@@ -1316,11 +1350,12 @@ static inline ptrdiff_t fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrd
     /* Backward of rows [first, first + nrows) of a row block (backward_block in _rows.pxi):  \
        group by group (FN_ROW_GROUP rows from the block's first), the sums of g = dy * w and  \
        g * (x - mean) of each row, then the group's dx and weight/bias partials              \
-       (fn_group_backward_*; acc: 2n doubles). */                                            \
+       (fn_group_backward_*; acc: 2n doubles; stream: see there). */                        \
     static inline void fn_short_rows_backward_##SUFFIX(const T* x, const T* dy, T* dx,          \
                                                        const T* w, ptrdiff_t nrows, ptrdiff_t n,\
                                                        int centered, const double* mean,        \
-                                                       const double* rstd, double* acc) {       \
+                                                       const double* rstd, double* acc,         \
+                                                       int stream) {                            \
         for (ptrdiff_t r0 = 0; r0 < nrows; r0 += FN_ROW_GROUP) {                                \
             ptrdiff_t rows = nrows - r0 < FN_ROW_GROUP ? nrows - r0 : FN_ROW_GROUP;             \
             double coef[2 * FN_ROW_GROUP];                                                      \
@@ -1334,7 +1369,7 @@ static inline ptrdiff_t fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrd
             }                                                                                   \
             fn_group_backward_##SUFFIX(x + r0 * n, dy + r0 * n, w, dx + r0 * n, rows, n, n,     \
                                        centered ? mean + r0 : NULL, rstd + r0, coef, NULL, acc, \
-                                       n);                                                      \
+                                       n, stream);                                              \
         }                                                                                       \
     }
 FN_DEFINE_SHORT_ROWS(float, f32)
