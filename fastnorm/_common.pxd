@@ -37,12 +37,14 @@ cdef enum:
     # fn_affine_out's plain peel and tail share lines with the streamed stores
     STREAM_RUN_BYTES = 4096
     # LayerNorm/RMSNorm backward: dx of at least this size, in rows of at least
-    # STREAM_DX_ROW_BYTES, is streamed (fn_group_backward's whole lines). Its x and dy are
-    # read in the same pass, so dx stays in cache less than a forward's output: kernels
-    # A/B, 1 thread, medians of 200-300 calls: 6 MiB (rows of 768) 1.07x faster, 8 MiB
-    # (rows of 256-2048) 1.04-1.33x, 12 MiB 1.06-1.16x, 24 MiB 1.14x; rows of 128 0.97x,
-    # rows of 64 0.6-0.84x (a plain line, shared by neighbouring rows, in every four).
-    STREAM_DX_BYTES = 4 << 20
+    # STREAM_DX_ROW_BYTES, is streamed (fn_group_backward's whole lines): x, dy and dx
+    # then take 30 MiB and more, as much as the forward's x and y at STREAM_BYTES, and dx
+    # would not stay in cache. Kernels A/B, 1 thread, medians of 200-300 calls: 12 MiB
+    # (rows of 768) 1.06-1.23x faster, 24 MiB 1.14x; smaller, where dx could stay in
+    # cache for its reader: 6 MiB 1.07x, 8 MiB (rows of 256-2048) 1.04-1.33x. Rows of 128
+    # 0.97x, of 64 0.6-0.84x (a plain line, shared by neighbouring rows, in every four).
+    # (Row forwards streamed the same way ran slower: rows of 768, 6-24 MiB, 0.5-0.76x.)
+    STREAM_DX_BYTES = 10 << 20
     STREAM_DX_ROW_BYTES = 1024
 
 
