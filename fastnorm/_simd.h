@@ -23,6 +23,15 @@
 #include <stddef.h>
 #include <string.h>
 
+/* AVX2+FMA builds: intrinsics where the vector extensions compile poorly, and
+ * non-temporal stores (FN_HAVE_STREAM) */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FN_HAVE_STREAM 1
+#else
+#define FN_HAVE_STREAM 0
+#endif
+
 /* Row reductions (LayerNorm/RMSNorm/GroupNorm rows): contiguous runs reduced
  * with four independent accumulators of explicit 32-byte vectors (GCC/Clang
  * vector extensions), so the adds pipeline instead of waiting on one chain.
@@ -59,10 +68,29 @@ typedef double fn_v4d __attribute__((vector_size(32)));
  *   fn_wide_add_T(NAME, v)        adds the lanes of v, widened to float64
  *   fn_wide_sum_T(NAME)           ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7)) */
 #define fn_wide(name) fn_v4d name##_lo = {0}, name##_hi = {0}
-#define fn_wide_add_f32(name, v)                                                          \
-    ((name##_lo) += __builtin_convertvector(__builtin_shufflevector((v), (v), 0, 1, 2, 3), fn_v4d), \
-     (name##_hi) += __builtin_convertvector(__builtin_shufflevector((v), (v), 4, 5, 6, 7), fn_v4d))
-#define fn_wide_add_f64(name, v) ((void)(name##_hi), (name##_lo) += (v))
+/* lo, hi = the lanes 0-3 and 4-7 of the float vector v, widened to float64 (AVX2: one
+ * conversion per half; gcc lowers __builtin_convertvector of a half into 2-lane pieces,
+ * moves and inserts, ~12 instructions for a total's add instead of 5) */
+#if FN_HAVE_STREAM
+#define fn_widen_halves_f32(v, lo, hi) do {                                               \
+    __m256 m_ = (__m256)(v);                                                              \
+    __m256d l_ = _mm256_cvtps_pd(_mm256_castps256_ps128(m_));                             \
+    __m256d h_ = _mm256_cvtps_pd(_mm256_extractf128_ps(m_, 1));                           \
+    (lo) = (fn_v4d)l_;                                                                    \
+    (hi) = (fn_v4d)h_; } while (0)
+#else
+#define fn_widen_halves_f32(v, lo, hi) do {                                               \
+    fn_v8f v_ = (v);                                                                      \
+    (lo) = __builtin_convertvector(__builtin_shufflevector(v_, v_, 0, 1, 2, 3), fn_v4d);  \
+    (hi) = __builtin_convertvector(__builtin_shufflevector(v_, v_, 4, 5, 6, 7), fn_v4d);  \
+    } while (0)
+#endif
+#define fn_wide_add_f32(name, v) do {                                                     \
+    fn_v4d wl_, wh_;                                                                      \
+    fn_widen_halves_f32(v, wl_, wh_);                                                     \
+    (name##_lo) += wl_;                                                                   \
+    (name##_hi) += wh_; } while (0)
+#define fn_wide_add_f64(name, v) do { (void)(name##_hi); (name##_lo) += (v); } while (0)
 #define fn_row_hsum4(v) (((v)[0] + (v)[1]) + ((v)[2] + (v)[3]))
 /* ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)) of the 8 lanes of a and b
  * concatenated (a == b: one 8-lane vector; a, b: two 4-lane halves), in vector steps:
@@ -268,13 +296,6 @@ FN_DEFINE_ROW_REDUCTIONS(double, f64, fn_v4d, 4)
  * it. The arithmetic is the same either way (a*b+c contracted to one fma in
  * both), so the choice never changes a result. Call fn_stream_fence() before
  * the output is read by another thread. */
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define FN_HAVE_STREAM 1
-#else
-#define FN_HAVE_STREAM 0
-#endif
-
 static inline void fn_stream_fence(void) {
 #if FN_HAVE_STREAM
     _mm_sfence();
@@ -536,20 +557,7 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
 #define fn_stream_vec_f32(p, v) memcpy((p), &(v), sizeof(v))
 #define fn_stream_vec_f64(p, v) memcpy((p), &(v), sizeof(v))
 #endif
-/* acc[0 .. lanes of v) += v, widened to float64 (AVX2: one conversion per half; gcc
- * lowers __builtin_convertvector of a half into 2-lane pieces and shuffles) */
-#if FN_HAVE_STREAM
-#define fn_widen_halves_f32(v, lo, hi) do {                                                 \
-    __m256 m_; memcpy(&m_, &(v), sizeof m_);                                                \
-    __m256d l_ = _mm256_cvtps_pd(_mm256_castps256_ps128(m_));                               \
-    __m256d h_ = _mm256_cvtps_pd(_mm256_extractf128_ps(m_, 1));                             \
-    memcpy(&(lo), &l_, sizeof l_); memcpy(&(hi), &h_, sizeof h_); } while (0)
-#else
-#define fn_widen_halves_f32(v, lo, hi) do {                                                 \
-    (lo) = __builtin_convertvector(__builtin_shufflevector((v), (v), 0, 1, 2, 3), fn_v4d);  \
-    (hi) = __builtin_convertvector(__builtin_shufflevector((v), (v), 4, 5, 6, 7), fn_v4d);  \
-    } while (0)
-#endif
+/* acc[0 .. lanes of v) += v, widened to float64 */
 #define fn_flush_vec_f32(acc, v) do {                                                       \
     fn_v4d lo_, hi_, wl_, wh_;                                                              \
     memcpy(&lo_, (acc), sizeof lo_);                                                        \
@@ -614,11 +622,14 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
             }                                                                                 \
         }                                                                                     \
     }                                                                                         \
-    /* Columns [c0, c1) of the group's rows one by one: fn_group_step's arithmetic. */        \
-    static inline __attribute__((always_inline)) void fn_group_columns_##SUFFIX(              \
+    /* Columns [c0, c1) of the group's rows, written plainly: vector by vector, then one by   \
+       one (fn_group_step's arithmetic). */                                                  \
+    static inline __attribute__((always_inline)) void fn_group_plain_##SUFFIX(                \
         const T* restrict x, const T* g, const T* restrict w, T* dx, ptrdiff_t nrows,         \
         ptrdiff_t stride, ptrdiff_t c0, ptrdiff_t c1, const VT (*k)[5], T* restrict part,     \
         double* restrict acc, ptrdiff_t at) {                                                 \
+        for (; c0 + NL <= c1; c0 += NL)                                                       \
+            fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c0, 1, k, part, acc, at, 0);   \
         for (ptrdiff_t c = c0; c < c1; c++) {                                                 \
             T aw = part ? part[c] : 0, ab = part ? part[at + c] : 0;                          \
             for (ptrdiff_t r = 0; r < nrows; r++) {                                           \
@@ -674,18 +685,20 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
         if (nt) {                                                                            \
             peel = (ptrdiff_t)((64 - (size_t)dx % 64) % 64 / sizeof(T));                     \
             if (peel > n) peel = n;                                                          \
-            fn_group_columns_##SUFFIX(x, g, w, dx, nrows, stride, 0, peel,                   \
-                                      (const VT (*)[5])k, part, acc, at);                    \
+            fn_group_plain_##SUFFIX(x, g, w, dx, nrows, stride, 0, peel, (const VT (*)[5])k, \
+                                    part, acc, at);                                          \
             c = peel;                                                                        \
         }                                                                                    \
-        for (; c + FN_GROUP_STEP * NL <= n; c += FN_GROUP_STEP * NL)                         \
-            fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, FN_GROUP_STEP,             \
-                                   (const VT (*)[5])k, part, acc, at, nt);                   \
-        for (; c + NL <= n; c += NL)                                                         \
-            fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, 1, (const VT (*)[5])k,     \
-                                   part, acc, at, 0);                                        \
-        fn_group_columns_##SUFFIX(x, g, w, dx, nrows, stride, c, n, (const VT (*)[5])k,      \
-                                  part, acc, at);                                            \
+        if (nt)                                    /* nt a constant in each loop */          \
+            for (; c + FN_GROUP_STEP * NL <= n; c += FN_GROUP_STEP * NL)                     \
+                fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, FN_GROUP_STEP,         \
+                                       (const VT (*)[5])k, part, acc, at, 1);                \
+        else                                                                                 \
+            for (; c + FN_GROUP_STEP * NL <= n; c += FN_GROUP_STEP * NL)                     \
+                fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, FN_GROUP_STEP,         \
+                                       (const VT (*)[5])k, part, acc, at, 0);                \
+        fn_group_plain_##SUFFIX(x, g, w, dx, nrows, stride, c, n, (const VT (*)[5])k, part,  \
+                                acc, at);                                                    \
         if (nt)                                                                              \
             fn_stream_fence();                                                               \
     }
