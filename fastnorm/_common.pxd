@@ -36,6 +36,16 @@ cdef enum:
     # channels-first pass fences after each run (at 64 values that was 10x slower), and
     # fn_affine_out's plain peel and tail share lines with the streamed stores
     STREAM_RUN_BYTES = 4096
+    # LayerNorm/RMSNorm backward: dx of at least this size, in rows of at least
+    # STREAM_DX_ROW_BYTES, is streamed (fn_group_backward's whole lines): x, dy and dx
+    # then take 30 MiB and more, as much as the forward's x and y at STREAM_BYTES, and dx
+    # would not stay in cache. Kernels A/B, 1 thread, medians of 200-300 calls: 12 MiB
+    # (rows of 768) 1.06-1.23x faster, 24 MiB 1.14x; smaller, where dx could stay in
+    # cache for its reader: 6 MiB 1.07x, 8 MiB (rows of 256-2048) 1.04-1.33x. Rows of 128
+    # 0.97x, of 64 0.6-0.84x (a plain line, shared by neighbouring rows, in every four).
+    # (Row forwards streamed the same way ran slower: rows of 768, 6-24 MiB, 0.5-0.76x.)
+    STREAM_DX_BYTES = 10 << 20
+    STREAM_DX_ROW_BYTES = 1024
 
 
 cdef struct Moments:
@@ -152,20 +162,21 @@ cdef extern from "_simd.h" nogil:
     void fn_short_rows_backward_f32(const float* x, const float* dy, float* dx, const float* w,
                                     Py_ssize_t nrows, Py_ssize_t n, int centered,
                                     const double* mean, const double* rstd, double* acc,
-                                    float* wacc, Py_ssize_t row_group)
+                                    int stream)
     void fn_short_rows_backward_f64(const double* x, const double* dy, double* dx,
                                     const double* w, Py_ssize_t nrows, Py_ssize_t n,
                                     int centered, const double* mean, const double* rstd,
-                                    double* acc, double* wacc, Py_ssize_t row_group)
+                                    double* acc, int stream)
     void fn_stream_fence()
-    void fn_row_backward_f32(const float* x, const float* g, const float* w, float* dx,
-                             Py_ssize_t n, float mean_hi, float mean_lo, float k_g, float c_0,
-                             float k_d, float* acc_w, float* acc_b)
-    void fn_row_backward_f64(const double* x, const double* g, const double* w, double* dx,
-                             Py_ssize_t n, double mean_hi, double mean_lo, double k_g,
-                             double c_0, double k_d, double* acc_w, double* acc_b)
-    void fn_flush_partials_f32(double* acc, float* part, Py_ssize_t n)
-    void fn_flush_partials_f64(double* acc, double* part, Py_ssize_t n)
+    enum: FN_ROW_GROUP
+    void fn_group_backward_f32(const float* x, const float* g, const float* w, float* dx,
+                               Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t n,
+                               const double* mean, const double* rstd, const double* coef,
+                               float* part, double* acc, Py_ssize_t at, int stream)
+    void fn_group_backward_f64(const double* x, const double* g, const double* w, double* dx,
+                               Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t n,
+                               const double* mean, const double* rstd, const double* coef,
+                               double* part, double* acc, Py_ssize_t at, int stream)
 
 
 cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept nogil:
@@ -301,24 +312,22 @@ cdef inline void run_affine_out(const floating* x, floating* y, const floating* 
         fn_affine_out_f64(x, y, w, b, n, mean_hi, mean_lo, scale, shift, stream)
 
 
-cdef inline void run_backward_weighted(const floating* x, const floating* dy, const floating* w,
-                                       floating* dx, Py_ssize_t n, floating mean_hi,
-                                       floating mean_lo, floating k_g, floating c_0,
-                                       floating k_d, floating* acc_w,
-                                       floating* acc_b) noexcept nogil:
-    """dx = (w*dy + c_0)*k_g + k_d*(x - mean); acc_w += dy*(x - mean)*k_g; acc_b += dy."""
+cdef inline void group_backward(const floating* x, const floating* g, const floating* w,
+                                floating* dx, Py_ssize_t nrows, Py_ssize_t stride, Py_ssize_t n,
+                                const double* mean, const double* rstd, const double* coef,
+                                floating* part, double* acc, Py_ssize_t at,
+                                bint stream) noexcept nogil:
+    """dx of n values of nrows <= FN_ROW_GROUP rows of a row group (stride apart), and their
+    weight/bias partials, added to part[0:n], part[at:at+n] (part NULL: the rows are the
+    whole group); acc not NULL (the rows end the group): the partials then go into acc
+    (same layout); stream: dx's whole lines written non-temporally (fenced). See
+    fn_group_backward_* in _simd.h."""
     if floating is float:
-        fn_row_backward_f32(x, dy, w, dx, n, mean_hi, mean_lo, k_g, c_0, k_d, acc_w, acc_b)
+        fn_group_backward_f32(x, g, w, dx, nrows, stride, n, mean, rstd, coef, part, acc, at,
+                              stream)
     else:
-        fn_row_backward_f64(x, dy, w, dx, n, mean_hi, mean_lo, k_g, c_0, k_d, acc_w, acc_b)
-
-
-cdef inline void flush_partials(double* acc, floating* part, Py_ssize_t n) noexcept nogil:
-    """acc += part; part = 0 (working-precision partials of a few rows into float64)."""
-    if floating is float:
-        fn_flush_partials_f32(acc, part, n)
-    else:
-        fn_flush_partials_f64(acc, part, n)
+        fn_group_backward_f64(x, g, w, dx, nrows, stride, n, mean, rstd, coef, part, acc, at,
+                              stream)
 
 
 cdef inline double row_sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:

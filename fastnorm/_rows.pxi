@@ -58,23 +58,27 @@ from cython.parallel cimport prange, threadid
 from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
 
 from fastnorm._common cimport (
-    FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
-    affine_coefficients, block_moments, chan_merge, flush_partials, fn_short_rows_backward_f32,
+    FN_ROW_GROUP, FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_DX_BYTES, STREAM_DX_ROW_BYTES,
+    STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
+    affine_coefficients, block_moments, chan_merge, fn_short_rows_backward_f32,
     fn_row_backward_coefficients, fn_short_rows_backward_f64, fn_short_rows_forward_f32,
-    fn_short_rows_forward_f64, fn_store_row_stats, fn_stream_fence, fold_mean_tail, row_grad_sums,
-    row_sum_squares, run_add, run_affine_backward, run_affine_out, run_backward_weighted,
-    split_hi_lo, stripe_start,
+    fn_short_rows_forward_f64, fn_store_row_stats, fn_stream_fence, fold_mean_tail, group_backward,
+    row_grad_sums, row_sum_squares, run_add, run_affine_backward, run_affine_out, split_hi_lo,
+    stripe_start,
 )
 
 cnp.import_array()
 
-# Elementwise weight/bias gradient partials are summed over this many rows in
-# working precision before going into float64 (fewer stores than float64 per row).
-cdef Py_ssize_t ROW_GROUP = 8
-
 cdef enum:
+    # Elementwise weight/bias gradient partials are summed over this many rows in
+    # working precision before going into float64 (fewer stores than float64 per row);
+    # the rows of such a group are dx'ed together (fn_group_backward_* in _simd.h)
+    ROW_GROUP = FN_ROW_GROUP
     # Rows per task of the short-rows forward (takes_short_rows)
     SHORT_ROWS_PER_TASK = 64
+    # A row group is dx'ed together while its x and dy (read for the gradient sums just
+    # before) take at most this much: they are then still in L2. Longer rows go one by one.
+    GROUP_BYTES = 256 << 10
 
 
 # ---------------------------------------------------------------- geometry
@@ -84,8 +88,8 @@ cdef struct RowGeom:
     bint per_channel, centered
     # units: unit_runs whole runs of S values, or pieces of unit_cols values
     Py_ssize_t unit_runs, unit_cols, units_per_run, n_units
-    bint stream     # output (forward y; per-channel backward dx) written with non-temporal
-                    # stores: outputs of STREAM_BYTES and more
+    bint stream     # output (forward y, backward dx) written with non-temporal stores:
+                    # see STREAM_BYTES and STREAM_DX_BYTES
     int act         # fused activation code (ACT_NONE: none)
 
 
@@ -247,10 +251,10 @@ cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, flo
 cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floating* dxrow,
                                const floating* ghrow, RowGeom* g, Py_ssize_t r, Py_ssize_t u,
                                const floating* w, double mean, double rstd, double k_d,
-                               double c_0, floating* acc_w, floating* acc_b) noexcept nogil:
-    """dx = rstd*(w*dy + c_0) + k_d*(x - mean) (+ grad_h when ghrow is not NULL) over
-    unit u of row r; elementwise mode also adds dy*xhat and dy to the row block's
-    acc_w/acc_b (length D). With an activation, dy is g, already in dx's unit."""
+                               double c_0) noexcept nogil:
+    """Per-channel mode: dx = rstd*(w*dy + c_0) + k_d*(x - mean) (+ grad_h when ghrow is
+    not NULL) over unit u of row r (elementwise rows: group_backward_unit). With an
+    activation, dy is g, already in dx's unit."""
     cdef Py_ssize_t j0, nruns, s0, ncols, j, at, c0
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
@@ -258,19 +262,36 @@ cdef inline void backward_unit(const floating* xrow, const floating* dyrow, floa
     at = j0 * g.S + s0
     if g.act != ACT_NONE:
         dyrow = dxrow
-    if not g.per_channel:
-        run_backward_weighted(xrow + at, dyrow + at, w + at, dxrow + at, ncols, mean_hi, mean_lo,
-                              <floating>rstd, <floating>c_0, <floating>k_d, acc_w + at,
-                              acc_b + at)
-    else:
-        c0 = (r % g.G) * g.runs + j0
-        for j in range(nruns):
-            run_affine_backward(xrow + at + j * g.S, dyrow + at + j * g.S,
-                                dxrow + at + j * g.S, ncols, mean_hi, mean_lo,
-                                <floating>(rstd * w[c0 + j]), <floating>k_d,
-                                <floating>(rstd * c_0), g.stream)
+    c0 = (r % g.G) * g.runs + j0
+    for j in range(nruns):
+        run_affine_backward(xrow + at + j * g.S, dyrow + at + j * g.S,
+                            dxrow + at + j * g.S, ncols, mean_hi, mean_lo,
+                            <floating>(rstd * w[c0 + j]), <floating>k_d,
+                            <floating>(rstd * c_0), g.stream)
     if ghrow != NULL:
         run_add(dxrow + at, ghrow + at, dxrow + at, nruns * ncols)
+
+
+cdef inline void group_backward_unit(const floating* x, const floating* dy, floating* dx,
+                                     const floating* gh, RowGeom* g, Py_ssize_t r0,
+                                     Py_ssize_t r1, Py_ssize_t u, const floating* w,
+                                     const double* mean, const double* rstd, const double* coef,
+                                     double* acc, floating* wacc, bint flush) noexcept nogil:
+    """Elementwise mode: dx of unit u of rows [r0, r1) of a row group (coef: their k_d, c_0
+    pairs, from row r0's on), the weight/bias partials into wacc (2*D; NULL: the rows are
+    the whole group); flush: the rows end the group, its partials go into acc (2*D
+    doubles). With an activation, dy is g, already in dx; gh (not NULL) is then added to dx."""
+    cdef Py_ssize_t j0, nruns, s0, ncols, r, at
+    cdef const floating* src = dx if g.act != ACT_NONE else dy
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    at = r0 * g.D + s0
+    group_backward(x + at, src + at, w + s0, dx + at, r1 - r0, g.D,
+                   ncols, mean + r0 if g.centered else NULL, rstd + r0, coef,
+                   NULL if wacc == NULL else wacc + s0,
+                   acc + s0 if flush else NULL, g.D, g.stream)
+    if gh != NULL:
+        for r in range(r0, r1):
+            run_add(dx + r * g.D + s0, gh + r * g.D + s0, dx + r * g.D + s0, ncols)
 
 
 cdef inline void row_coefficients(RowGeom* g, Py_ssize_t r, const floating* w, double rstd,
@@ -408,9 +429,10 @@ cdef void forward_by_unit(const floating* x, const floating* res, floating* h, f
 
 cdef inline void backward_row(const floating* x, const floating* dy, floating* dx,
                               const floating* gh, RowGeom* g, Py_ssize_t r, const floating* w,
-                              const floating* b, double mean, double rstd, double* sums,
-                              floating* acc_w, floating* acc_b) noexcept nogil:
-    """Gradient sums of row r (sums: sums_per_row zeros), then its dx in cache."""
+                              const floating* b, double mean, double rstd,
+                              double* sums) noexcept nogil:
+    """Per-channel mode: gradient sums of row r (sums: sums_per_row zeros), then its dx in
+    cache."""
     cdef Py_ssize_t u
     cdef double k_d, c_0
     for u in range(g.n_units):
@@ -418,7 +440,7 @@ cdef inline void backward_row(const floating* x, const floating* dy, floating* d
     row_coefficients(g, r, w, rstd, sums, &k_d, &c_0)
     for u in range(g.n_units):
         backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, row_of(gh, r, g.D), g, r, u, w,
-                      mean, rstd, k_d, c_0, acc_w, acc_b)
+                      mean, rstd, k_d, c_0)
 
 
 cdef inline double* block_acc(RowGeom* g, double* acc, Py_ssize_t k) noexcept nogil:
@@ -431,17 +453,11 @@ cdef inline floating* block_wacc(RowGeom* g, floating* wacc, Py_ssize_t k) noexc
     return wacc if g.per_channel else wacc + 2 * g.D * k
 
 
-cdef inline bint group_ends(Py_ssize_t r, Py_ssize_t first, Py_ssize_t stop) noexcept nogil:
-    """Rows of a block are summed in working precision in groups of ROW_GROUP
-    (counted from the block's first row), each group then added in float64."""
-    return (r - first) % ROW_GROUP == ROW_GROUP - 1 or r == stop - 1
-
-
-cdef inline void flush_columns(RowGeom* g, double* acc, floating* wacc, Py_ssize_t s0,
-                               Py_ssize_t n) noexcept nogil:
-    """Columns [s0, s0 + n) of both weight and bias partials into float64."""
-    flush_partials(acc + s0, wacc + s0, n)
-    flush_partials(acc + g.D + s0, wacc + g.D + s0, n)
+cdef inline Py_ssize_t group_end(Py_ssize_t r, Py_ssize_t first,
+                                 Py_ssize_t stop) noexcept nogil:
+    """End of row r's group: rows of a block are summed in working precision in groups
+    of ROW_GROUP (counted from the block's first row), each group then added in float64."""
+    return min(stop, r - (r - first) % ROW_GROUP + ROW_GROUP)
 
 
 cdef inline void backward_block(const floating* x, const floating* dy, floating* dx,
@@ -450,38 +466,59 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
                                 const double* rstd, double* sums, double* acc,
                                 floating* wacc) noexcept nogil:
     """Rows of block k in order. Elementwise mode: acc (2*D) gets the block's
-    weight/bias partials (through wacc, see group_ends). Per-channel mode: one
-    block per row, sums hold the row's per-run sums afterwards."""
-    cdef Py_ssize_t first, stop, r, i, nsum = sums_per_row(g)
+    weight/bias partials (through wacc, see group_end); the gradient sums of a group's
+    rows (or of one row, when a group would not stay in cache) come first, then their dx
+    together. Per-channel mode: one block per row, sums hold the row's per-run sums
+    afterwards."""
+    cdef Py_ssize_t first, stop, r, r0, r1, i, u, nsum = sums_per_row(g)
+    cdef Py_ssize_t rows_per_step
     cdef double* row_sums
-    if not g.per_channel:
-        for i in range(2 * g.D):
-            acc[i] = 0.0
-            wacc[i] = 0
+    cdef double coef[2 * ROW_GROUP]
     first = stripe_start(g.R, n_blocks, k)
     stop = stripe_start(g.R, n_blocks, k + 1)
+    if g.per_channel:
+        for r in range(first, stop):
+            row_sums = sums + r * nsum
+            for i in range(nsum):
+                row_sums[i] = 0.0
+            backward_row(x, dy, dx, gh, g, r, w, b, mean[r] if g.centered else 0.0, rstd[r],
+                         row_sums)
+        if g.stream:
+            fn_stream_fence()
+        return
+    for i in range(2 * g.D):
+        acc[i] = 0.0
+        wacc[i] = 0
     if takes_short_rows(g, gh) and stop > first:
         if floating is float:
             fn_short_rows_backward_f32(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
                                        stop - first, g.D, g.centered,
                                        mean + first if g.centered else NULL, rstd + first, acc,
-                                       wacc, ROW_GROUP)
+                                       g.stream)
         else:
             fn_short_rows_backward_f64(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
                                        stop - first, g.D, g.centered,
                                        mean + first if g.centered else NULL, rstd + first, acc,
-                                       wacc, ROW_GROUP)
+                                       g.stream)
         return
-    for r in range(first, stop):
-        row_sums = sums + (r * nsum if g.per_channel else 2 * k)
-        for i in range(nsum):
-            row_sums[i] = 0.0
-        backward_row(x, dy, dx, gh, g, r, w, b, mean[r] if g.centered else 0.0, rstd[r],
-                     row_sums, wacc, wacc + g.D)
-        if not g.per_channel and group_ends(r, first, stop):
-            flush_columns(g, acc, wacc, 0, g.D)
-    if g.stream:
-        fn_stream_fence()
+    rows_per_step = ROW_GROUP if 2 * ROW_GROUP * g.D * sizeof(floating) <= GROUP_BYTES else 1
+    row_sums = sums + 2 * k
+    r0 = first
+    while r0 < stop:
+        r1 = min(group_end(r0, first, stop), r0 + rows_per_step)
+        for r in range(r0, r1):
+            row_sums[0] = 0.0
+            row_sums[1] = 0.0
+            for u in range(g.n_units):
+                unit_grad_sums(x + r * g.D, dy + r * g.D, dx + r * g.D, g, r, u, w, b,
+                               mean[r] if g.centered else 0.0, rstd[r], row_sums)
+            row_coefficients(g, r, w, rstd[r], row_sums, &coef[2 * (r - r0)],
+                             &coef[2 * (r - r0) + 1])
+        for u in range(g.n_units):
+            group_backward_unit(x, dy, dx, gh, g, r0, r1, u, w, mean, rstd, coef, acc,
+                                NULL if rows_per_step == ROW_GROUP else wacc,
+                                r1 == group_end(r0, first, stop))
+        r0 = r1
 
 
 cdef void backward_by_row(const floating* x, const floating* dy, floating* dx,
@@ -502,8 +539,8 @@ cdef void backward_by_row(const floating* x, const floating* dy, floating* dx,
 cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx,
                            const floating* gh, RowGeom* g, Py_ssize_t n_blocks,
                            const floating* w, const floating* b, const double* mean,
-                           const double* rstd, double* sums, double* acc, floating* wacc,
-                           double* unit_sums, double* coef, int n_threads) noexcept nogil:
+                           const double* rstd, double* sums, double* acc, double* unit_sums,
+                           double* coef, int n_threads) noexcept nogil:
     """unit_sums: R * n_units * 2 (elementwise mode only); coef: 2 * R."""
     cdef Py_ssize_t task, r, u, i
     cdef Py_ssize_t nsum = sums_per_row(g)
@@ -534,35 +571,36 @@ cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx,
     # accumulates its rows in order, as backward_block does
     for task in prange(n_blocks * g.n_units, num_threads=n_threads, schedule="static"):
         backward_block_unit(x, dy, dx, gh, g, n_blocks, task // g.n_units, task % g.n_units, w,
-                            mean, rstd, coef, block_acc(g, acc, task // g.n_units),
-                            block_wacc(g, wacc, task // g.n_units))
+                            mean, rstd, coef, block_acc(g, acc, task // g.n_units))
 
 
 cdef inline void backward_block_unit(const floating* x, const floating* dy, floating* dx,
                                      const floating* gh, RowGeom* g, Py_ssize_t n_blocks,
                                      Py_ssize_t k, Py_ssize_t u,
                                      const floating* w, const double* mean, const double* rstd,
-                                     const double* coef, double* acc,
-                                     floating* wacc) noexcept nogil:
-    """Unit u of the rows of block k (a task of its own: its locals stay private)."""
-    cdef Py_ssize_t i, r, first, stop, j0, nruns, s0, ncols
+                                     const double* coef, double* acc) noexcept nogil:
+    """Unit u of the rows of block k (a task of its own: its locals stay private); its
+    row groups are whole, their partials go straight into acc."""
+    cdef Py_ssize_t i, r, r0, first, stop, j0, nruns, s0, ncols
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
-    if not g.per_channel:
-        for i in range(s0, s0 + ncols):
-            acc[i] = 0.0
-            acc[g.D + i] = 0.0
-            wacc[i] = 0
-            wacc[g.D + i] = 0
     first = stripe_start(g.R, n_blocks, k)
     stop = stripe_start(g.R, n_blocks, k + 1)
-    for r in range(first, stop):
-        backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, row_of(gh, r, g.D), g, r, u, w,
-                      mean[r] if g.centered else 0.0, rstd[r], coef[2 * r], coef[2 * r + 1],
-                      wacc, wacc + g.D)
-        if not g.per_channel and group_ends(r, first, stop):
-            flush_columns(g, acc, wacc, s0, ncols)
-    if g.stream:
-        fn_stream_fence()
+    if g.per_channel:
+        for r in range(first, stop):
+            backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, row_of(gh, r, g.D), g, r, u,
+                          w, mean[r] if g.centered else 0.0, rstd[r], coef[2 * r],
+                          coef[2 * r + 1])
+        if g.stream:
+            fn_stream_fence()
+        return
+    for i in range(s0, s0 + ncols):
+        acc[i] = 0.0
+        acc[g.D + i] = 0.0
+    r0 = first
+    while r0 < stop:
+        group_backward_unit(x, dy, dx, gh, g, r0, group_end(r0, first, stop), u, w, mean, rstd,
+                            coef + 2 * r0, acc, NULL, True)
+        r0 = group_end(r0, first, stop)
 
 
 cdef inline void add_doubles(double* acc, const double* part, Py_ssize_t n) noexcept nogil:
@@ -710,10 +748,13 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     cdef double* work
     cdef cnp.ndarray partials
     g.act = act
-    # per-channel dx only: elementwise rows measured no faster streamed, an activation
-    # or grad_h rereads dx
-    g.stream = (per_channel and act == ACT_NONE and grad_h is None
-                and g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES)
+    # an activation or grad_h rereads dx; elementwise rows: see STREAM_DX_BYTES
+    if per_channel:
+        g.stream = g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
+    else:
+        g.stream = (g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_DX_BYTES
+                    and g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_DX_ROW_BYTES)
+    g.stream = g.stream and act == ACT_NONE and grad_h is None
     by_unit = split_by_unit(&g, n_threads)
     # one float64 scratch array: row sums | block partials | unit sums | coefficients
     n_sums = g.R * sums_per_row(&g) if per_channel else 2 * n_blocks
@@ -722,7 +763,8 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     n_coef = 2 * g.R if by_unit else 0
     scratch = np.empty(n_sums + n_acc + n_unit_sums + n_coef)
     work = <double*>cnp.PyArray_DATA(scratch)
-    partials = np.empty(max(n_acc, 1), dtype=x.dtype)   # the current row group's, per block
+    # the current row group's partials per block, for rows dx'ed one by one (backward_block)
+    partials = np.empty(max(n_acc, 1), dtype=x.dtype)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
         with nogil:
             _row_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
@@ -749,8 +791,8 @@ cdef void _row_backward(const floating* x, const floating* dy, floating* dx, con
                         double* acc, floating* wacc, double* unit_sums, double* coef,
                         floating* grad_w, floating* grad_b, int n_threads) noexcept nogil:
     if by_unit:
-        backward_by_unit(x, dy, dx, gh, g, n_blocks, w, b, mean, rstd, sums, acc, wacc,
-                         unit_sums, coef, n_threads)
+        backward_by_unit(x, dy, dx, gh, g, n_blocks, w, b, mean, rstd, sums, acc, unit_sums,
+                         coef, n_threads)
     else:
         backward_by_row(x, dy, dx, gh, g, n_blocks, w, b, mean, rstd, sums, acc, wacc,
                         n_threads)

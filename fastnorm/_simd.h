@@ -23,6 +23,15 @@
 #include <stddef.h>
 #include <string.h>
 
+/* AVX2+FMA builds: intrinsics where the vector extensions compile poorly, and
+ * non-temporal stores (FN_HAVE_STREAM) */
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define FN_HAVE_STREAM 1
+#else
+#define FN_HAVE_STREAM 0
+#endif
+
 /* Row reductions (LayerNorm/RMSNorm/GroupNorm rows): contiguous runs reduced
  * with four independent accumulators of explicit 32-byte vectors (GCC/Clang
  * vector extensions), so the adds pipeline instead of waiting on one chain.
@@ -59,10 +68,29 @@ typedef double fn_v4d __attribute__((vector_size(32)));
  *   fn_wide_add_T(NAME, v)        adds the lanes of v, widened to float64
  *   fn_wide_sum_T(NAME)           ((t0 + t1) + (t2 + t3)) + ((t4 + t5) + (t6 + t7)) */
 #define fn_wide(name) fn_v4d name##_lo = {0}, name##_hi = {0}
-#define fn_wide_add_f32(name, v)                                                          \
-    ((name##_lo) += __builtin_convertvector(__builtin_shufflevector((v), (v), 0, 1, 2, 3), fn_v4d), \
-     (name##_hi) += __builtin_convertvector(__builtin_shufflevector((v), (v), 4, 5, 6, 7), fn_v4d))
-#define fn_wide_add_f64(name, v) ((void)(name##_hi), (name##_lo) += (v))
+/* lo, hi = the lanes 0-3 and 4-7 of the float vector v, widened to float64 (AVX2: one
+ * conversion per half; gcc lowers __builtin_convertvector of a half into 2-lane pieces,
+ * moves and inserts, ~12 instructions for a total's add instead of 5) */
+#if FN_HAVE_STREAM
+#define fn_widen_halves_f32(v, lo, hi) do {                                               \
+    __m256 m_ = (__m256)(v);                                                              \
+    __m256d l_ = _mm256_cvtps_pd(_mm256_castps256_ps128(m_));                             \
+    __m256d h_ = _mm256_cvtps_pd(_mm256_extractf128_ps(m_, 1));                           \
+    (lo) = (fn_v4d)l_;                                                                    \
+    (hi) = (fn_v4d)h_; } while (0)
+#else
+#define fn_widen_halves_f32(v, lo, hi) do {                                               \
+    fn_v8f v_ = (v);                                                                      \
+    (lo) = __builtin_convertvector(__builtin_shufflevector(v_, v_, 0, 1, 2, 3), fn_v4d);  \
+    (hi) = __builtin_convertvector(__builtin_shufflevector(v_, v_, 4, 5, 6, 7), fn_v4d);  \
+    } while (0)
+#endif
+#define fn_wide_add_f32(name, v) do {                                                     \
+    fn_v4d wl_, wh_;                                                                      \
+    fn_widen_halves_f32(v, wl_, wh_);                                                     \
+    (name##_lo) += wl_;                                                                   \
+    (name##_hi) += wh_; } while (0)
+#define fn_wide_add_f64(name, v) do { (void)(name##_hi); (name##_lo) += (v); } while (0)
 #define fn_row_hsum4(v) (((v)[0] + (v)[1]) + ((v)[2] + (v)[3]))
 /* ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)) of the 8 lanes of a and b
  * concatenated (a == b: one 8-lane vector; a, b: two 4-lane halves), in vector steps:
@@ -190,6 +218,48 @@ static inline void fn_moments_finish(double shift, double sum_d, double sum_dd, 
         }                                                                                    \
         fn_moments_finish(shift, sum_d, sum_dd, count, mean, m2);                            \
     }                                                                                        \
+    /* One block of m <= FN_ROW_BLOCK values of the gradient sums: *part_g and *part_gd,  \
+       the sums of u = g*w and u*d lane by lane over its whole steps of 4 * NL values (w     \
+       NULL: u = g); the values after them go one by one into *tail_g and *tail_gd. Always  \
+       inlined, once with w and once with NULL: a test of w in the loop cost register       \
+       copies and spilled two accumulators (1.66 -> 1.43 instructions per value, callgrind). */          \
+    static inline __attribute__((always_inline))                                             \
+    void fn_block_grad_parts_##SUFFIX(const T* xb, const T* gb, const T* wb, ptrdiff_t m,     \
+                                      T mean_hi, T mean_lo, VT* part_g, VT* part_gd,          \
+                                      T* tail_g, T* tail_gd) {                                \
+        ptrdiff_t i = 0;                                                                     \
+        T t_g = *tail_g, t_gd = *tail_gd;                                                    \
+        VT s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0};   \
+        for (; i + 4 * NL <= m; i += 4 * NL) {                                               \
+            VT u0 = fn_row_load_##SUFFIX(gb + i);                                            \
+            VT u1 = fn_row_load_##SUFFIX(gb + i + NL);                                       \
+            VT u2 = fn_row_load_##SUFFIX(gb + i + 2 * NL);                                   \
+            VT u3 = fn_row_load_##SUFFIX(gb + i + 3 * NL);                                   \
+            if (wb) {                                                                        \
+                u0 *= fn_row_load_##SUFFIX(wb + i);                                          \
+                u1 *= fn_row_load_##SUFFIX(wb + i + NL);                                     \
+                u2 *= fn_row_load_##SUFFIX(wb + i + 2 * NL);                                 \
+                u3 *= fn_row_load_##SUFFIX(wb + i + 3 * NL);                                 \
+            }                                                                                \
+            s0 += u0;                                                                        \
+            s1 += u1;                                                                        \
+            s2 += u2;                                                                        \
+            s3 += u3;                                                                        \
+            p0 += u0 * ((fn_row_load_##SUFFIX(xb + i) - mean_hi) - mean_lo);                 \
+            p1 += u1 * ((fn_row_load_##SUFFIX(xb + i + NL) - mean_hi) - mean_lo);            \
+            p2 += u2 * ((fn_row_load_##SUFFIX(xb + i + 2 * NL) - mean_hi) - mean_lo);        \
+            p3 += u3 * ((fn_row_load_##SUFFIX(xb + i + 3 * NL) - mean_hi) - mean_lo);        \
+        }                                                                                    \
+        for (; i < m; i++) {                                                                 \
+            T gw = wb ? gb[i] * wb[i] : gb[i];                                               \
+            t_g += gw;                                                                       \
+            t_gd += gw * ((xb[i] - mean_hi) - mean_lo);                                      \
+        }                                                                                    \
+        *tail_g = t_g;                                                                       \
+        *tail_gd = t_gd;                                                                     \
+        *part_g = (s0 + s1) + (s2 + s3);                                                     \
+        *part_gd = (p0 + p1) + (p2 + p3);                                                    \
+    }                                                                                        \
     /* *sum_g += sum(g*w), *sum_gd += sum(g*w*d), d = (x - mean_hi) - mean_lo;               \
        w == NULL means w = 1 */                                                              \
     FN_SHARED void fn_row_grad_sums_##SUFFIX(const T* x, const T* g, const T* w,              \
@@ -199,37 +269,16 @@ static inline void fn_moments_finish(double shift, double sum_d, double sum_dd, 
         fn_wide(total_gd);                                                                   \
         T tail_g = 0, tail_gd = 0;                                                           \
         for (ptrdiff_t b = 0; b < n; b += FN_ROW_BLOCK) {                                    \
-            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK, i = 0;                \
-            const T* xb = x + b;                                                             \
-            const T* gb = g + b;                                                             \
-            VT s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0}, p0 = {0}, p1 = {0}, p2 = {0}, p3 = {0}; \
-            for (; i + 4 * NL <= m; i += 4 * NL) {                                           \
-                VT u0 = fn_row_load_##SUFFIX(gb + i);                                        \
-                VT u1 = fn_row_load_##SUFFIX(gb + i + NL);                                   \
-                VT u2 = fn_row_load_##SUFFIX(gb + i + 2 * NL);                               \
-                VT u3 = fn_row_load_##SUFFIX(gb + i + 3 * NL);                               \
-                if (w) {                                                                     \
-                    u0 *= fn_row_load_##SUFFIX(w + b + i);                                   \
-                    u1 *= fn_row_load_##SUFFIX(w + b + i + NL);                              \
-                    u2 *= fn_row_load_##SUFFIX(w + b + i + 2 * NL);                          \
-                    u3 *= fn_row_load_##SUFFIX(w + b + i + 3 * NL);                          \
-                }                                                                            \
-                s0 += u0;                                                                    \
-                s1 += u1;                                                                    \
-                s2 += u2;                                                                    \
-                s3 += u3;                                                                    \
-                p0 += u0 * ((fn_row_load_##SUFFIX(xb + i) - mean_hi) - mean_lo);             \
-                p1 += u1 * ((fn_row_load_##SUFFIX(xb + i + NL) - mean_hi) - mean_lo);        \
-                p2 += u2 * ((fn_row_load_##SUFFIX(xb + i + 2 * NL) - mean_hi) - mean_lo);    \
-                p3 += u3 * ((fn_row_load_##SUFFIX(xb + i + 3 * NL) - mean_hi) - mean_lo);    \
-            }                                                                                \
-            for (; i < m; i++) {                                                             \
-                T gw = w ? gb[i] * w[b + i] : gb[i];                                         \
-                tail_g += gw;                                                                \
-                tail_gd += gw * ((xb[i] - mean_hi) - mean_lo);                               \
-            }                                                                                \
-            fn_wide_add_##SUFFIX(total_g, (s0 + s1) + (s2 + s3));                            \
-            fn_wide_add_##SUFFIX(total_gd, (p0 + p1) + (p2 + p3));                           \
+            ptrdiff_t m = n - b < FN_ROW_BLOCK ? n - b : FN_ROW_BLOCK;                       \
+            VT part_g, part_gd;                                                              \
+            if (w)                                                                           \
+                fn_block_grad_parts_##SUFFIX(x + b, g + b, w + b, m, mean_hi, mean_lo,       \
+                                             &part_g, &part_gd, &tail_g, &tail_gd);          \
+            else                                                                             \
+                fn_block_grad_parts_##SUFFIX(x + b, g + b, NULL, m, mean_hi, mean_lo,        \
+                                             &part_g, &part_gd, &tail_g, &tail_gd);          \
+            fn_wide_add_##SUFFIX(total_g, part_g);                                           \
+            fn_wide_add_##SUFFIX(total_gd, part_gd);                                         \
         }                                                                                    \
         *sum_g += fn_wide_sum_##SUFFIX(total_g) + (double)tail_g;                            \
         *sum_gd += fn_wide_sum_##SUFFIX(total_gd) + (double)tail_gd;                         \
@@ -247,13 +296,6 @@ FN_DEFINE_ROW_REDUCTIONS(double, f64, fn_v4d, 4)
  * it. The arithmetic is the same either way (a*b+c contracted to one fma in
  * both), so the choice never changes a result. Call fn_stream_fence() before
  * the output is read by another thread. */
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define FN_HAVE_STREAM 1
-#else
-#define FN_HAVE_STREAM 0
-#endif
-
 static inline void fn_stream_fence(void) {
 #if FN_HAVE_STREAM
     _mm_sfence();
@@ -367,7 +409,16 @@ static inline void fn_row_stream_put(fn_row_stream* s, ptrdiff_t i, __m256 v, pt
 #else
 #define FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM) (void)stream;
 #endif
-#define FN_DEFINE_AFFINE_OUT(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)            \
+/* The per-element path (LayerNorm/RMSNorm rows): for rows of FN_AFFINE_SHORT_MAX values or
+ * fewer (QK-norm heads), two vectors of the vector extensions per step; gcc's `omp simd`
+ * loop, inlined into forward_row, kept its pointers and bound on the stack there (12
+ * instructions per 8 floats). Same fmas, same bits. EV: the extension's 32-byte vector of
+ * T, EL lanes. Interleaved A/B, 1 thread: the explicit loop made LayerNorm (4,16,1024,64)
+ * forward 1.5x faster (2.66-2.78 -> 1.76-1.84 ms) but (8,512,768) 1.2x slower (0.93-0.96
+ * -> 1.11-1.18 ms, though 2.76 -> 2.35 instructions per value), with or without a scalar
+ * peel to y's 32-byte boundary and with -falign-loops=64; longer rows keep omp simd. */
+#define FN_AFFINE_SHORT_MAX 127
+#define FN_DEFINE_AFFINE_OUT(T, SUFFIX, VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM, EV, EL)    \
     static inline void fn_affine_out_##SUFFIX(const T* restrict x, T* restrict y,                    \
                                              const T* restrict w, const T* restrict b,              \
                                              ptrdiff_t n, T mean_hi, T mean_lo, T scale,            \
@@ -375,7 +426,20 @@ static inline void fn_row_stream_put(fn_row_stream* s, ptrdiff_t i, __m256 v, pt
         ptrdiff_t i = 0;                                                                            \
         FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)                     \
         if (w) {                                                                                    \
-            _Pragma("omp simd")                                                                     \
+            if (n > FN_AFFINE_SHORT_MAX) {                                                          \
+                _Pragma("omp simd")                                                                 \
+                for (ptrdiff_t j = i; j < n; j++)                                                   \
+                    y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];                      \
+                return;                                                                             \
+            }                                                                                       \
+            for (; i + 2 * EL <= n; i += 2 * EL) {                                                  \
+                EV y0 = ((fn_row_load_##SUFFIX(x + i) - mean_hi) - mean_lo) * scale                 \
+                        * fn_row_load_##SUFFIX(w + i) + fn_row_load_##SUFFIX(b + i);                \
+                EV y1 = ((fn_row_load_##SUFFIX(x + i + EL) - mean_hi) - mean_lo) * scale            \
+                        * fn_row_load_##SUFFIX(w + i + EL) + fn_row_load_##SUFFIX(b + i + EL);      \
+                memcpy(y + i, &y0, sizeof y0);                                                      \
+                memcpy(y + i + EL, &y1, sizeof y1);                                                 \
+            }                                                                                       \
             for (ptrdiff_t j = i; j < n; j++)                                                       \
                 y[j] = ((x[j] - mean_hi) - mean_lo) * scale * w[j] + b[j];                          \
         } else {                                                                                    \
@@ -384,9 +448,9 @@ static inline void fn_row_stream_put(fn_row_stream* s, ptrdiff_t i, __m256 v, pt
         }                                                                                           \
     }
 FN_DEFINE_AFFINE_OUT(float, f32, __m256, 8, _mm256_set1_ps, _mm256_loadu_ps, _mm256_sub_ps,
-                     _mm256_mul_ps, _mm256_fmadd_ps, _mm256_stream_ps)
+                     _mm256_mul_ps, _mm256_fmadd_ps, _mm256_stream_ps, fn_v8f, 8)
 FN_DEFINE_AFFINE_OUT(double, f64, __m256d, 4, _mm256_set1_pd, _mm256_loadu_pd, _mm256_sub_pd,
-                     _mm256_mul_pd, _mm256_fmadd_pd, _mm256_stream_pd)
+                     _mm256_mul_pd, _mm256_fmadd_pd, _mm256_stream_pd, fn_v4d, 4)
 #undef FN_DEFINE_AFFINE_OUT
 #undef FN_AFFINE_OUT_STREAMED
 
@@ -546,44 +610,173 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
 #undef FN_DEFINE_CHANNELS_BACKWARD
 #undef FN_ROW_STREAMED
 
-/* Elementwise steps with a parameter per element (LayerNorm/RMSNorm rows).
- * Not reductions, but written here with restrict and `omp simd` so that they
- * vectorize whatever the number of pointers (gcc gives up on alias checks). */
-#define FN_DEFINE_ELEMENTWISE(T, SUFFIX)                                               \
-    /* dx = (w * g + c_0) * k_g + k_d * d (c_0 = -mean(w*g) first, so that it cancels  \
-       before the large factor k_g = rstd multiplies), and the weight/bias gradient     \
-       partials of a few rows, in working precision: acc_w += g * d * k_g, acc_b += g.  \
-       g may be dx itself (a fused activation's g = dy * act'(z) is kept there): both   \
-       lack restrict, and g[i] is read before dx[i] is written. */                      \
-    FN_SHARED void fn_row_backward_##SUFFIX(                                            \
-                                                const T* restrict x, const T* g,        \
-                                                const T* restrict w, T* dx,             \
-                                                ptrdiff_t n, T mean_hi, T mean_lo,      \
-                                                T k_g, T c_0, T k_d,                    \
-                                                T* restrict acc_w, T* restrict acc_b) { \
-        _Pragma("omp simd")                                                              \
-        for (ptrdiff_t i = 0; i < n; i++) {                                              \
-            T gi = g[i];                                                                 \
-            T d = (x[i] - mean_hi) - mean_lo;                                            \
-            dx[i] = (w[i] * gi + c_0) * k_g + k_d * d;                                   \
-            acc_w[i] += gi * (d * k_g);                                                  \
-            acc_b[i] += gi;                                                              \
-        }                                                                                \
-    }                                                                                    \
-    /* acc += part, part = 0: a few rows' working-precision partials into float64 */    \
-    static inline void fn_flush_partials_##SUFFIX(double* restrict acc, T* restrict part, \
-                                                  ptrdiff_t n) {                        \
-        _Pragma("omp simd")                                                              \
-        for (ptrdiff_t i = 0; i < n; i++) {                                              \
-            acc[i] += (double)part[i];                                                   \
-            part[i] = 0;                                                                 \
-        }                                                                                \
+/* Backward of a row group (LayerNorm/RMSNorm rows, a parameter per element): rows of
+ * the group are dx'ed together, column step by column step, so that the weight/bias
+ * gradient partials of a column stay in registers over the group's rows and go into
+ * float64 once, at the group's end. Row by row (the partials loaded, added to and stored
+ * for every row, then flushed in a loop of their own) that took 2.5 instructions per
+ * value at 768 values, now 2.2 (callgrind; the whole backward 4.7 -> 4.0, rows of 64
+ * 8.4 -> 6.7). Two vectors of columns per step: at four, gcc spilled the weights.
+ * FN_ROW_GROUP: rows whose partials are summed in the working precision (at most 8
+ * terms per partial, so float32 loses almost nothing) before they go into float64. */
+#define FN_ROW_GROUP 8
+#define FN_GROUP_STEP 2          /* vectors of columns per step: one 64-byte line of float or double */
+/* the 32 bytes of a vector-extension vector v to 32-byte aligned p, non-temporal */
+#if FN_HAVE_STREAM
+#define fn_stream_vec_f32(p, v) _mm256_stream_ps((p), (__m256)(v))
+#define fn_stream_vec_f64(p, v) _mm256_stream_pd((p), (__m256d)(v))
+#else
+#define fn_stream_vec_f32(p, v) memcpy((p), &(v), sizeof(v))
+#define fn_stream_vec_f64(p, v) memcpy((p), &(v), sizeof(v))
+#endif
+/* acc[0 .. lanes of v) += v, widened to float64 */
+#define fn_flush_vec_f32(acc, v) do {                                                       \
+    fn_v4d lo_, hi_, wl_, wh_;                                                              \
+    memcpy(&lo_, (acc), sizeof lo_);                                                        \
+    memcpy(&hi_, (acc) + 4, sizeof hi_);                                                    \
+    fn_widen_halves_f32(v, wl_, wh_);                                                       \
+    lo_ += wl_;                                                                             \
+    hi_ += wh_;                                                                             \
+    memcpy((acc), &lo_, sizeof lo_);                                                        \
+    memcpy((acc) + 4, &hi_, sizeof hi_); } while (0)
+#define fn_flush_vec_f64(acc, v) do {                                                       \
+    fn_v4d a_;                                                                              \
+    memcpy(&a_, (acc), sizeof a_);                                                          \
+    a_ += (v);                                                                              \
+    memcpy((acc), &a_, sizeof a_); } while (0)
+#define FN_DEFINE_ROWS_BACKWARD(T, SUFFIX, VT, NL)                                              \
+    /* Columns [c, c + u * NL) of the group's rows: dx = (w * g + c_0) * k_g + k_d * d         \
+       (c_0 = -mean(w*g) first, so that it cancels before the large factor k_g = rstd           \
+       multiplies), partials aw += g * d * k_g, ab += g, from part (NULL: from zero) into     \
+       part and/or acc (see fn_group_backward). Per row the coefficients hi, lo, k_g, c_0,     \
+       k_d (vectors of one value). nt: dx written with non-temporal stores (32-byte aligned). */\
+    static inline __attribute__((always_inline)) void fn_group_step_##SUFFIX(                 \
+        const T* restrict x, const T* g, const T* restrict w, T* dx, ptrdiff_t nrows,         \
+        ptrdiff_t stride, ptrdiff_t c, const int u, const VT (*coef)[5], T* restrict part,    \
+        double* restrict acc, ptrdiff_t at, const int nt) {                                   \
+        VT aw[FN_GROUP_STEP], ab[FN_GROUP_STEP];                                              \
+        _Pragma("GCC unroll 4")                                                               \
+        for (int k = 0; k < u; k++) {                                                         \
+            aw[k] = ab[k] = (VT){0};                                                          \
+            if (part) {                                                                       \
+                aw[k] = fn_row_load_##SUFFIX(part + c + k * NL);                              \
+                ab[k] = fn_row_load_##SUFFIX(part + at + c + k * NL);                         \
+            }                                                                                 \
+        }                                                                                     \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                               \
+            const T* xr = x + r * stride + c;                                                 \
+            const T* gr = g + r * stride + c;                                                 \
+            T* dr = dx + r * stride + c;                                                      \
+            _Pragma("GCC unroll 4")                                                           \
+            for (int k = 0; k < u; k++) {                                                     \
+                VT gi = fn_row_load_##SUFFIX(gr + k * NL);                                    \
+                VT d = (fn_row_load_##SUFFIX(xr + k * NL) - coef[r][0]) - coef[r][1];         \
+                VT out = (fn_row_load_##SUFFIX(w + c + k * NL) * gi + coef[r][3]) * coef[r][2] \
+                         + coef[r][4] * d;                                                    \
+                if (nt)                                                                       \
+                    fn_stream_vec_##SUFFIX(dr + k * NL, out);                                 \
+                else                                                                          \
+                    memcpy(dr + k * NL, &out, sizeof out);                                    \
+                aw[k] += gi * (d * coef[r][2]);                                               \
+                ab[k] += gi;                                                                  \
+            }                                                                                 \
+        }                                                                                     \
+        _Pragma("GCC unroll 4")                                                               \
+        for (int k = 0; k < u; k++) {                                                         \
+            if (acc) {                                                                        \
+                fn_flush_vec_##SUFFIX(acc + c + k * NL, aw[k]);                               \
+                fn_flush_vec_##SUFFIX(acc + at + c + k * NL, ab[k]);                          \
+                aw[k] = ab[k] = (VT){0};                                                      \
+            }                                                                                 \
+            if (part) {                                                                       \
+                memcpy(part + c + k * NL, &aw[k], sizeof aw[k]);                              \
+                memcpy(part + at + c + k * NL, &ab[k], sizeof ab[k]);                         \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    /* Columns [c0, c1) of the group's rows, written plainly: vector by vector, then one by   \
+       one (fn_group_step's arithmetic). */                                                  \
+    static inline __attribute__((always_inline)) void fn_group_plain_##SUFFIX(                \
+        const T* restrict x, const T* g, const T* restrict w, T* dx, ptrdiff_t nrows,         \
+        ptrdiff_t stride, ptrdiff_t c0, ptrdiff_t c1, const VT (*k)[5], T* restrict part,     \
+        double* restrict acc, ptrdiff_t at) {                                                 \
+        for (; c0 + NL <= c1; c0 += NL)                                                       \
+            fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c0, 1, k, part, acc, at, 0);   \
+        for (ptrdiff_t c = c0; c < c1; c++) {                                                 \
+            T aw = part ? part[c] : 0, ab = part ? part[at + c] : 0;                          \
+            for (ptrdiff_t r = 0; r < nrows; r++) {                                           \
+                T gi = g[r * stride + c];                                                     \
+                T d = (x[r * stride + c] - k[r][0][0]) - k[r][1][0];                          \
+                dx[r * stride + c] = (w[c] * gi + k[r][3][0]) * k[r][2][0] + k[r][4][0] * d;  \
+                aw += gi * (d * k[r][2][0]);                                                  \
+                ab += gi;                                                                     \
+            }                                                                                 \
+            if (acc) {                                                                        \
+                acc[c] += (double)aw;                                                         \
+                acc[at + c] += (double)ab;                                                    \
+                aw = ab = 0;                                                                  \
+            }                                                                                 \
+            if (part) {                                                                       \
+                part[c] = aw;                                                                 \
+                part[at + c] = ab;                                                            \
+            }                                                                                 \
+        }                                                                                     \
+    }                                                                                         \
+    /* dx of nrows <= FN_ROW_GROUP rows of a row group (n values each, stride apart) and      \
+       their weight/bias partials in working precision: weight ones at [0, n), bias ones at   \
+       [at, at + n) of part and acc. part: the partials of the group's earlier rows, updated  \
+       (NULL: the rows are the whole group); acc (not NULL: the rows end the group): the      \
+       partials then go into these float64 totals (and part is zeroed). Per row r the mean    \
+       (NULL: 0), rstd and coef[2r:2r+2] = (k_d, c_0) of fn_row_backward_coefficients. g may   \
+       be dx itself (a fused activation's g = dy * act'(z) is kept there): both lack          \
+       restrict, each g value is read before its dx is written. stream: dx's whole lines      \
+       written with non-temporal stores (see STREAM_BYTES in _common.pxd), fenced here. */     \
+    FN_SHARED void fn_group_backward_##SUFFIX(const T* restrict x, const T* g,                \
+                                              const T* restrict w, T* dx, ptrdiff_t nrows,   \
+                                              ptrdiff_t stride, ptrdiff_t n,                 \
+                                              const double* mean, const double* rstd,        \
+                                              const double* coef, T* part, double* acc,      \
+                                              ptrdiff_t at, int stream) {                    \
+        VT k[FN_ROW_GROUP][5];                       /* hi, lo, k_g, c_0, k_d per row */     \
+        const VT zero = {0};                                                                 \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                              \
+            double m = mean ? mean[r] : 0.0;                                                 \
+            T hi = (T)m;                                                                     \
+            k[r][0] = hi - zero;                     /* x - 0 = x: a broadcast */            \
+            k[r][1] = (T)(m - (double)hi) - zero;                                            \
+            k[r][2] = (T)rstd[r] - zero;                                                     \
+            k[r][3] = (T)coef[2 * r + 1] - zero;                                             \
+            k[r][4] = (T)coef[2 * r] - zero;                                                 \
+        }                                                                                    \
+        /* stream: dx's whole 64-byte lines are written non-temporally, the rest (the      \
+           columns before the first line of the first row, after the last, and every row   \
+           when rows are not whole lines apart) plainly, so that no line mixes the two */   \
+        ptrdiff_t c = 0, peel = 0;                                                           \
+        const int nt = FN_HAVE_STREAM && stream && (stride * sizeof(T)) % 64 == 0            \
+                       && (size_t)dx % sizeof(T) == 0;                                       \
+        if (nt) {                                                                            \
+            peel = (ptrdiff_t)((64 - (size_t)dx % 64) % 64 / sizeof(T));                     \
+            if (peel > n) peel = n;                                                          \
+            fn_group_plain_##SUFFIX(x, g, w, dx, nrows, stride, 0, peel, (const VT (*)[5])k, \
+                                    part, acc, at);                                          \
+            c = peel;                                                                        \
+        }                                                                                    \
+        if (nt)                                    /* nt a constant in each loop */          \
+            for (; c + FN_GROUP_STEP * NL <= n; c += FN_GROUP_STEP * NL)                     \
+                fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, FN_GROUP_STEP,         \
+                                       (const VT (*)[5])k, part, acc, at, 1);                \
+        else                                                                                 \
+            for (; c + FN_GROUP_STEP * NL <= n; c += FN_GROUP_STEP * NL)                     \
+                fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, FN_GROUP_STEP,         \
+                                       (const VT (*)[5])k, part, acc, at, 0);                \
+        fn_group_plain_##SUFFIX(x, g, w, dx, nrows, stride, c, n, (const VT (*)[5])k, part,  \
+                                acc, at);                                                    \
+        if (nt)                                                                              \
+            fn_stream_fence();                                                               \
     }
-
-FN_DEFINE_ELEMENTWISE(float, f32)
-FN_DEFINE_ELEMENTWISE(double, f64)
-
-#undef FN_DEFINE_ELEMENTWISE
+FN_DEFINE_ROWS_BACKWARD(float, f32, fn_v8f, 8)
+FN_DEFINE_ROWS_BACKWARD(double, f64, fn_v4d, 4)
+#undef FN_DEFINE_ROWS_BACKWARD
 
 /* A normalized row's statistics from its moments (count values): the biased variance
  * and rstd = 1 / sqrt(var + eps), stored through rstd and, unless NULL, mean and var. */
@@ -1240,8 +1433,12 @@ FN_DEFINE_LRN_TILES(float, f32)
  * independent, and their horizontal steps run together, lane-wise.
  * Every addition is the one-row route's, in the same order (the same block primitives,
  * then fn_wide_sum_f32's pairs), so the results are bitwise the same (test_layernorm.py
- * pins it). The backward's gradient sums in groups measured 1.0-1.2x faster on a quiet
- * machine but 0.75x with the other core busy, and stay row by row. */
+ * pins it). The backward takes a row group's gradient sums the same way
+ * (fn_lane_grad_sums_f32), once its rows are dx'ed together (fn_group_backward_*):
+ * LayerNorm backward, rows of 64, 6.57 -> 5.43 instructions per value (callgrind); kernels
+ * A/B, 300 calls: (1,16,1024,64) 1.11-1.15x at 1 thread, 1.28x at 2, (4,16,1024,64)
+ * 1.00-1.05x and 1.06x, rows of 32 1.39x and 1.33x. (Row by row, before the groups, it
+ * had measured 1.0-1.2x on a quiet machine but 0.75x with the other core busy.) */
 #define FN_LANE_ROWS 8
 #define FN_LANE_ROW_MAX 64
 
@@ -1300,11 +1497,35 @@ static inline ptrdiff_t fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrd
 /* double rows always take the one-row route */
 #define fn_lane_moments_f64(x, rows, n, centered, mean, m2) 0
 
+/* The gradient sums of FN_LANE_ROWS rows of n <= FN_LANE_ROW_MAX values (one block each)
+ * at once, as fn_row_grad_sums_f32 gives them to zeroed sums: sum_g[r] and sum_gd[r]
+ * of row r, with its mean's head and tail hi[r], lo[r]. Returns whether it did them
+ * (0: not such rows; the caller takes them one by one). */
+static inline int fn_lane_grad_sums_f32(const float* x, const float* dy, const float* w,
+                                        ptrdiff_t rows, ptrdiff_t n, const float* hi,
+                                        const float* lo, double* sum_g, double* sum_gd) {
+    if (rows != FN_LANE_ROWS || n > FN_LANE_ROW_MAX) return 0;
+    float tail_g[FN_LANE_ROWS] = {0}, tail_gd[FN_LANE_ROWS] = {0};
+    fn_v8f part_g[FN_LANE_ROWS], part_gd[FN_LANE_ROWS];
+    for (int r = 0; r < FN_LANE_ROWS; r++) {
+        if (w)
+            fn_block_grad_parts_f32(x + r * n, dy + r * n, w, n, hi[r], lo[r], part_g + r,
+                                    part_gd + r, tail_g + r, tail_gd + r);
+        else
+            fn_block_grad_parts_f32(x + r * n, dy + r * n, NULL, n, hi[r], lo[r], part_g + r,
+                                    part_gd + r, tail_g + r, tail_gd + r);
+    }
+    fn_lane_row_sums_f32(part_g, tail_g, sum_g);
+    fn_lane_row_sums_f32(part_gd, tail_gd, sum_gd);
+    return 1;
+}
+#define fn_lane_grad_sums_f64(x, dy, w, rows, n, hi, lo, sum_g, sum_gd) 0
+
 /* Short rows: nrows LayerNorm/RMSNorm rows of n <= FN_SHORT_ROW values without
  * fusions, in one call, forward and backward. Per row exactly the general path's
  * arithmetic for a row that is one unit (the same fn_block_moments_*,
- * fn_store_row_stats, fn_affine_out_* and fn_row_backward_coefficients as
- * normalize_unit and backward_row in _rows.pxi), so results are the same either way;
+ * fn_store_row_stats, fn_affine_out_*, fn_row_grad_sums_* and fn_group_backward_* as
+ * normalize_unit and backward_block in _rows.pxi), so results are the same either way;
  * here the row loop runs in C around the inlined primitives. In the
  * general path the per-row bookkeeping cost as much as the work: a 32-value
  * LayerNorm row took ~550 instructions forward, ~290 here. Longer rows stay on the
@@ -1346,41 +1567,36 @@ static inline ptrdiff_t fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrd
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
-    /* Backward of rows [first, first + nrows) of a row block, in order (backward_block in      \
-       _rows.pxi): per row the sums of g = dy * w and g * (x - mean), then dx and the           \
-       weight/bias partials (wacc, 2n), flushed into acc (2n doubles) every row_group           \
-       rows of the block and after its last row. */                                             \
+    /* Backward of rows [first, first + nrows) of a row block (backward_block in _rows.pxi):  \
+       group by group (FN_ROW_GROUP rows from the block's first), the sums of g = dy * w and  \
+       g * (x - mean) of each row, then the group's dx and weight/bias partials              \
+       (fn_group_backward_*; acc: 2n doubles; stream: see there). */                        \
     static inline void fn_short_rows_backward_##SUFFIX(const T* x, const T* dy, T* dx,          \
                                                        const T* w, ptrdiff_t nrows, ptrdiff_t n,\
                                                        int centered, const double* mean,        \
-                                                       const double* rstd, double* acc, T* wacc,\
-                                                       ptrdiff_t row_group) {                   \
-        /* Rows of at most FN_LANE_ROW_MAX values are software-pipelined: row r + 1's sums    \
-           are taken before row r's dx, so that their chain of dependent steps overlaps row   \
-           r's elementwise work (LayerNorm backward, 4 Mi floats, 1 thread, C driver: rows of  \
-           32 4.6 -> 3.6 ms, of 64 3.1 -> 2.7 ms; at 256 values it was 20% slower). */           \
-        ptrdiff_t ahead = n <= FN_LANE_ROW_MAX;                                                 \
-        double sum_g[2] = {0, 0}, sum_gd[2] = {0, 0};                                           \
-        for (ptrdiff_t r = 0; r < nrows + ahead; r++) {                                         \
-            if (r < nrows) {                                                                    \
-                double row_mean = centered ? mean[r] : 0.0;                                     \
-                T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);             \
-                sum_g[r & 1] = sum_gd[r & 1] = 0;                                               \
-                fn_row_grad_sums_##SUFFIX(x + r * n, dy + r * n, w, n, mean_hi, mean_lo,        \
-                                          sum_g + (r & 1), sum_gd + (r & 1));                   \
+                                                       const double* rstd, double* acc,         \
+                                                       int stream) {                            \
+        for (ptrdiff_t r0 = 0; r0 < nrows; r0 += FN_ROW_GROUP) {                                \
+            ptrdiff_t rows = nrows - r0 < FN_ROW_GROUP ? nrows - r0 : FN_ROW_GROUP;             \
+            double coef[2 * FN_ROW_GROUP];                                                      \
+            double sum_g[FN_ROW_GROUP] = {0}, sum_gd[FN_ROW_GROUP] = {0};                       \
+            T hi[FN_ROW_GROUP], lo[FN_ROW_GROUP];                                               \
+            for (ptrdiff_t r = 0; r < rows; r++) {                                              \
+                double row_mean = centered ? mean[r0 + r] : 0.0;                                \
+                hi[r] = (T)row_mean;                                                            \
+                lo[r] = (T)(row_mean - (double)hi[r]);                                          \
             }                                                                                   \
-            ptrdiff_t q = r - ahead;                                    /* the row for dx */    \
-            if (q < 0) continue;                                                                \
-            double row_mean = centered ? mean[q] : 0.0, k_d, c_0;                               \
-            T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);                 \
-            fn_row_backward_coefficients(rstd[q], sum_g[q & 1], sum_gd[q & 1], (double)n,       \
-                                         centered, &k_d, &c_0);                                 \
-            fn_row_backward_##SUFFIX(x + q * n, dy + q * n, w, dx + q * n, n, mean_hi, mean_lo, \
-                                     (T)rstd[q], (T)c_0, (T)k_d, wacc, wacc + n);               \
-            if (q % row_group == row_group - 1 || q == nrows - 1) {                             \
-                fn_flush_partials_##SUFFIX(acc, wacc, n);                                       \
-                fn_flush_partials_##SUFFIX(acc + n, wacc + n, n);                               \
-            }                                                                                   \
+            if (!fn_lane_grad_sums_##SUFFIX(x + r0 * n, dy + r0 * n, w, rows, n, hi, lo, sum_g, \
+                                            sum_gd))                                            \
+                for (ptrdiff_t r = 0; r < rows; r++)                                            \
+                    fn_row_grad_sums_##SUFFIX(x + (r0 + r) * n, dy + (r0 + r) * n, w, n, hi[r], \
+                                              lo[r], sum_g + r, sum_gd + r);                    \
+            for (ptrdiff_t r = 0; r < rows; r++)                                                \
+                fn_row_backward_coefficients(rstd[r0 + r], sum_g[r], sum_gd[r], (double)n,      \
+                                             centered, coef + 2 * r, coef + 2 * r + 1);         \
+            fn_group_backward_##SUFFIX(x + r0 * n, dy + r0 * n, w, dx + r0 * n, rows, n, n,     \
+                                       centered ? mean + r0 : NULL, rstd + r0, coef, NULL, acc, \
+                                       n, stream);                                              \
         }                                                                                       \
     }
 FN_DEFINE_SHORT_ROWS(float, f32)
