@@ -8,8 +8,10 @@ heap already mapped). The pool keeps such blocks mapped and hands one out again 
 every array made from it is gone: numpy collapses a view's base to the array owning
 the memory, so a block is free exactly when the pool holds the only reference to it.
 
-The pool never holds more than POOL_MAX_BYTES, in use or free; above that, or below
-POOL_MIN_BYTES, `empty` is plain np.empty. `release()` drops the free blocks.
+The pool never holds more than POOL_MAX_BYTES, in use or free (512 MiB, or
+FASTNORM_OUTPUT_POOL_MB from the environment at import; 0 turns the pool off); above
+that, or below POOL_MIN_BYTES, `empty` is plain np.empty. `release()` drops the free
+blocks.
 
 Pooled arrays start PAGE_OFFSET bytes into a 4 KiB page. numpy's large arrays start 16
 bytes into one, and an output a few lines ahead of its input modulo 4 KiB makes the
@@ -26,7 +28,20 @@ import threading
 import numpy as np
 
 POOL_MIN_BYTES = 32 << 20   # glibc's largest mmap threshold (below it malloc reuses memory)
-POOL_MAX_BYTES = 512 << 20
+
+
+def _limit_from_env(default_mb=512):
+    """POOL_MAX_BYTES from FASTNORM_OUTPUT_POOL_MB (whole MiB >= 0), else the default."""
+    value = os.environ.get("FASTNORM_OUTPUT_POOL_MB", "").strip()
+    if not value:
+        return default_mb << 20
+    if not value.isdigit():
+        raise ValueError(f"FASTNORM_OUTPUT_POOL_MB must be a whole number of MiB >= 0, "
+                         f"got {value!r}")
+    return int(value) << 20
+
+
+POOL_MAX_BYTES = _limit_from_env()
 PAGE_OFFSET = 2048
 _PAGE = 4096
 

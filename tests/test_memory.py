@@ -136,3 +136,22 @@ def test_forked_child_allocates_while_parent_thread_holds_the_lock(pool):
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung on the pool's lock")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("value, expected", [("", 512 * MIB), ("0", 0), (" 64 ", 64 * MIB)])
+def test_pool_limit_from_the_environment(monkeypatch, value, expected):
+    monkeypatch.setenv("FASTNORM_OUTPUT_POOL_MB", value)
+    assert _memory._limit_from_env() == expected
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "lots"])
+def test_bad_pool_limit_is_a_clear_error(monkeypatch, value):
+    monkeypatch.setenv("FASTNORM_OUTPUT_POOL_MB", value)
+    with pytest.raises(ValueError, match="FASTNORM_OUTPUT_POOL_MB must be a whole number"):
+        _memory._limit_from_env()
+
+
+def test_pool_limit_zero_turns_the_pool_off(pool, monkeypatch):
+    monkeypatch.setattr(pool, "POOL_MAX_BYTES", 0)
+    a = pool.empty((2 * MIB,), np.uint8)
+    assert a.flags.owndata and pool.pooled_bytes() == 0
