@@ -1018,32 +1018,52 @@ static inline __m256 fn_pow075_8(__m256 s, int checked, __m256* p175) {
     return out;
 }
 
-/* prefix += grow^2, then s, for the m (<= 8) positions from here */
-static inline __m256 fn_lrn_scale8_f32(const float* suffix, float* prefix, const float* grow,
-                                       ptrdiff_t m, double k, double a) {
+/* The window's prefix row for the m (<= 8) positions from here, after its growth by the
+ * newest channel when grow is not NULL: prefix += grow^2 (square: the forward's window of
+ * x^2) or prefix += grow (the backward's window of t), stored back. */
+static inline __attribute__((always_inline)) __m256 fn_lrn_grow8_f32(float* prefix,
+                                                                     const float* grow,
+                                                                     ptrdiff_t m, int square) {
     __m256 p = fn_load8(prefix, m);
     if (grow) {
         __m256 g = fn_load8(grow, m);
-        p = _mm256_fmadd_ps(g, g, p);
+        p = square ? _mm256_fmadd_ps(g, g, p) : _mm256_add_ps(p, g);
         fn_store8(prefix, p, m);
     }
+    return p;
+}
+
+/* the same in float64, lanes 0-3 in *lo and 4-7 in *hi */
+static inline __attribute__((always_inline)) void fn_lrn_grow8_f64(double* prefix,
+                                                                   const float* grow,
+                                                                   ptrdiff_t m, int square,
+                                                                   __m256d* lo, __m256d* hi) {
+    __m256d plo = fn_load4d(prefix, m), phi = fn_load4d(prefix + 4, m - 4);
+    if (grow) {
+        __m256 g = fn_load8(grow, m);
+        __m256d glo = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
+        __m256d ghi = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+        plo = square ? _mm256_fmadd_pd(glo, glo, plo) : _mm256_add_pd(plo, glo);
+        phi = square ? _mm256_fmadd_pd(ghi, ghi, phi) : _mm256_add_pd(phi, ghi);
+        fn_store4d(prefix, plo, m);
+        fn_store4d(prefix + 4, phi, m - 4);
+    }
+    *lo = plo;
+    *hi = phi;
+}
+
+/* prefix += grow^2, then s, for the m (<= 8) positions from here */
+static inline __m256 fn_lrn_scale8_f32(const float* suffix, float* prefix, const float* grow,
+                                       ptrdiff_t m, double k, double a) {
+    __m256 p = fn_lrn_grow8_f32(prefix, grow, m, 1);
     return _mm256_fmadd_ps(_mm256_set1_ps((float)a), _mm256_add_ps(fn_load8(suffix, m), p),
                            _mm256_set1_ps((float)k));
 }
 
 static inline __m256 fn_lrn_scale8_f64(const double* suffix, double* prefix, const float* grow,
                                        ptrdiff_t m, double k, double a) {
-    __m256d kv = _mm256_set1_pd(k), av = _mm256_set1_pd(a);
-    __m256d plo = fn_load4d(prefix, m), phi = fn_load4d(prefix + 4, m - 4);
-    if (grow) {
-        __m256 g = fn_load8(grow, m);
-        __m256d glo = _mm256_cvtps_pd(_mm256_castps256_ps128(g));
-        __m256d ghi = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
-        plo = _mm256_fmadd_pd(glo, glo, plo);
-        phi = _mm256_fmadd_pd(ghi, ghi, phi);
-        fn_store4d(prefix, plo, m);
-        fn_store4d(prefix + 4, phi, m - 4);
-    }
+    __m256d kv = _mm256_set1_pd(k), av = _mm256_set1_pd(a), plo, phi;
+    fn_lrn_grow8_f64(prefix, grow, m, 1, &plo, &phi);
     __m256d lo = _mm256_fmadd_pd(av, _mm256_add_pd(fn_load4d(suffix, m), plo), kv);
     __m256d hi = _mm256_fmadd_pd(av, _mm256_add_pd(fn_load4d(suffix + 4, m - 4), phi), kv);
     return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
@@ -1053,24 +1073,13 @@ static inline __m256 fn_lrn_scale8_f64(const double* suffix, double* prefix, con
  * the m (<= 8) positions from here (the backward's second window, of t) */
 static inline __m256 fn_lrn_window8_f32(const float* suffix, float* prefix, const float* grow,
                                         ptrdiff_t m) {
-    __m256 p = fn_load8(prefix, m);
-    if (grow) {
-        p = _mm256_add_ps(p, fn_load8(grow, m));
-        fn_store8(prefix, p, m);
-    }
-    return _mm256_add_ps(fn_load8(suffix, m), p);
+    return _mm256_add_ps(fn_load8(suffix, m), fn_lrn_grow8_f32(prefix, grow, m, 0));
 }
 
 static inline __m256 fn_lrn_window8_f64(const double* suffix, double* prefix, const float* grow,
                                         ptrdiff_t m) {
-    __m256d plo = fn_load4d(prefix, m), phi = fn_load4d(prefix + 4, m - 4);
-    if (grow) {
-        __m256 g = fn_load8(grow, m);
-        plo = _mm256_add_pd(plo, _mm256_cvtps_pd(_mm256_castps256_ps128(g)));
-        phi = _mm256_add_pd(phi, _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1)));
-        fn_store4d(prefix, plo, m);
-        fn_store4d(prefix + 4, phi, m - 4);
-    }
+    __m256d plo, phi;
+    fn_lrn_grow8_f64(prefix, grow, m, 0, &plo, &phi);
     __m256d lo = _mm256_add_pd(fn_load4d(suffix, m), plo);
     __m256d hi = _mm256_add_pd(fn_load4d(suffix + 4, m - 4), phi);
     return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
@@ -1444,15 +1453,12 @@ FN_DEFINE_LRN_TILES(float, f32)
 static inline void fn_lane_row_sums_f32(const fn_v8f* part, const float* tail, double* out) {
     fn_v8f lane[8];
     FN_TRANSPOSE8(f32, (const float*)part, 8, (float*)lane, 8);
-    fn_v4d zero = {0};
-    for (int h = 0; h < 2; h++) {                                 /* rows 4h .. 4h + 3 */
+    fn_v4d zero = {0}, wide[2][8];                              /* [h][l]: rows 4h .. 4h + 3 */
+    for (int l = 0; l < 8; l++) fn_widen_halves_f32(lane[l], wide[0][l], wide[1][l]);
+    for (int h = 0; h < 2; h++) {
         fn_v4d t[8];
         fn_v4f tails;
-        for (int l = 0; l < 8; l++) {
-            fn_v4f half = h ? __builtin_shufflevector(lane[l], lane[l], 4, 5, 6, 7)
-                            : __builtin_shufflevector(lane[l], lane[l], 0, 1, 2, 3);
-            t[l] = zero + __builtin_convertvector(half, fn_v4d);
-        }
+        for (int l = 0; l < 8; l++) t[l] = zero + wide[h][l];
         memcpy(&tails, tail + 4 * h, sizeof tails);
         fn_v4d sum = zero + ((((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7])))
                              + __builtin_convertvector(tails, fn_v4d));
