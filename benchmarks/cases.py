@@ -180,6 +180,10 @@ LAYERS = (
         S((2048, 4096), "LLaMA-7B block", quick=True),
         S((2, 4, 32), "tiny", tiny=True),
     ), accuracy_shape=(16, 64, 256), cls="RMSNorm", fusion="add"),
+    LayerSpec("BatchNorm2d+ReLU", "batch", _channels, (
+        S((32, 64, 56, 56), "ResNet-50 stage 1", quick=True, quick_contiguous=True),
+        S((2, 8, 4, 4), "tiny", tiny=True),
+    ), accuracy_shape=(8, 16, 16, 16), cls="BatchNorm2d", fusion="relu"),
     LayerSpec("GroupNorm+SiLU", "group", _groups, (
         S((8, 256, 56, 56), "diffusion UNet block", quick=True),
         S((2, 8, 4, 4), "tiny", tiny=True),
