@@ -4,14 +4,15 @@
 # the names), validated in Python. A kernel writes z (normalized, scaled and
 # shifted) for a short run, then applies the activation to the same run while
 # it is in L1:
-#   forward   y = act(z)            run_affine_act, or run_activate after its own loop
+#   forward   y = act(z)            run_affine_act (streamed too), or run_activate after
+#                                   its own loop
 #   backward  g = dy * act'(z)      run_affine_act_grad, or run_act_grad on a computed z;
 #             g then takes dy's place in the usual sums and dx formula.
 # With ACT_NONE the forward helpers are exactly run_affine (no extra pass).
 
 from cython cimport floating
 
-from fastnorm._common cimport run_affine
+from fastnorm._common cimport run_affine, run_affine_out
 
 cdef extern from "_activations.h" nogil:
     enum:
@@ -24,6 +25,12 @@ cdef extern from "_activations.h" nogil:
     void fn_activate_f64(double* y, Py_ssize_t n, int act)
     void fn_act_grad_f32(const float* z, const float* dy, float* g, Py_ssize_t n, int act)
     void fn_act_grad_f64(const double* z, const double* dy, double* g, Py_ssize_t n, int act)
+    void fn_affine_act_streamed_f32(const float* x, float* y, const float* w, const float* b,
+                                    Py_ssize_t n, float mean_hi, float mean_lo, float scale,
+                                    float shift, int act)
+    void fn_affine_act_streamed_f64(const double* x, double* y, const double* w,
+                                    const double* b, Py_ssize_t n, double mean_hi,
+                                    double mean_lo, double scale, double shift, int act)
 
 
 cdef inline void run_activate(floating* y, Py_ssize_t n, int act) noexcept nogil:
@@ -45,20 +52,29 @@ cdef inline void run_act_grad(const floating* z, const floating* dy, floating* g
         fn_act_grad_f64(z, dy, g, n, act)
 
 
-cdef inline void run_affine_act(const floating* x, floating* y, Py_ssize_t n,
-                                floating mean_hi, floating mean_lo, floating scale,
-                                floating shift, int act) noexcept nogil:
-    """y = act(((x - mean_hi) - mean_lo) * scale + shift) over n contiguous values."""
+cdef inline void run_affine_act(const floating* x, floating* y, const floating* w,
+                                const floating* b, Py_ssize_t n, floating mean_hi,
+                                floating mean_lo, floating scale, floating shift, int act,
+                                bint stream) noexcept nogil:
+    """y = act(z) over n contiguous values, z = ((x - mean_hi) - mean_lo) * scale * w + b
+    (w, b per element) or ((x - mean_hi) - mean_lo) * scale + shift (w NULL). stream:
+    non-temporal stores (same values; with an activation through an L1 scratch, see
+    fn_affine_act_streamed in _activations.h)."""
     cdef Py_ssize_t i
-    cdef floating z
-    if act == ACT_RELU:
+    cdef floating v
+    if act != ACT_NONE and stream:
+        if floating is float:
+            fn_affine_act_streamed_f32(x, y, w, b, n, mean_hi, mean_lo, scale, shift, act)
+        else:
+            fn_affine_act_streamed_f64(x, y, w, b, n, mean_hi, mean_lo, scale, shift, act)
+    elif act == ACT_RELU and w == NULL:
         # the most common fusion in one sweep (others: a second sweep while y is in L1)
         for i in range(n):
-            z = ((x[i] - mean_hi) - mean_lo) * scale + shift
-            y[i] = 0 if z < 0 else z
-        return
-    run_affine(x, y, n, mean_hi, mean_lo, scale, shift)
-    run_activate(y, n, act)
+            v = ((x[i] - mean_hi) - mean_lo) * scale + shift
+            y[i] = 0 if v < 0 else v
+    else:
+        run_affine_out(x, y, w, b, n, mean_hi, mean_lo, scale, shift, stream)
+        run_activate(y, n, act)
 
 
 cdef inline void run_affine_act_grad(const floating* x, const floating* dy, floating* g,

@@ -39,7 +39,7 @@ from fastnorm._common cimport (
     Moments, block_moments,
     affine_coefficients, chan_merge, channels_affine, channels_backward, cols_grad_sums,
     cols_moments, cols_shifted_sums, fn_column_rows_per_lane, fn_stream_fence, fold_mean_tail,
-    row_centered_sums, row_grad_sums, run_affine_backward, run_affine_out, run_grad_sums,
+    row_centered_sums, row_grad_sums, run_affine_backward, run_grad_sums,
     split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
@@ -192,7 +192,7 @@ cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPl
                                        double shift, int act, const floating* dy,
                                        bint stream=False) noexcept nogil:
     """y = act(z), z = (x - mean) * scale + shift; or, given dy, y = dy * act'(z).
-    stream (act none, no dy): y written with non-temporal stores."""
+    stream (no dy): y written with non-temporal stores."""
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
@@ -202,12 +202,9 @@ cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPl
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
             at = offset + r * p.C * p.S
-            if stream:
-                run_affine_out(x + at, y + at, NULL, NULL, ncols, mean_hi, mean_lo,
-                               <floating>scale, <floating>shift, True)
-            elif dy == NULL:
-                run_affine_act(x + at, y + at, ncols, mean_hi, mean_lo, <floating>scale,
-                               <floating>shift, act)
+            if dy == NULL:
+                run_affine_act(x + at, y + at, NULL, NULL, ncols, mean_hi, mean_lo,
+                               <floating>scale, <floating>shift, act, stream)
             else:
                 run_affine_act_grad(x + at, dy + at, y + at, ncols, mean_hi, mean_lo,
                                     <floating>scale, <floating>shift, act)
@@ -666,21 +663,18 @@ cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
                         n_threads, N * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
         return
     w = _working_copies(x, &mean[0], &scale[0], &shift[0], NULL)
-    # a large plain output goes straight to memory (non-temporal stores), in runs long
+    # a large forward output goes straight to memory (non-temporal stores), in runs long
     # enough to amortize the fence each one ends with (at 64 values it was 10x slower)
-    cdef bint stream = (act == ACT_NONE and dy == NULL
-                        and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = (dy == NULL and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
                         and S * <Py_ssize_t>sizeof(floating) >= STREAM_RUN_BYTES)
     with nogil:
         for run in prange(N * C, num_threads=n_threads, schedule="static"):
             c = run % C
-            if stream:
-                run_affine_out(&x[0, 0, 0] + run * S, &y[0, 0, 0] + run * S, NULL, NULL, S,
-                               w[0, c], w[1, c], w[2, c], w[3, c], True)
-                fn_stream_fence()
-            elif dy == NULL:
-                run_affine_act(&x[0, 0, 0] + run * S, &y[0, 0, 0] + run * S, S, w[0, c], w[1, c],
-                               w[2, c], w[3, c], act)
+            if dy == NULL:
+                run_affine_act(&x[0, 0, 0] + run * S, &y[0, 0, 0] + run * S, NULL, NULL, S,
+                               w[0, c], w[1, c], w[2, c], w[3, c], act, stream)
+                if stream:
+                    fn_stream_fence()
             else:
                 run_affine_act_grad(&x[0, 0, 0] + run * S, dy + run * S, &y[0, 0, 0] + run * S,
                                     S, w[0, c], w[1, c], w[2, c], w[3, c], act)
@@ -699,7 +693,7 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
     cdef Moments m
     cdef Normalization norm
     cdef double[::1] m2, scales, shifts
-    cdef bint stream = act == ACT_NONE and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     if S > 1 and fuse_per_channel(&sp, sizeof(floating), 1, n_threads):
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):

@@ -28,8 +28,8 @@
 #
 # Fusions (every strategy, same arithmetic):
 #   * activation act (RowGeom.act, _activations.pxd): forward forms z in the
-#     output unit, then y = act(z) while the unit is in L1 (such outputs are
-#     not streamed: the activation rereads them). Backward recomputes z from x
+#     output unit, then y = act(z) while the unit is in L1 (a streamed output:
+#     in an L1 scratch, then copied out with non-temporal stores). Backward recomputes z from x
 #     into dx's unit, turns it into g = dy * act'(z) there, and g takes dy's
 #     place in the sums and the dx formula (computed in place).
 #   * residual (LayerNorm/RMSNorm): forward reads x and r, writes h = x + r
@@ -55,7 +55,7 @@
 cimport numpy as cnp
 from cython.parallel cimport prange, threadid
 
-from fastnorm._activations cimport ACT_NONE, run_act_grad, run_activate
+from fastnorm._activations cimport ACT_NONE, run_act_grad, run_affine_act
 
 from fastnorm._common cimport (
     FN_ROW_GROUP, FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_DX_BYTES, STREAM_DX_ROW_BYTES,
@@ -63,7 +63,7 @@ from fastnorm._common cimport (
     affine_coefficients, block_moments, chan_merge, fn_short_rows_backward_f32,
     fn_row_backward_coefficients, fn_short_rows_backward_f64, fn_short_rows_forward_f32,
     fn_short_rows_forward_f64, fn_store_row_stats, fn_stream_fence, fold_mean_tail, group_backward,
-    row_grad_sums, row_sum_squares, run_add, run_affine_backward, run_affine_out, split_hi_lo,
+    row_grad_sums, row_sum_squares, run_add, run_affine_backward, split_hi_lo,
     stripe_start,
 )
 
@@ -184,10 +184,8 @@ cdef inline void apply_unit(const floating* xrow, floating* yrow, RowGeom* g, Py
                             double rstd) noexcept nogil:
     """y = act(z) over unit u of row r: the one place where a row's output is formed."""
     cdef Py_ssize_t j0, nruns, s0, ncols
-    normalize_unit(xrow, yrow, g, r, u, w, b, mean, rstd)
-    if g.act != ACT_NONE:
-        unit_extent(g, u, &j0, &nruns, &s0, &ncols)
-        run_activate(yrow + j0 * g.S + s0, nruns * ncols, g.act)
+    unit_extent(g, u, &j0, &nruns, &s0, &ncols)
+    normalize_unit(xrow, yrow + j0 * g.S + s0, g, r, u, w, b, mean, rstd, g.act, g.stream)
 
 
 cdef inline void act_grad_unit(const floating* xrow, const floating* dyrow, floating* grow,
@@ -195,31 +193,32 @@ cdef inline void act_grad_unit(const floating* xrow, const floating* dyrow, floa
                                const floating* b, double mean, double rstd) noexcept nogil:
     """g = dy * act'(z) over unit u of row r, z recomputed from x into g's unit."""
     cdef Py_ssize_t j0, nruns, s0, ncols, at
-    normalize_unit(xrow, grow, g, r, u, w, b, mean, rstd)
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
     at = j0 * g.S + s0
+    normalize_unit(xrow, grow + at, g, r, u, w, b, mean, rstd, ACT_NONE, False)
     run_act_grad(grow + at, dyrow + at, grow + at, nruns * ncols, g.act)
 
 
-cdef inline void normalize_unit(const floating* xrow, floating* zrow, RowGeom* g, Py_ssize_t r,
+cdef inline void normalize_unit(const floating* xrow, floating* z, RowGeom* g, Py_ssize_t r,
                                 Py_ssize_t u, const floating* w, const floating* b, double mean,
-                                double rstd) noexcept nogil:
-    """z = (x - mean) * rstd * weight + bias over unit u of row r."""
+                                double rstd, int act, bint stream) noexcept nogil:
+    """z = act((x - mean) * rstd * weight + bias) over unit u of row r, into z[0:unit's
+    size] (the unit's place in the output, or in dx for the backward); stream:
+    non-temporal stores."""
     cdef Py_ssize_t j0, nruns, s0, ncols, j, at, c0
-    cdef floating* yrow = zrow
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
     at = j0 * g.S + s0
     if not g.per_channel:
-        run_affine_out(xrow + at, yrow + at, w + at, b + at, ncols, mean_hi, mean_lo,
-                       <floating>rstd, 0, g.stream)
+        run_affine_act(xrow + at, z, w + at, b + at, ncols, mean_hi, mean_lo, <floating>rstd, 0,
+                       act, stream)
         return
     c0 = (r % g.G) * g.runs + j0
     for j in range(nruns):
-        run_affine_out(xrow + at + j * g.S, yrow + at + j * g.S, <const floating*>NULL,
+        run_affine_act(xrow + at + j * g.S, z + j * g.S, <const floating*>NULL,
                        <const floating*>NULL, ncols, mean_hi, mean_lo,
-                       <floating>(rstd * w[c0 + j]), b[c0 + j], g.stream)
+                       <floating>(rstd * w[c0 + j]), b[c0 + j], act, stream)
 
 
 cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, floating* dxrow,
@@ -675,10 +674,9 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     cdef void* p_h = data_or_null(h)
     cdef double* work = NULL
     g.act = act
-    # an activation rereads its output, which must then stay in cache; with a residual,
-    # the outputs are h (plain stores: the row rereads it) and y
-    g.stream = (act == ACT_NONE
-                and (2 if residual is not None else 1) * g.R * g.D * cnp.PyArray_ITEMSIZE(x)
+    # an activation is formed in an L1 scratch, then streamed (run_affine_act); with
+    # a residual, the outputs are h (plain stores: the row rereads it) and y
+    g.stream = ((2 if residual is not None else 1) * g.R * g.D * cnp.PyArray_ITEMSIZE(x)
                 >= STREAM_BYTES
                 and (g.S if per_channel else g.D) * cnp.PyArray_ITEMSIZE(x) >= STREAM_RUN_BYTES)
     if split_by_unit(&g, n_threads):

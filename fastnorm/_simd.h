@@ -21,6 +21,7 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 
 /* AVX2+FMA builds: intrinsics where the vector extensions compile poorly, and
@@ -300,6 +301,35 @@ static inline void fn_stream_fence(void) {
 #if FN_HAVE_STREAM
     _mm_sfence();
 #endif
+}
+
+/* A scratch run that is to be copied to dst with fn_stream_copy: the first element of buf
+ * (which has room for its run plus 64 bytes) at dst's offset within a 64-byte line */
+static inline void* fn_line_twin(void* buf, const void* dst) {
+    return (char*)buf + (((uintptr_t)dst - (uintptr_t)buf) & 63);
+}
+
+/* dst[0, nbytes) = src[0, nbytes), src placed by fn_line_twin: dst's whole 64-byte lines
+ * with non-temporal stores (AVX2 builds; fence before another thread reads), its partial
+ * end lines plainly. A row written run by run through this never mixes the two kinds in
+ * one line: a line shared by two runs is partial, so plain, in both. For outputs formed
+ * in an L1 scratch first (a fused activation reads its input back), so that they can
+ * still skip reading each output line before writing it. */
+static inline void fn_stream_copy(void* dst, const void* src, size_t nbytes) {
+    char* d = (char*)dst;
+    const char* s = (const char*)src;
+#if FN_HAVE_STREAM
+    size_t head = (size_t)(-(uintptr_t)d & 63);
+    if (nbytes >= head + 64) {
+        memcpy(d, s, head);
+        d += head, s += head, nbytes -= head;
+        for (; nbytes >= 64; d += 64, s += 64, nbytes -= 64) {
+            _mm256_stream_si256((__m256i*)d, _mm256_load_si256((const __m256i*)s));
+            _mm256_stream_si256((__m256i*)d + 1, _mm256_load_si256((const __m256i*)s + 1));
+        }
+    }
+#endif
+    memcpy(d, s, nbytes);
 }
 
 #if FN_HAVE_STREAM

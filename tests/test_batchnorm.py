@@ -305,6 +305,25 @@ def test_large_rows_output_written_with_streaming_stores_is_bitwise_the_same(
         assert np.array_equal(big[part], layer(x[part]))
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_streamed_activation_output_is_bitwise_the_same(dtype, activation):
+    """An NCHW output of 16 MiB and more with a fused activation is formed in an L1 scratch
+    and copied out with non-temporal stores (runs of 9600 values, several scratch chunks
+    each, the first ending on a line boundary); a few samples alone are written in place."""
+    shape = (6, 76, 96, 100) if dtype == np.float32 else (3, 76, 96, 100)
+    x = make_input(shape, dtype, seed=9, mean=10.0)
+    layer = fn.BatchNorm2d(76, dtype=dtype, activation=activation)
+    rng = np.random.default_rng(10)
+    layer.running_mean[:] = 10.0 + rng.standard_normal(76)
+    layer.running_var[:] = rng.uniform(0.5, 2.0, 76)
+    layer.weight[:] = rng.uniform(0.5, 2.0, 76)
+    layer.eval()
+    big = layer(x)
+    for part in (slice(0, 1), slice(shape[0] - 1, None)):
+        assert np.array_equal(big[part], layer(x[part]))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("channels", [76, 1602, 77])
 def test_large_rows_backward_written_with_streaming_stores_is_bitwise_the_same(dtype, channels):

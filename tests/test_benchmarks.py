@@ -126,7 +126,7 @@ def test_fused_cases_time_torch_composition_and_norm_alone():
     runner = run.Runner(fastnorm, peer_list, timing.SMOKE, {1: 10.0})
     selected = [c for c in cases.select_cases(quick=False, tiny_only=True, dtypes=["float32"])
                 if c.layer.fusion]
-    assert {c.layer.fusion for c in selected} == {"add", "silu"}
+    assert {c.layer.fusion for c in selected} == {"add", "relu", "silu"}
     records = runner.run(selected, [1])
     assert len(records) == len(selected), runner.notes
     for r in records:
