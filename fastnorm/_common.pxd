@@ -42,7 +42,11 @@ cdef enum:
     # would not stay in cache. Kernels A/B, 1 thread, medians of 200-300 calls: 12 MiB
     # (rows of 768) 1.06-1.23x faster, 24 MiB 1.14x; smaller, where dx could stay in
     # cache for its reader: 6 MiB 1.07x, 8 MiB (rows of 256-2048) 1.04-1.33x. Rows of 128
-    # 0.97x, of 64 0.6-0.84x (a plain line, shared by neighbouring rows, in every four).
+    # 0.97x, of 64 0.6-0.84x (a plain line, shared by neighbouring rows, in every four),
+    # so shorter rows are streamed only when every row is whole lines; with one fence
+    # per task instead of one per row group, (4,16,1024,64) into a line-aligned dx (the
+    # layers' large outputs are, _memory.py) then runs 2.95 ms streamed against 2.90-3.03
+    # plainly at 1 thread (instruction-bound), 2.28 against 3.30-3.33 ms at 2 threads.
     # (Row forwards streamed the same way ran slower: rows of 768, 6-24 MiB, 0.5-0.76x.)
     STREAM_DX_BYTES = 10 << 20
     STREAM_DX_ROW_BYTES = 1024

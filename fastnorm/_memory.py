@@ -13,7 +13,10 @@ FASTNORM_OUTPUT_POOL_MB from the environment at import; 0 turns the pool off); a
 that, or below POOL_MIN_BYTES, `empty` is plain np.empty. `release()` drops the free
 blocks.
 
-Pooled arrays start PAGE_OFFSET bytes into a 4 KiB page. numpy's large arrays start 16
+Pooled arrays start PAGE_OFFSET bytes into a 4 KiB page, and so do the unpooled ones of
+ALIGNED_MIN_BYTES and more: outputs that large may be written with non-temporal stores,
+which need whole 64-byte lines (a LayerNorm (4,16,1024,64) backward streamed into a dx
+16 bytes off a line ran 3.9-4.5 ms, on a line 2.3-2.9 ms, plainly 2.9-3.3 ms). numpy's large arrays start 16
 bytes into one, and an output a few lines ahead of its input modulo 4 KiB makes the
 CPU take loads of x for reloads of just-stored y (4K aliasing): LocalResponseNorm
 (32,96,55,55) into an output 48-64 bytes ahead ran 6.1-6.3 ms, 0 or 2 KiB apart
@@ -28,6 +31,7 @@ import threading
 import numpy as np
 
 POOL_MIN_BYTES = 32 << 20   # glibc's largest mmap threshold (below it malloc reuses memory)
+ALIGNED_MIN_BYTES = 8 << 20  # below the smallest streamed output (STREAM_DX_BYTES, _common.pxd)
 
 
 def _limit_from_env(default_mb=512):
@@ -62,12 +66,14 @@ def empty(shape, dtype):
     """An uninitialized C-contiguous array, like np.empty(shape, dtype)."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < POOL_MIN_BYTES:
-        return np.empty(shape, dtype)
-    with _lock:
-        block = _take(nbytes)
+    block = None
+    if nbytes >= POOL_MIN_BYTES:
+        with _lock:
+            block = _take(nbytes)
     if block is None:
-        return np.empty(shape, dtype)
+        if nbytes < ALIGNED_MIN_BYTES:
+            return np.empty(shape, dtype)
+        block = np.empty(nbytes + _PAGE, np.uint8)
     start = (PAGE_OFFSET - block.ctypes.data) % _PAGE
     return block[start:start + nbytes].view(dtype).reshape(shape)
 

@@ -518,6 +518,8 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
                                 NULL if rows_per_step == ROW_GROUP else wacc,
                                 r1 == group_end(r0, first, stop))
         r0 = r1
+    if g.stream:
+        fn_stream_fence()
 
 
 cdef void backward_by_row(const floating* x, const floating* dy, floating* dx,
@@ -600,6 +602,8 @@ cdef inline void backward_block_unit(const floating* x, const floating* dy, floa
         group_backward_unit(x, dy, dx, gh, g, r0, group_end(r0, first, stop), u, w, mean, rstd,
                             coef + 2 * r0, acc, NULL, True)
         r0 = group_end(r0, first, stop)
+    if g.stream:
+        fn_stream_fence()
 
 
 cdef inline void add_doubles(double* acc, const double* part, Py_ssize_t n) noexcept nogil:
@@ -750,8 +754,12 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
     if per_channel:
         g.stream = g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_BYTES
     else:
+        # shorter rows only on whole lines (else a plain line, shared by neighbouring
+        # rows, in every few made it slower than plain stores)
         g.stream = (g.R * g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_DX_BYTES
-                    and g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_DX_ROW_BYTES)
+                    and (g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_DX_ROW_BYTES
+                         or <size_t>cnp.PyArray_DATA(dx) % 64 == 0
+                         and g.D * cnp.PyArray_ITEMSIZE(x) % 64 == 0))
     g.stream = g.stream and act == ACT_NONE and grad_h is None
     by_unit = split_by_unit(&g, n_threads)
     # one float64 scratch array: row sums | block partials | unit sums | coefficients

@@ -760,7 +760,9 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
        (NULL: 0), rstd and coef[2r:2r+2] = (k_d, c_0) of fn_row_backward_coefficients. g may   \
        be dx itself (a fused activation's g = dy * act'(z) is kept there): both lack          \
        restrict, each g value is read before its dx is written. stream: dx's whole lines      \
-       written with non-temporal stores (see STREAM_BYTES in _common.pxd), fenced here. */     \
+       written with non-temporal stores (see STREAM_DX_BYTES in _common.pxd); the caller      \
+       fences once after its last group (a fence per group of 64-value rows cost more than   \
+       the streaming saved). */                                                              \
     FN_SHARED void fn_group_backward_##SUFFIX(const T* restrict x, const T* g,                \
                                               const T* restrict w, T* dx, ptrdiff_t nrows,   \
                                               ptrdiff_t stride, ptrdiff_t n,                 \
@@ -801,8 +803,6 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
                                        (const VT (*)[5])k, part, acc, at, 0);                \
         fn_group_plain_##SUFFIX(x, g, w, dx, nrows, stride, c, n, (const VT (*)[5])k, part,  \
                                 acc, at);                                                    \
-        if (nt)                                                                              \
-            fn_stream_fence();                                                               \
     }
 FN_DEFINE_ROWS_BACKWARD(float, f32, fn_v8f, 8)
 FN_DEFINE_ROWS_BACKWARD(double, f64, fn_v4d, 4)
@@ -1599,6 +1599,8 @@ static inline ptrdiff_t fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrd
                                        centered ? mean + r0 : NULL, rstd + r0, coef, NULL, acc, \
                                        n, stream);                                              \
         }                                                                                       \
+        if (stream)                                                                             \
+            fn_stream_fence();                                                                  \
     }
 FN_DEFINE_SHORT_ROWS(float, f32)
 FN_DEFINE_SHORT_ROWS(double, f64)

@@ -242,6 +242,25 @@ def test_large_output_written_with_streaming_stores_is_bitwise_the_same(shape):
     assert np.array_equal(big[-5:], layer(x[-5:]))
 
 
+@pytest.mark.parametrize("cls", [fn.LayerNorm, fn.RMSNorm])
+def test_streamed_short_row_backward_is_bitwise_the_plain_one(cls):
+    """A dx of 10 MiB and more in rows of 64 floats (one line of 256 bytes each) is
+    streamed when it starts on a line, as the layers' large outputs do; a few rows alone
+    are written plainly: same dx, and their weight gradients from the same sums."""
+    x = make_input((41000, 64), np.float32, seed=24, mean=5.0)
+    dy = make_input((41000, 64), np.float32, seed=25)
+    layer = cls(64)
+    randomize_parameters(layer)
+    layer(x)
+    dx = layer.backward(dy)
+    assert dx.__array_interface__["data"][0] % 64 == 0
+    for part in (slice(0, 8), slice(16, 37), slice(40992, None)):
+        small = cls(64)
+        small.load_state_dict(layer.state_dict())
+        small(x[part])
+        assert np.array_equal(small.backward(dy[part]), dx[part])
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
 def test_streamed_activation_output_is_bitwise_the_same(activation):
     """A fused activation's streamed output (formed in a scratch, then copied out) equals

@@ -34,6 +34,16 @@ def test_small_arrays_are_not_pooled(pool):
     assert pool.pooled_bytes() == 0
 
 
+def test_large_unpooled_arrays_start_half_a_page_in(pool, monkeypatch):
+    """Outputs that may be streamed are whole 64-byte lines, at the pool's page offset,
+    whether pooled or not (the pool's cap reached here)."""
+    monkeypatch.setattr(pool, "POOL_MAX_BYTES", 0)
+    monkeypatch.setattr(pool, "ALIGNED_MIN_BYTES", 2 * MIB)
+    a = pool.empty((2, 1024, 257), np.float32)       # 2 MiB and a bit
+    assert a.shape == (2, 1024, 257) and a.flags.c_contiguous and a.flags.writeable
+    assert address(a) % 4096 == pool.PAGE_OFFSET and pool.pooled_bytes() == 0
+
+
 def test_block_reused_only_when_its_arrays_are_gone(pool):
     a = pool.empty((512, 1024), np.float32)          # 2 MiB
     assert a.shape == (512, 1024) and a.flags.c_contiguous and a.flags.writeable
