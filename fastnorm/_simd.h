@@ -1472,8 +1472,13 @@ FN_DEFINE_LRN_TILES(float, f32)
  * independent, and their horizontal steps run together, lane-wise.
  * Every addition is the one-row route's, in the same order (the same block primitives,
  * then fn_wide_sum_f32's pairs), so the results are bitwise the same (test_layernorm.py
- * pins it). The backward's gradient sums in groups measured 1.0-1.2x faster on a quiet
- * machine but 0.75x with the other core busy, and stay row by row. */
+ * pins it). The backward takes a row group's gradient sums the same way
+ * (fn_lane_grad_sums_f32), once its rows are dx'ed together (fn_group_backward_*):
+ * LayerNorm backward, rows of 64, 6.3 -> 4.9 instructions per value (callgrind). That
+ * backward is instruction-bound at 1 thread once its dx is streamed: layer A/B, quiet
+ * rounds, 2.33-2.48 -> 2.08-2.34 ms. (Reverted once, measured 3.37-3.65 against 3.23-3.28
+ * ms while every eight-row group still ended in a fence; row by row, before the groups,
+ * 1.0-1.2x on a quiet machine but 0.75x with the other core busy.) */
 #define FN_LANE_ROWS 8
 #define FN_LANE_ROW_MAX 64
 
@@ -1528,6 +1533,30 @@ static inline ptrdiff_t fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrd
 
 /* double rows always take the one-row route */
 #define fn_lane_moments_f64(x, rows, n, centered, mean, m2) 0
+
+/* The gradient sums of FN_LANE_ROWS rows of n <= FN_LANE_ROW_MAX values (one block each)
+ * at once, as fn_row_grad_sums_f32 gives them to zeroed sums: sum_g[r] and sum_gd[r]
+ * of row r, with its mean's head and tail hi[r], lo[r]. Returns whether it did them
+ * (0: not such rows; the caller takes them one by one). */
+static inline int fn_lane_grad_sums_f32(const float* x, const float* dy, const float* w,
+                                        ptrdiff_t rows, ptrdiff_t n, const float* hi,
+                                        const float* lo, double* sum_g, double* sum_gd) {
+    if (rows != FN_LANE_ROWS || n > FN_LANE_ROW_MAX) return 0;
+    float tail_g[FN_LANE_ROWS] = {0}, tail_gd[FN_LANE_ROWS] = {0};
+    fn_v8f part_g[FN_LANE_ROWS], part_gd[FN_LANE_ROWS];
+    for (int r = 0; r < FN_LANE_ROWS; r++) {
+        if (w)
+            fn_block_grad_parts_f32(x + r * n, dy + r * n, w, n, hi[r], lo[r], part_g + r,
+                                    part_gd + r, tail_g + r, tail_gd + r);
+        else
+            fn_block_grad_parts_f32(x + r * n, dy + r * n, NULL, n, hi[r], lo[r], part_g + r,
+                                    part_gd + r, tail_g + r, tail_gd + r);
+    }
+    fn_lane_row_sums_f32(part_g, tail_g, sum_g);
+    fn_lane_row_sums_f32(part_gd, tail_gd, sum_gd);
+    return 1;
+}
+#define fn_lane_grad_sums_f64(x, dy, w, rows, n, hi, lo, sum_g, sum_gd) 0
 
 /* Short rows: nrows LayerNorm/RMSNorm rows of n <= FN_SHORT_ROW values without
  * fusions, in one call, forward and backward. Per row exactly the general path's
@@ -1587,14 +1616,21 @@ static inline ptrdiff_t fn_lane_moments_f32(const float* x, ptrdiff_t rows, ptrd
         for (ptrdiff_t r0 = 0; r0 < nrows; r0 += FN_ROW_GROUP) {                                \
             ptrdiff_t rows = nrows - r0 < FN_ROW_GROUP ? nrows - r0 : FN_ROW_GROUP;             \
             double coef[2 * FN_ROW_GROUP];                                                      \
-            for (ptrdiff_t r = r0; r < r0 + rows; r++) {                                        \
-                double row_mean = centered ? mean[r] : 0.0, sum_g = 0, sum_gd = 0;              \
-                T mean_hi = (T)row_mean, mean_lo = (T)(row_mean - (double)mean_hi);             \
-                fn_row_grad_sums_##SUFFIX(x + r * n, dy + r * n, w, n, mean_hi, mean_lo,        \
-                                          &sum_g, &sum_gd);                                     \
-                fn_row_backward_coefficients(rstd[r], sum_g, sum_gd, (double)n, centered,       \
-                                             coef + 2 * (r - r0), coef + 2 * (r - r0) + 1);     \
+            double sum_g[FN_ROW_GROUP] = {0}, sum_gd[FN_ROW_GROUP] = {0};                       \
+            T hi[FN_ROW_GROUP], lo[FN_ROW_GROUP];                                               \
+            for (ptrdiff_t r = 0; r < rows; r++) {                                              \
+                double row_mean = centered ? mean[r0 + r] : 0.0;                                \
+                hi[r] = (T)row_mean;                                                            \
+                lo[r] = (T)(row_mean - (double)hi[r]);                                          \
             }                                                                                   \
+            if (!fn_lane_grad_sums_##SUFFIX(x + r0 * n, dy + r0 * n, w, rows, n, hi, lo, sum_g, \
+                                            sum_gd))                                            \
+                for (ptrdiff_t r = 0; r < rows; r++)                                            \
+                    fn_row_grad_sums_##SUFFIX(x + (r0 + r) * n, dy + (r0 + r) * n, w, n, hi[r], \
+                                              lo[r], sum_g + r, sum_gd + r);                    \
+            for (ptrdiff_t r = 0; r < rows; r++)                                                \
+                fn_row_backward_coefficients(rstd[r0 + r], sum_g[r], sum_gd[r], (double)n,      \
+                                             centered, coef + 2 * r, coef + 2 * r + 1);         \
             fn_group_backward_##SUFFIX(x + r0 * n, dy + r0 * n, w, dx + r0 * n, rows, n, n,     \
                                        centered ? mean + r0 : NULL, rstd + r0, coef, NULL, acc, \
                                        n, stream);                                              \
