@@ -38,7 +38,7 @@ from fastnorm._common cimport (
     FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, STREAM_RUN_BYTES, UNIT_ELEMS,
     Moments, block_moments,
     affine_coefficients, chan_merge, channels_affine, channels_backward, cols_grad_sums,
-    cols_moments, cols_shifted_sums, fn_column_rows_per_lane, fn_stream_fence, fold_mean_tail,
+    cols_moments, cols_shifted_sums, fence_if, fn_column_rows_per_lane, fold_mean_tail,
     row_centered_sums, row_grad_sums, run_affine_backward, run_grad_sums,
     split_hi_lo, stripe_start,
 )
@@ -509,8 +509,7 @@ cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
                 r = t * AFFINE_ROWS
                 channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
                                 shift, stream)
-            if stream:
-                fn_stream_fence()
+            fence_if(stream)
         return
     for r in prange(R, num_threads=n_threads, schedule="static"):
         row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C, hi,
@@ -542,8 +541,7 @@ cdef void rows_affine_backward(const floating* x, const floating* dy, floating* 
         for r in prange(R, schedule="static"):
             channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0,
                               stream)
-        if stream:
-            fn_stream_fence()
+        fence_if(stream)
 
 
 # --------------------------------------------------------- coefficients
@@ -664,20 +662,19 @@ cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
         return
     w = _working_copies(x, &mean[0], &scale[0], &shift[0], NULL)
     # a large forward output goes straight to memory (non-temporal stores), in runs long
-    # enough to amortize the fence each one ends with (at 64 values it was 10x slower)
+    # enough that their plainly written ends are few (fn_affine_out)
     cdef bint stream = (dy == NULL and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
                         and S * <Py_ssize_t>sizeof(floating) >= STREAM_RUN_BYTES)
-    with nogil:
-        for run in prange(N * C, num_threads=n_threads, schedule="static"):
+    with nogil, parallel(num_threads=n_threads):
+        for run in prange(N * C, schedule="static"):
             c = run % C
             if dy == NULL:
                 run_affine_act(&x[0, 0, 0] + run * S, &y[0, 0, 0] + run * S, NULL, NULL, S,
                                w[0, c], w[1, c], w[2, c], w[3, c], act, stream)
-                if stream:
-                    fn_stream_fence()
             else:
                 run_affine_act_grad(&x[0, 0, 0] + run * S, dy + run * S, &y[0, 0, 0] + run * S,
                                     S, w[0, c], w[1, c], w[2, c], w[3, c], act)
+        fence_if(stream)
 
 
 def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
@@ -695,8 +692,8 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
     cdef double[::1] m2, scales, shifts
     cdef bint stream = N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     if S > 1 and fuse_per_channel(&sp, sizeof(floating), 1, n_threads):
-        with nogil:
-            for c in prange(C, num_threads=n_threads, schedule="static"):
+        with nogil, parallel(num_threads=n_threads):
+            for c in prange(C, schedule="static"):
                 m = segment_channel_moments(&x[0, 0, 0], &sp, c)
                 norm = normalize_coefficients(m.m2, m.count, weight[c], bias[c], eps)
                 mean[c] = m.mean
@@ -704,8 +701,7 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
                 for g in range(sp.n_stripes):
                     segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, c, g, m.mean,
                                           norm.scale, norm.shift, act, NULL, stream)
-                if stream:
-                    fn_stream_fence()
+            fence_if(stream)
         return
     work = np.empty((3, C))
     m2, scales, shifts = work[0], work[1], work[2]

@@ -32,9 +32,9 @@ cdef enum:
     # (An earlier "16 MiB ran 2x slower streamed" came from plain stores to reach
     # 32-byte alignment sharing lines with the streamed ones.)
     STREAM_BYTES = 16 << 20
-    # Shortest contiguous run streamed by a forward (channels-first runs, rows): the
-    # channels-first pass fences after each run (at 64 values that was 10x slower), and
-    # fn_affine_out's plain peel and tail share lines with the streamed stores
+    # Shortest contiguous run streamed by a forward (channels-first runs, rows):
+    # fn_affine_out's plain peel and tail share lines with the streamed stores. (Each
+    # thread fences once, fence_if; a fence per run had cost 10x at 64 values.)
     STREAM_RUN_BYTES = 4096
     # LayerNorm/RMSNorm backward: dx of at least this size, in rows of at least
     # STREAM_DX_ROW_BYTES, is streamed (fn_group_backward's whole lines): x, dy and dx
@@ -301,6 +301,14 @@ cdef inline void fold_mean_tail(double mean, double k_x, double k_0, floating* h
     - hi), the tail taken in float64)."""
     hi[0] = <floating>mean
     k_0_out[0] = <floating>(k_0 - k_x * (mean - <double>hi[0]))
+
+
+cdef inline void fence_if(bint stream) noexcept nogil:
+    """Once per thread after its last non-temporal store of a parallel loop (inside a
+    `with parallel()` block, after the prange), never per run: C driver, 16 MiB streamed
+    at 1 thread, a fence every 12 KiB cost 28%, every 4 KiB 72%, every 2 KiB 2.2x."""
+    if stream:
+        fn_stream_fence()
 
 
 cdef inline void run_affine_out(const floating* x, floating* y, const floating* w,

@@ -53,7 +53,7 @@
 #   groups_cl_backward     channels-last twin of row_backward for GroupNorm
 
 cimport numpy as cnp
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport parallel, prange, threadid
 
 from fastnorm._activations cimport ACT_NONE, run_act_grad, run_affine_act
 
@@ -62,7 +62,7 @@ from fastnorm._common cimport (
     STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
     affine_coefficients, block_moments, chan_merge, fn_short_rows_backward_f32,
     fn_row_backward_coefficients, fn_short_rows_backward_f64, fn_short_rows_forward_f32,
-    fn_short_rows_forward_f64, fn_store_row_stats, fn_stream_fence, fold_mean_tail, group_backward,
+    fence_if, fn_short_rows_forward_f64, fn_store_row_stats, fold_mean_tail, group_backward,
     row_grad_sums, row_sum_squares, run_add, run_affine_backward, split_hi_lo,
     stripe_start,
 )
@@ -342,8 +342,6 @@ cdef inline void forward_row(const floating* x, const floating* res, floating* h
     store_row_stats(acc, eps, r, mean, rstd, var)
     for u in range(g.n_units):
         apply_unit(src + r * g.D, y + r * g.D, g, r, u, w, b, acc.mean, rstd[r])
-    if g.stream:
-        fn_stream_fence()
 
 
 cdef inline bint takes_short_rows(RowGeom* g, const void* res) noexcept nogil:
@@ -367,29 +365,34 @@ cdef void short_rows_task(const floating* x, floating* y, RowGeom* g, Py_ssize_t
     else:
         fn_short_rows_forward_f64(x + r0 * g.D, y + r0 * g.D, w, b, nrows, g.D, g.centered, eps,
                                   task_mean, rstd + r0, task_var, g.stream)
-    if g.stream:
-        fn_stream_fence()
 
 
 cdef void forward_by_row(const floating* x, const floating* res, floating* h, floating* y,
                          RowGeom* g, const floating* w, const floating* b, double eps,
                          double* mean, double* rstd, double* var, int n_threads) noexcept nogil:
+    """Streamed outputs are fenced once per thread, after its last row (see STREAM_BYTES)."""
     cdef Py_ssize_t r, k, tasks
     if takes_short_rows(g, res):
         tasks = (g.R + SHORT_ROWS_PER_TASK - 1) // SHORT_ROWS_PER_TASK
         if n_threads == 1:
             for k in range(tasks):
                 short_rows_task(x, y, g, k, w, b, eps, mean, rstd, var)
+            fence_if(g.stream)
         else:
-            for k in prange(tasks, num_threads=n_threads, schedule="static"):
-                short_rows_task(x, y, g, k, w, b, eps, mean, rstd, var)
+            with parallel(num_threads=n_threads):
+                for k in prange(tasks, schedule="static"):
+                    short_rows_task(x, y, g, k, w, b, eps, mean, rstd, var)
+                fence_if(g.stream)
         return
     if n_threads == 1:
         for r in range(g.R):
             forward_row(x, res, h, y, g, r, w, b, eps, mean, rstd, var)
+        fence_if(g.stream)
     else:
-        for r in prange(g.R, num_threads=n_threads, schedule="static"):
-            forward_row(x, res, h, y, g, r, w, b, eps, mean, rstd, var)
+        with parallel(num_threads=n_threads):
+            for r in prange(g.R, schedule="static"):
+                forward_row(x, res, h, y, g, r, w, b, eps, mean, rstd, var)
+            fence_if(g.stream)
 
 
 cdef void forward_by_unit(const floating* x, const floating* res, floating* h, floating* y,
@@ -416,12 +419,12 @@ cdef void forward_by_unit(const floating* x, const floating* res, floating* h, f
             chan_merge(&acc, part)
         store_row_stats(acc, eps, r, mean, rstd, var)
         row_mean[r] = acc.mean
-    for task in prange(g.R * g.n_units, num_threads=n_threads, schedule="static"):
-        r = task // g.n_units
-        apply_unit(src + r * g.D, y + r * g.D, g, r, task % g.n_units, w, b, row_mean[r],
-                   rstd[r])
-        if g.stream:
-            fn_stream_fence()
+    with parallel(num_threads=n_threads):
+        for task in prange(g.R * g.n_units, schedule="static"):
+            r = task // g.n_units
+            apply_unit(src + r * g.D, y + r * g.D, g, r, task % g.n_units, w, b, row_mean[r],
+                       rstd[r])
+        fence_if(g.stream)
 
 
 # ----------------------------------------------------------- backward
@@ -482,8 +485,6 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
                 row_sums[i] = 0.0
             backward_row(x, dy, dx, gh, g, r, w, b, mean[r] if g.centered else 0.0, rstd[r],
                          row_sums)
-        if g.stream:
-            fn_stream_fence()
         return
     for i in range(2 * g.D):
         acc[i] = 0.0
@@ -518,23 +519,25 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
                                 NULL if rows_per_step == ROW_GROUP else wacc,
                                 r1 == group_end(r0, first, stop))
         r0 = r1
-    if g.stream:
-        fn_stream_fence()
 
 
 cdef void backward_by_row(const floating* x, const floating* dy, floating* dx,
                           const floating* gh, RowGeom* g, Py_ssize_t n_blocks, const floating* w,
                           const floating* b, const double* mean, const double* rstd,
                           double* sums, double* acc, floating* wacc, int n_threads) noexcept nogil:
+    """Streamed dx is fenced once per thread, after its last block."""
     cdef Py_ssize_t k
     if n_threads == 1:
         for k in range(n_blocks):
             backward_block(x, dy, dx, gh, g, n_blocks, k, w, b, mean, rstd, sums,
                            block_acc(g, acc, k), block_wacc(g, wacc, k))
+        fence_if(g.stream)
     else:
-        for k in prange(n_blocks, num_threads=n_threads, schedule="static"):
-            backward_block(x, dy, dx, gh, g, n_blocks, k, w, b, mean, rstd, sums,
-                           block_acc(g, acc, k), block_wacc(g, wacc, k))
+        with parallel(num_threads=n_threads):
+            for k in prange(n_blocks, schedule="static"):
+                backward_block(x, dy, dx, gh, g, n_blocks, k, w, b, mean, rstd, sums,
+                               block_acc(g, acc, k), block_wacc(g, wacc, k))
+            fence_if(g.stream)
 
 
 cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx,
@@ -570,9 +573,11 @@ cdef void backward_by_unit(const floating* x, const floating* dy, floating* dx,
         row_coefficients(g, r, w, rstd[r], target, &coef[2 * r], &coef[2 * r + 1])
     # pass 2: dx; elementwise tasks are (row block, unit) so that each block
     # accumulates its rows in order, as backward_block does
-    for task in prange(n_blocks * g.n_units, num_threads=n_threads, schedule="static"):
-        backward_block_unit(x, dy, dx, gh, g, n_blocks, task // g.n_units, task % g.n_units, w,
-                            mean, rstd, coef, block_acc(g, acc, task // g.n_units))
+    with parallel(num_threads=n_threads):
+        for task in prange(n_blocks * g.n_units, schedule="static"):
+            backward_block_unit(x, dy, dx, gh, g, n_blocks, task // g.n_units, task % g.n_units,
+                                w, mean, rstd, coef, block_acc(g, acc, task // g.n_units))
+        fence_if(g.stream)
 
 
 cdef inline void backward_block_unit(const floating* x, const floating* dy, floating* dx,
@@ -591,8 +596,6 @@ cdef inline void backward_block_unit(const floating* x, const floating* dy, floa
             backward_unit(x + r * g.D, dy + r * g.D, dx + r * g.D, row_of(gh, r, g.D), g, r, u,
                           w, mean[r] if g.centered else 0.0, rstd[r], coef[2 * r],
                           coef[2 * r + 1])
-        if g.stream:
-            fn_stream_fence()
         return
     for i in range(s0, s0 + ncols):
         acc[i] = 0.0
@@ -602,8 +605,6 @@ cdef inline void backward_block_unit(const floating* x, const floating* dy, floa
         group_backward_unit(x, dy, dx, gh, g, r0, group_end(r0, first, stop), u, w, mean, rstd,
                             coef + 2 * r0, acc, NULL, True)
         r0 = group_end(r0, first, stop)
-    if g.stream:
-        fn_stream_fence()
 
 
 cdef inline void add_doubles(double* acc, const double* part, Py_ssize_t n) noexcept nogil:

@@ -761,8 +761,8 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
        be dx itself (a fused activation's g = dy * act'(z) is kept there): both lack          \
        restrict, each g value is read before its dx is written. stream: dx's whole lines      \
        written with non-temporal stores (see STREAM_DX_BYTES in _common.pxd); the caller      \
-       fences once after its last group (a fence per group of 64-value rows cost more than   \
-       the streaming saved). */                                                              \
+       fences once per thread (a fence per group of 64-value rows cost more than the          \
+       streaming saved). */                                                                  \
     FN_SHARED void fn_group_backward_##SUFFIX(const T* restrict x, const T* g,                \
                                               const T* restrict w, T* dx, ptrdiff_t nrows,   \
                                               ptrdiff_t stride, ptrdiff_t n,                 \
@@ -1635,8 +1635,6 @@ static inline int fn_lane_grad_sums_f32(const float* x, const float* dy, const f
                                        centered ? mean + r0 : NULL, rstd + r0, coef, NULL, acc, \
                                        n, stream);                                              \
         }                                                                                       \
-        if (stream)                                                                             \
-            fn_stream_fence();                                                                  \
     }
 FN_DEFINE_SHORT_ROWS(float, f32)
 FN_DEFINE_SHORT_ROWS(double, f64)
