@@ -92,6 +92,7 @@ CASES = [
     (fn.BatchNorm1d, (6, 5)),
     (fn.BatchNorm1d, (4, 3, 7)),
     (fn.BatchNorm2d, (3, 4, 5, 6)),
+    (fn.BatchNorm2d, (9, 3, 5, 6)),     # 8 samples and more: the runs strategy
     (fn.BatchNorm2d, (2, 1, 1, 3)),
     (fn.BatchNorm3d, (2, 3, 2, 3, 4)),
 ]
