@@ -320,8 +320,10 @@ FN_DEFINE_ACTIVATION_RUNS(double, f64)
  * values, z = fn_affine_out's, non-temporal stores (same values as in place). The
  * activation reads z back, so z is formed chunk by chunk in an L1 scratch placed at y's
  * offsets within a line, activated there and copied out (fn_stream_copy); chunks end on
- * y's line boundaries, so only the run's end lines are partial. Out of line: inlined,
- * its scratch made the callers' loops without an activation 12% slower. */
+ * y's line boundaries, so only the run's end lines are partial. Out of line, so that
+ * the scratch stays out of the callers' frames (inlined, one A/B read their plain path
+ * 12% slower; the machine's A/A spread was 8%). GroupNorm(32) (8,256,56,56) + silu
+ * forward, 1 thread: 4.96 -> 3.97 ms; relu 2.97 -> 2.27 ms. */
 #define FN_STREAM_ACT_CHUNK 1024 /* 4 KiB of float */
 #define FN_DEFINE_AFFINE_ACT_STREAMED(T, SUFFIX)                                               \
     static __attribute__((noinline)) void fn_affine_act_streamed_##SUFFIX(                      \
@@ -329,7 +331,8 @@ FN_DEFINE_ACTIVATION_RUNS(double, f64)
         T shift, int act) {                                                                     \
         T scratch[FN_STREAM_ACT_CHUNK + 64 / sizeof(T)];                                        \
         for (ptrdiff_t start = 0, stop; start < n; start = stop) {                              \
-            stop = start + FN_STREAM_ACT_CHUNK - (ptrdiff_t)(((uintptr_t)(y + start) & 63) / sizeof(T)); \
+            stop = start + FN_STREAM_ACT_CHUNK                                                  \
+                   - (ptrdiff_t)(((uintptr_t)(y + start) & 63) / sizeof(T));                   \
             if (stop > n) stop = n;                                                             \
             T* z = (T*)fn_line_twin(scratch, y + start);                                        \
             fn_affine_out_##SUFFIX(x + start, z, w ? w + start : NULL, b ? b + start : NULL,    \

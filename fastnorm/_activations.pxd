@@ -8,7 +8,7 @@
 #                                   its own loop
 #   backward  g = dy * act'(z)      run_affine_act_grad, or run_act_grad on a computed z;
 #             g then takes dy's place in the usual sums and dx formula.
-# With ACT_NONE the forward helpers are exactly run_affine (no extra pass).
+# With ACT_NONE the forward helpers are exactly run_affine_out (no extra pass).
 
 from cython cimport floating
 
