@@ -41,7 +41,7 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "_simd.h" /* fn_affine_out, fn_channels_affine, fn_line_twin, fn_stream_copy */
+#include "_simd.h" /* fn_affine_out, fn_line_twin, fn_stream_copy */
 
 enum {
     FN_ACT_NONE = 0,
@@ -264,114 +264,111 @@ FN_INLINE double fn_gelu_grad_f64(double z, double dy, double flat) {
 #define FN_OPAQUE(v) ((void)0)
 #endif
 
-/* The per-activation loops, written once. Over i < n, Z an expression of i (the value
- * itself, or a normalization formed in the same sweep, never stored):
- *   FN_ACT_FORWARD(T, SUFFIX, OUT, Z)   OUT[i] = act(Z)            (FN_ACT_NONE: Z)
- *   FN_ACT_BACKWARD(T, SUFFIX, Z)       g[i] = dy[i] * act'(Z)     (FN_ACT_NONE: dy[i])
- * with `act` and `n` in scope. Each case is its own omp-simd loop; the bounds are set
- * once per call and hidden from the optimizer (FN_OPAQUE). */
-#define FN_ACT_FORWARD(T, SUFFIX, OUT, Z)                                                      \
-    do {                                                                                        \
-        T lo_ = FN_SILU_LO_##SUFFIX, hi_ = FN_SILU_HI_##SUFFIX;                                 \
-        T tlo_ = FN_GELU_TANH_LO_##SUFFIX, flat_ = FN_GELU_FLAT_##SUFFIX;                       \
-        FN_OPAQUE(lo_); FN_OPAQUE(hi_); FN_OPAQUE(tlo_); FN_OPAQUE(flat_);                      \
-        switch (act) {                                                                          \
-        case FN_ACT_RELU: FN_ACT_LOOP(OUT[i] = fn_relu_##SUFFIX(Z)); break;                      \
-        case FN_ACT_SILU: FN_ACT_LOOP(OUT[i] = fn_silu_##SUFFIX(Z, lo_, hi_)); break;            \
-        case FN_ACT_GELU: FN_ACT_LOOP(OUT[i] = fn_gelu_##SUFFIX(Z, flat_)); break;               \
-        case FN_ACT_GELU_TANH:                                                                  \
-            FN_ACT_LOOP(OUT[i] = fn_gelu_tanh_##SUFFIX(Z, tlo_, lo_, hi_));                     \
-            break;                                                                              \
-        default: FN_ACT_LOOP(OUT[i] = (Z)); break;                                              \
-        }                                                                                       \
-    } while (0)
-#define FN_ACT_BACKWARD(T, SUFFIX, Z)                                                          \
-    do {                                                                                        \
-        T silu_ = FN_SILU_FLAT_##SUFFIX, gelu_ = FN_GELU_FLAT_##SUFFIX;                         \
-        T tanh_ = FN_GELU_TANH_FLAT_##SUFFIX;                                                   \
-        FN_OPAQUE(silu_); FN_OPAQUE(gelu_); FN_OPAQUE(tanh_);                                   \
-        switch (act) {                                                                          \
-        case FN_ACT_RELU: FN_ACT_LOOP(g[i] = fn_relu_grad_##SUFFIX(Z, dy[i])); break;           \
-        case FN_ACT_SILU: FN_ACT_LOOP(g[i] = fn_silu_grad_##SUFFIX(Z, dy[i], silu_)); break;    \
-        case FN_ACT_GELU: FN_ACT_LOOP(g[i] = fn_gelu_grad_##SUFFIX(Z, dy[i], gelu_)); break;    \
-        case FN_ACT_GELU_TANH:                                                                  \
-            FN_ACT_LOOP(g[i] = fn_gelu_tanh_grad_##SUFFIX(Z, dy[i], tanh_));                    \
-            break;                                                                              \
-        default: FN_ACT_LOOP(g[i] = dy[i]); break;                                              \
-        }                                                                                       \
-    } while (0)
-/* a normalization's z: ((x - mean_hi) - mean_lo) * scale * w + b (w, b per element) or
- * ... * scale + shift (fn_affine_out's arithmetic); per channel (channels-last rows):
- * (x - mean_hi) * scale + shift, or x * scale + shift without mean_hi (fn_channels_affine's) */
-#define FN_Z_ELEMENTWISE (((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i])
-#define FN_Z_SCALAR (((x[i] - mean_hi) - mean_lo) * scale + shift)
-#define FN_Z_CHANNELS ((x[i] - mean_hi[i]) * scale[i] + shift[i])
-#define FN_Z_CHANNELS_UNCENTERED (x[i] * scale[i] + shift[i])
-
 #define FN_DEFINE_ACTIVATION_RUNS(T, SUFFIX)                                                   \
-    /* y = act(y) over n contiguous values */                                                  \
+    /* y = act(y) over n contiguous values (FN_ACT_NONE: unchanged) */                         \
     static inline void fn_activate_##SUFFIX(T* y, ptrdiff_t n, int act) {                       \
-        if (act != FN_ACT_NONE) FN_ACT_FORWARD(T, SUFFIX, y, y[i]);                             \
+        T lo, hi, vlo, flat;                                                                    \
+        switch (act) {                                                                          \
+        case FN_ACT_RELU: FN_ACT_LOOP(y[i] = fn_relu_##SUFFIX(y[i])); break;                    \
+        case FN_ACT_SILU:                                                                       \
+            lo = FN_SILU_LO_##SUFFIX, hi = FN_SILU_HI_##SUFFIX;                                 \
+            FN_OPAQUE(lo); FN_OPAQUE(hi);                                                       \
+            FN_ACT_LOOP(y[i] = fn_silu_##SUFFIX(y[i], lo, hi));                                 \
+            break;                                                                              \
+        case FN_ACT_GELU:                                                                       \
+            flat = FN_GELU_FLAT_##SUFFIX;                                                       \
+            FN_OPAQUE(flat);                                                                    \
+            FN_ACT_LOOP(y[i] = fn_gelu_##SUFFIX(y[i], flat));                                   \
+            break;                                                                              \
+        case FN_ACT_GELU_TANH:                                                                  \
+            lo = FN_GELU_TANH_LO_##SUFFIX, vlo = FN_SILU_LO_##SUFFIX, hi = FN_SILU_HI_##SUFFIX; \
+            FN_OPAQUE(lo); FN_OPAQUE(vlo); FN_OPAQUE(hi);                                       \
+            FN_ACT_LOOP(y[i] = fn_gelu_tanh_##SUFFIX(y[i], lo, vlo, hi));                       \
+            break;                                                                              \
+        default: break;                                                                         \
+        }                                                                                       \
     }                                                                                           \
-    /* g = dy * act'(z) over n contiguous values; g may be z or dy */                          \
+    /* g = dy * act'(z) over n contiguous values; g may be z (FN_ACT_NONE: g = dy) */          \
     static inline void fn_act_grad_##SUFFIX(const T* z, const T* dy, T* g, ptrdiff_t n,         \
                                             int act) {                                          \
-        FN_ACT_BACKWARD(T, SUFFIX, z[i]);                                                       \
-    }                                                                                           \
-    /* y = act(z), z of the normalization (FN_Z_ELEMENTWISE, or FN_Z_SCALAR when w is NULL); \
-       y may not overlap x. relu in the same sweep; the others in a second sweep over y      \
-       while it is in L1 (fused into one loop, they measured 0.88-0.90x: GroupNorm + silu   \
-       or gelu, LayerNorm + gelu_tanh forwards; relu fused 1.08x, BatchNorm2d eval) */       \
-    static inline void fn_affine_act_##SUFFIX(const T* restrict x, T* restrict y,              \
-                                              const T* restrict w, const T* restrict b,        \
-                                              ptrdiff_t n, T mean_hi, T mean_lo, T scale,      \
-                                              T shift, int act) {                              \
-        if (act != FN_ACT_RELU) {                                                               \
-            fn_affine_out_##SUFFIX(x, y, w, b, n, mean_hi, mean_lo, scale, shift, 0);           \
-            fn_activate_##SUFFIX(y, n, act);                                                    \
-        } else if (w) {                                                                         \
-            FN_ACT_FORWARD(T, SUFFIX, y, FN_Z_ELEMENTWISE);                                     \
-        } else {                                                                                \
-            FN_ACT_FORWARD(T, SUFFIX, y, FN_Z_SCALAR);                                          \
+        T flat;                                                                                 \
+        switch (act) {                                                                          \
+        case FN_ACT_RELU: FN_ACT_LOOP(g[i] = fn_relu_grad_##SUFFIX(z[i], dy[i])); break;        \
+        case FN_ACT_SILU:                                                                       \
+            flat = FN_SILU_FLAT_##SUFFIX;                                                       \
+            FN_OPAQUE(flat);                                                                    \
+            FN_ACT_LOOP(g[i] = fn_silu_grad_##SUFFIX(z[i], dy[i], flat));                       \
+            break;                                                                              \
+        case FN_ACT_GELU:                                                                       \
+            flat = FN_GELU_FLAT_##SUFFIX;                                                       \
+            FN_OPAQUE(flat);                                                                    \
+            FN_ACT_LOOP(g[i] = fn_gelu_grad_##SUFFIX(z[i], dy[i], flat));                       \
+            break;                                                                              \
+        case FN_ACT_GELU_TANH:                                                                  \
+            flat = FN_GELU_TANH_FLAT_##SUFFIX;                                                  \
+            FN_OPAQUE(flat);                                                                    \
+            FN_ACT_LOOP(g[i] = fn_gelu_tanh_grad_##SUFFIX(z[i], dy[i], flat));                  \
+            break;                                                                              \
+        default: if (g != dy) memmove(g, dy, (size_t)n * sizeof(T)); break;                     \
         }                                                                                       \
-    }                                                                                           \
-    /* the backward's g = dy * act'(z), z as in fn_affine_act; g may be dy */                  \
-    static inline void fn_affine_act_grad_##SUFFIX(const T* restrict x, const T* dy, T* g,     \
-                                                  const T* restrict w, const T* restrict b,    \
-                                                  ptrdiff_t n, T mean_hi, T mean_lo, T scale,  \
-                                                  T shift, int act) {                          \
-        if (w) FN_ACT_BACKWARD(T, SUFFIX, FN_Z_ELEMENTWISE);                                    \
-        else FN_ACT_BACKWARD(T, SUFFIX, FN_Z_SCALAR);                                           \
-    }                                                                                           \
-    /* the same for n channels of a channels-last row (FN_Z_CHANNELS, parameters per channel) */\
-    static inline void fn_channels_act_##SUFFIX(const T* restrict x, T* restrict y,            \
-                                                ptrdiff_t n, const T* restrict mean_hi,        \
-                                                const T* restrict scale,                       \
-                                                const T* restrict shift, int act) {            \
-        if (act != FN_ACT_RELU) {                                                               \
-            fn_channels_affine_##SUFFIX(x, y, 1, n, mean_hi, scale, shift, 0);                  \
-            fn_activate_##SUFFIX(y, n, act);                                                    \
-        } else if (mean_hi) {                                                                   \
-            FN_ACT_FORWARD(T, SUFFIX, y, FN_Z_CHANNELS);                                        \
-        } else {                                                                                \
-            FN_ACT_FORWARD(T, SUFFIX, y, FN_Z_CHANNELS_UNCENTERED);                             \
-        }                                                                                       \
-    }                                                                                           \
-    static inline void fn_channels_act_grad_##SUFFIX(const T* restrict x, const T* dy, T* g,   \
-                                                    ptrdiff_t n, const T* restrict mean_hi,    \
-                                                    const T* restrict scale,                   \
-                                                    const T* restrict shift, int act) {        \
-        if (mean_hi) FN_ACT_BACKWARD(T, SUFFIX, FN_Z_CHANNELS);                                 \
-        else FN_ACT_BACKWARD(T, SUFFIX, FN_Z_CHANNELS_UNCENTERED);                              \
     }
 
 FN_DEFINE_ACTIVATION_RUNS(float, f32)
 FN_DEFINE_ACTIVATION_RUNS(double, f64)
 
-/* fn_affine_act with non-temporal stores (the same values): each chunk is formed in an L1
- * scratch placed at y's offsets within a line and copied out (fn_stream_copy), so that
- * y's lines go out whole; chunks end on y's line boundaries, so only the run's end lines
- * are partial. Out of line, so that
+/* The backward's g = dy * act'(z) with z formed in the same sweep, never stored:
+ * z = ((x - mean_hi) - mean_lo) * scale * w + b (w, b per element) or
+ * ((x - mean_hi) - mean_lo) * scale + shift (w NULL), fn_affine_out's arithmetic. */
+#define FN_ACT_GRAD_CASES(SUFFIX, Z)                                                            \
+    switch (act) {                                                                              \
+    case FN_ACT_RELU: FN_ACT_LOOP(g[i] = fn_relu_grad_##SUFFIX(Z, dy[i])); break;               \
+    case FN_ACT_SILU: FN_ACT_LOOP(g[i] = fn_silu_grad_##SUFFIX(Z, dy[i], silu_flat)); break;    \
+    case FN_ACT_GELU: FN_ACT_LOOP(g[i] = fn_gelu_grad_##SUFFIX(Z, dy[i], gelu_flat)); break;    \
+    case FN_ACT_GELU_TANH:                                                                      \
+        FN_ACT_LOOP(g[i] = fn_gelu_tanh_grad_##SUFFIX(Z, dy[i], tanh_flat));                    \
+        break;                                                                                  \
+    default: FN_ACT_LOOP(g[i] = dy[i]); break;                                                  \
+    }
+#define FN_DEFINE_AFFINE_ACT_GRAD(T, SUFFIX)                                                   \
+    static inline void fn_affine_act_grad_##SUFFIX(const T* restrict x, const T* dy, T* g,     \
+                                                  const T* restrict w, const T* restrict b,    \
+                                                  ptrdiff_t n, T mean_hi, T mean_lo, T scale,  \
+                                                  T shift, int act) {                          \
+        T silu_flat = FN_SILU_FLAT_##SUFFIX, gelu_flat = FN_GELU_FLAT_##SUFFIX;                 \
+        T tanh_flat = FN_GELU_TANH_FLAT_##SUFFIX;                                               \
+        FN_OPAQUE(silu_flat); FN_OPAQUE(gelu_flat); FN_OPAQUE(tanh_flat);                       \
+        if (w)                                                                                  \
+            FN_ACT_GRAD_CASES(SUFFIX, (((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i]))     \
+        else                                                                                    \
+            FN_ACT_GRAD_CASES(SUFFIX, (((x[i] - mean_hi) - mean_lo) * scale + shift))           \
+    }
+FN_DEFINE_AFFINE_ACT_GRAD(float, f32)
+FN_DEFINE_AFFINE_ACT_GRAD(double, f64)
+
+/* The same for n channels of a channels-last row, parameters per channel: z =
+ * (x - mean_hi) * scale + shift, or x * scale + shift when mean_hi is NULL
+ * (fn_channels_affine's arithmetic) */
+#define FN_DEFINE_CHANNELS_ACT_GRAD(T, SUFFIX)                                                 \
+    static inline void fn_channels_act_grad_##SUFFIX(const T* restrict x, const T* dy, T* g,   \
+                                                    ptrdiff_t n, const T* restrict mean_hi,    \
+                                                    const T* restrict scale,                   \
+                                                    const T* restrict shift, int act) {        \
+        T silu_flat = FN_SILU_FLAT_##SUFFIX, gelu_flat = FN_GELU_FLAT_##SUFFIX;                 \
+        T tanh_flat = FN_GELU_TANH_FLAT_##SUFFIX;                                               \
+        FN_OPAQUE(silu_flat); FN_OPAQUE(gelu_flat); FN_OPAQUE(tanh_flat);                       \
+        if (mean_hi)                                                                            \
+            FN_ACT_GRAD_CASES(SUFFIX, ((x[i] - mean_hi[i]) * scale[i] + shift[i]))              \
+        else                                                                                    \
+            FN_ACT_GRAD_CASES(SUFFIX, (x[i] * scale[i] + shift[i]))                             \
+    }
+FN_DEFINE_CHANNELS_ACT_GRAD(float, f32)
+FN_DEFINE_CHANNELS_ACT_GRAD(double, f64)
+
+/* A normalization's output with an activation, streamed: y = act(z) over n contiguous
+ * values, z = fn_affine_out's, non-temporal stores (same values as in place). The
+ * activation reads z back, so z is formed chunk by chunk in an L1 scratch placed at y's
+ * offsets within a line, activated there and copied out (fn_stream_copy); chunks end on
+ * y's line boundaries, so only the run's end lines are partial. Out of line, so that
  * the scratch stays out of the callers' frames (inlined, one A/B read their plain path
  * 12% slower; the machine's A/A spread was 8%). GroupNorm(32) (8,256,56,56) + silu
  * forward, 1 thread: 4.96 -> 3.97 ms; relu 2.97 -> 2.27 ms. */
@@ -386,8 +383,9 @@ FN_DEFINE_ACTIVATION_RUNS(double, f64)
                    - (ptrdiff_t)(((uintptr_t)(y + start) & 63) / sizeof(T));                   \
             if (stop > n) stop = n;                                                             \
             T* z = (T*)fn_line_twin(scratch, y + start);                                        \
-            fn_affine_act_##SUFFIX(x + start, z, w ? w + start : NULL, b ? b + start : NULL,    \
-                                   stop - start, mean_hi, mean_lo, scale, shift, act);          \
+            fn_affine_out_##SUFFIX(x + start, z, w ? w + start : NULL, b ? b + start : NULL,    \
+                                   stop - start, mean_hi, mean_lo, scale, shift, 0);            \
+            fn_activate_##SUFFIX(z, stop - start, act);                                         \
             fn_stream_copy(y + start, z, (size_t)(stop - start) * sizeof(T));                   \
         }                                                                                       \
     }
@@ -397,11 +395,8 @@ FN_DEFINE_AFFINE_ACT_STREAMED(double, f64)
 #undef FN_DEFINE_ACTIVATION_MATH
 #undef FN_DEFINE_ACTIVATION_RUNS
 #undef FN_DEFINE_AFFINE_ACT_STREAMED
-#undef FN_ACT_FORWARD
-#undef FN_ACT_BACKWARD
-#undef FN_Z_ELEMENTWISE
-#undef FN_Z_SCALAR
-#undef FN_Z_CHANNELS
-#undef FN_Z_CHANNELS_UNCENTERED
+#undef FN_DEFINE_AFFINE_ACT_GRAD
+#undef FN_DEFINE_CHANNELS_ACT_GRAD
+#undef FN_ACT_GRAD_CASES
 
 #endif /* FASTNORM_ACTIVATIONS_H */
