@@ -342,13 +342,14 @@ cdef void forward_block(const floating* x, floating* y, Py_ssize_t stride, Py_ss
         prefetch_out_row(ahead, c, w * sizeof(floating))
 
 
-cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx, Py_ssize_t stride,
-                         Py_ssize_t w, Lrn* p, Py_ssize_t ring, acc_t* sums, floating* t,
-                         floating* own, Ahead* ahead, bint stream) noexcept nogil:
+cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx,
+                             Py_ssize_t stride, Py_ssize_t w, Lrn* p, LrnPlan* q, acc_t* sums,
+                             floating* t, floating* own, Ahead* ahead,
+                             bint stream) noexcept nogil:
     """dx for w positions (rows as in forward_block).
-    ring = min(size, C); sums: 2 * (ring + 2) * pitch; t: ring * pitch; own:
-    (size//2 + 1) * pitch (pitch = row_pitch(w)). stream: dx rows written with
-    non-temporal stores (fence before dx is read).
+    sums: 2 * (q.ring + 2) * pitch; t: q.ring * pitch; own: q.own_rows * pitch (pitch =
+    row_pitch(w)). stream: dx rows written with non-temporal stores (fence before dx is
+    read).
 
     Step c first gives channel c its own part, dy_c * s_c^-beta, kept in a ring
     of size//2 + 1 rows (own), and stores t_c in a ring of `ring` rows; then
@@ -356,11 +357,11 @@ cdef void lrn_backward_block(const floating* x, const floating* dy, floating* dx
     dx_j = own_j - its window term: each dx row is written once."""
     cdef Window scales, grads
     cdef acc_t* scale_sums = sums
-    cdef Py_ssize_t pitch = row_pitch(w)
+    cdef Py_ssize_t pitch = row_pitch(w), ring = q.ring, own_rows = q.own_rows
     cdef acc_t* grad_sums = sums + (ring + 2) * pitch
     cdef acc_t* scale_prefix = scale_sums + (ring + 1) * pitch
     cdef acc_t* grad_prefix = grad_sums + (ring + 1) * pitch
-    cdef Py_ssize_t c, j, own_rows = p.lo + 1
+    cdef Py_ssize_t c, j
     cdef const acc_t* suffix
     cdef const floating* grow
     window_init(&scales, p.C, w, p.lo, p.hi, p.C)
@@ -550,7 +551,7 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
     if not q.rows:
         ahead = rows_ahead(x + offset + (p.hi + 1) * stride, dy + offset + stride,
                            stride * sizeof(floating), p)
-        lrn_backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q.ring, sums, work,
+        lrn_backward_block(x + offset, dy + offset, dx + offset, stride, w, p, q, sums, work,
                            own, &ahead, q.stream)
         if q.stream:
             fn_stream_fence()
@@ -564,7 +565,7 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
         ahead = tile_ahead(x, dy, dx, sizeof(floating), q, t0, w)
         tile_gather(x + t0 * q.C, x_tile, q.C, tw)
         tile_gather(dy + t0 * q.C, dy_tile, q.C, tw)
-        lrn_backward_block(x_tile, dy_tile, dx_tile, tw, tw, p, q.ring, sums, work, own, &ahead,
+        lrn_backward_block(x_tile, dy_tile, dx_tile, tw, tw, p, q, sums, work, own, &ahead,
                            False)
         tile_scatter(dx_tile, dx + t0 * q.C, q.C, tw)
 
