@@ -332,8 +332,8 @@ cdef inline void group_backward(const floating* x, const floating* g, const floa
     """dx of n values of nrows <= FN_ROW_GROUP rows of a row group (stride apart), and their
     weight/bias partials, added to part[0:n], part[at:at+n] (part NULL: the rows are the
     whole group); acc not NULL (the rows end the group): the partials then go into acc
-    (same layout); stream: dx's whole lines written non-temporally (fenced). See
-    fn_group_backward_* in _simd.h."""
+    (same layout); stream: dx's whole lines written non-temporally (the caller fences,
+    fence_if). See fn_group_backward_* in _simd.h."""
     if floating is float:
         fn_group_backward_f32(x, g, w, dx, nrows, stride, n, mean, rstd, coef, part, acc, at,
                               stream)

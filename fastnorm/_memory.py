@@ -10,13 +10,13 @@ the memory, so a block is free exactly when the pool holds the only reference to
 
 The pool never holds more than POOL_MAX_BYTES, in use or free (512 MiB, or
 FASTNORM_OUTPUT_POOL_MB from the environment at import; 0 turns the pool off); above
-that, or below POOL_MIN_BYTES, `empty` is plain np.empty. `release()` drops the free
-blocks.
+that, an array is allocated on its own; below ALIGNED_MIN_BYTES, `empty` is plain
+np.empty. `release()` drops the free blocks.
 
-Pooled arrays start PAGE_OFFSET bytes into a 4 KiB page, and so do the unpooled ones of
-ALIGNED_MIN_BYTES and more: outputs that large may be written with non-temporal stores,
-which need whole 64-byte lines (a LayerNorm (4,16,1024,64) backward streamed into a dx
-16 bytes off a line ran 3.9-4.5 ms, on a line 2.3-2.9 ms, plainly 2.9-3.3 ms). numpy's large arrays start 16
+Arrays of ALIGNED_MIN_BYTES and more, pooled or not, start PAGE_OFFSET bytes into a
+4 KiB page: outputs that large may be written with non-temporal stores, which need whole
+64-byte lines (a LayerNorm (4,16,1024,64) backward streamed into a dx 16 bytes off a line
+ran 3.9-4.5 ms, on a line 2.3-2.9 ms, plainly 2.9-3.3 ms). numpy's large arrays start 16
 bytes into one, and an output a few lines ahead of its input modulo 4 KiB makes the
 CPU take loads of x for reloads of just-stored y (4K aliasing): LocalResponseNorm
 (32,96,55,55) into an output 48-64 bytes ahead ran 6.1-6.3 ms, 0 or 2 KiB apart

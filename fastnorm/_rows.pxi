@@ -29,9 +29,9 @@
 # Fusions (every strategy, same arithmetic):
 #   * activation act (RowGeom.act, _activations.pxd): forward forms z in the
 #     output unit, then y = act(z) while the unit is in L1 (a streamed output:
-#     in an L1 scratch, then copied out with non-temporal stores). Backward recomputes z from x
-#     into dx's unit, turns it into g = dy * act'(z) there, and g takes dy's
-#     place in the sums and the dx formula (computed in place).
+#     in an L1 scratch, then copied out with non-temporal stores). Backward
+#     recomputes z from x into dx's unit, turns it into g = dy * act'(z) there,
+#     and g takes dy's place in the sums and the dx formula (computed in place).
 #   * residual (LayerNorm/RMSNorm): forward reads x and r, writes h = x + r
 #     unit by unit and takes the statistics of h from the unit just written,
 #     then normalizes h; backward adds grad_h to each unit of dx it forms.
