@@ -112,6 +112,10 @@ cdef extern from "_simd.h" nogil:
                                 const float* x, const float* own, float* dx, Py_ssize_t n,
                                 float coef, bint stream)
     void fn_prefetch_lines(const void* p, Py_ssize_t bytes, int write)
+    void fn_transpose_f32(const float* s, Py_ssize_t ss, float* d, Py_ssize_t ds,
+                          Py_ssize_t nr, Py_ssize_t nc, bint d_in_order)
+    void fn_transpose_f64(const double* s, Py_ssize_t ss, double* d, Py_ssize_t ds,
+                          Py_ssize_t nr, Py_ssize_t nc, bint d_in_order)
     void fn_lrn_tile_in_f32(const float* rows, float* tile, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_in_f64(const double* rows, double* tile, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_out_f32(const float* tile, float* rows, Py_ssize_t C, Py_ssize_t w)
