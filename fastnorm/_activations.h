@@ -316,6 +316,35 @@ FN_INLINE double fn_gelu_grad_f64(double z, double dy, double flat) {
 FN_DEFINE_ACTIVATION_RUNS(float, f32)
 FN_DEFINE_ACTIVATION_RUNS(double, f64)
 
+/* The backward's g = dy * act'(z) with z formed in the same sweep, never stored:
+ * z = ((x - mean_hi) - mean_lo) * scale * w + b (w, b per element) or
+ * ((x - mean_hi) - mean_lo) * scale + shift (w NULL), fn_affine_out's arithmetic. */
+#define FN_ACT_GRAD_CASES(SUFFIX, Z)                                                            \
+    switch (act) {                                                                              \
+    case FN_ACT_RELU: FN_ACT_LOOP(g[i] = fn_relu_grad_##SUFFIX(Z, dy[i])); break;               \
+    case FN_ACT_SILU: FN_ACT_LOOP(g[i] = fn_silu_grad_##SUFFIX(Z, dy[i], silu_flat)); break;    \
+    case FN_ACT_GELU: FN_ACT_LOOP(g[i] = fn_gelu_grad_##SUFFIX(Z, dy[i], gelu_flat)); break;    \
+    case FN_ACT_GELU_TANH:                                                                      \
+        FN_ACT_LOOP(g[i] = fn_gelu_tanh_grad_##SUFFIX(Z, dy[i], tanh_flat));                    \
+        break;                                                                                  \
+    default: FN_ACT_LOOP(g[i] = dy[i]); break;                                                  \
+    }
+#define FN_DEFINE_AFFINE_ACT_GRAD(T, SUFFIX)                                                   \
+    static inline void fn_affine_act_grad_##SUFFIX(const T* restrict x, const T* dy, T* g,     \
+                                                  const T* restrict w, const T* restrict b,    \
+                                                  ptrdiff_t n, T mean_hi, T mean_lo, T scale,  \
+                                                  T shift, int act) {                          \
+        T silu_flat = FN_SILU_FLAT_##SUFFIX, gelu_flat = FN_GELU_FLAT_##SUFFIX;                 \
+        T tanh_flat = FN_GELU_TANH_FLAT_##SUFFIX;                                               \
+        FN_OPAQUE(silu_flat); FN_OPAQUE(gelu_flat); FN_OPAQUE(tanh_flat);                       \
+        if (w)                                                                                  \
+            FN_ACT_GRAD_CASES(SUFFIX, (((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i]))     \
+        else                                                                                    \
+            FN_ACT_GRAD_CASES(SUFFIX, (((x[i] - mean_hi) - mean_lo) * scale + shift))           \
+    }
+FN_DEFINE_AFFINE_ACT_GRAD(float, f32)
+FN_DEFINE_AFFINE_ACT_GRAD(double, f64)
+
 /* A normalization's output with an activation, streamed: y = act(z) over n contiguous
  * values, z = fn_affine_out's, non-temporal stores (same values as in place). The
  * activation reads z back, so z is formed chunk by chunk in an L1 scratch placed at y's
@@ -347,5 +376,7 @@ FN_DEFINE_AFFINE_ACT_STREAMED(double, f64)
 #undef FN_DEFINE_ACTIVATION_MATH
 #undef FN_DEFINE_ACTIVATION_RUNS
 #undef FN_DEFINE_AFFINE_ACT_STREAMED
+#undef FN_DEFINE_AFFINE_ACT_GRAD
+#undef FN_ACT_GRAD_CASES
 
 #endif /* FASTNORM_ACTIVATIONS_H */

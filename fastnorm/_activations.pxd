@@ -6,13 +6,14 @@
 # it is in L1:
 #   forward   y = act(z)            run_affine_act (streamed too), or run_activate after
 #                                   its own loop
-#   backward  g = dy * act'(z)      run_affine_act_grad, or run_act_grad on a computed z;
+#   backward  g = dy * act'(z)      run_affine_act_grad (z formed in the same sweep), or
+#                                   run_act_grad on a computed z;
 #             g then takes dy's place in the usual sums and dx formula.
 # With ACT_NONE the forward helpers are exactly run_affine_out (no extra pass).
 
 from cython cimport floating
 
-from fastnorm._common cimport run_affine, run_affine_out
+from fastnorm._common cimport run_affine_out
 
 cdef extern from "_activations.h" nogil:
     enum:
@@ -25,6 +26,12 @@ cdef extern from "_activations.h" nogil:
     void fn_activate_f64(double* y, Py_ssize_t n, int act)
     void fn_act_grad_f32(const float* z, const float* dy, float* g, Py_ssize_t n, int act)
     void fn_act_grad_f64(const double* z, const double* dy, double* g, Py_ssize_t n, int act)
+    void fn_affine_act_grad_f32(const float* x, const float* dy, float* g, const float* w,
+                                const float* b, Py_ssize_t n, float mean_hi, float mean_lo,
+                                float scale, float shift, int act)
+    void fn_affine_act_grad_f64(const double* x, const double* dy, double* g, const double* w,
+                                const double* b, Py_ssize_t n, double mean_hi, double mean_lo,
+                                double scale, double shift, int act)
     void fn_affine_act_streamed_f32(const float* x, float* y, const float* w, const float* b,
                                     Py_ssize_t n, float mean_hi, float mean_lo, float scale,
                                     float shift, int act)
@@ -78,8 +85,13 @@ cdef inline void run_affine_act(const floating* x, floating* y, const floating* 
 
 
 cdef inline void run_affine_act_grad(const floating* x, const floating* dy, floating* g,
-                                     Py_ssize_t n, floating mean_hi, floating mean_lo,
-                                     floating scale, floating shift, int act) noexcept nogil:
-    """g = dy * act'(z), z = ((x - mean_hi) - mean_lo) * scale + shift recomputed from x."""
-    run_affine(x, g, n, mean_hi, mean_lo, scale, shift)
-    run_act_grad(g, dy, g, n, act)
+                                     const floating* w, const floating* b, Py_ssize_t n,
+                                     floating mean_hi, floating mean_lo, floating scale,
+                                     floating shift, int act) noexcept nogil:
+    """g = dy * act'(z), z = ((x - mean_hi) - mean_lo) * scale * w + b (w, b per element)
+    or ((x - mean_hi) - mean_lo) * scale + shift (w NULL), recomputed from x in the same
+    sweep (g may be dy)."""
+    if floating is float:
+        fn_affine_act_grad_f32(x, dy, g, w, b, n, mean_hi, mean_lo, scale, shift, act)
+    else:
+        fn_affine_act_grad_f64(x, dy, g, w, b, n, mean_hi, mean_lo, scale, shift, act)

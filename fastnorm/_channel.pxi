@@ -206,7 +206,7 @@ cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPl
                 run_affine_act(x + at, y + at, NULL, NULL, ncols, mean_hi, mean_lo,
                                <floating>scale, <floating>shift, act, stream)
             else:
-                run_affine_act_grad(x + at, dy + at, y + at, ncols, mean_hi, mean_lo,
+                run_affine_act_grad(x + at, dy + at, y + at, NULL, NULL, ncols, mean_hi, mean_lo,
                                     <floating>scale, <floating>shift, act)
 
 
@@ -673,7 +673,7 @@ cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
                                w[0, c], w[1, c], w[2, c], w[3, c], act, stream)
             else:
                 run_affine_act_grad(&x[0, 0, 0] + run * S, dy + run * S, &y[0, 0, 0] + run * S,
-                                    S, w[0, c], w[1, c], w[2, c], w[3, c], act)
+                                    NULL, NULL, S, w[0, c], w[1, c], w[2, c], w[3, c], act)
         fence_if(stream)
 
 

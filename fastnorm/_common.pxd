@@ -374,15 +374,6 @@ cdef inline Moments block_moments(const floating* x, Py_ssize_t nrows, Py_ssize_
     return m
 
 
-cdef inline void run_affine(const floating* x, floating* y, Py_ssize_t n,
-                            floating mean_hi, floating mean_lo,
-                            floating scale, floating shift) noexcept nogil:
-    """y = ((x - mean_hi) - mean_lo) * scale + shift over n contiguous values."""
-    cdef Py_ssize_t i
-    for i in range(n):
-        y[i] = ((x[i] - mean_hi) - mean_lo) * scale + shift
-
-
 cdef inline void run_add(const floating* a, const floating* b, floating* out,
                          Py_ssize_t n) noexcept nogil:
     """out = a + b over n contiguous values (out may be a or b: a fused residual add,

@@ -55,7 +55,7 @@
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange, threadid
 
-from fastnorm._activations cimport ACT_NONE, run_act_grad, run_affine_act
+from fastnorm._activations cimport ACT_NONE, run_affine_act, run_affine_act_grad
 
 from fastnorm._common cimport (
     FN_ROW_GROUP, FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_DX_BYTES, STREAM_DX_ROW_BYTES,
@@ -191,34 +191,43 @@ cdef inline void apply_unit(const floating* xrow, floating* yrow, RowGeom* g, Py
 cdef inline void act_grad_unit(const floating* xrow, const floating* dyrow, floating* grow,
                                RowGeom* g, Py_ssize_t r, Py_ssize_t u, const floating* w,
                                const floating* b, double mean, double rstd) noexcept nogil:
-    """g = dy * act'(z) over unit u of row r, z recomputed from x into g's unit."""
+    """g = dy * act'(z) over unit u of row r, z recomputed from x in the same sweep."""
     cdef Py_ssize_t j0, nruns, s0, ncols, at
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
     at = j0 * g.S + s0
-    normalize_unit(xrow, grow + at, g, r, u, w, b, mean, rstd, ACT_NONE, False)
-    run_act_grad(grow + at, dyrow + at, grow + at, nruns * ncols, g.act)
+    normalize_unit(xrow, grow + at, g, r, u, w, b, mean, rstd, g.act, False, dyrow + at)
 
 
 cdef inline void normalize_unit(const floating* xrow, floating* z, RowGeom* g, Py_ssize_t r,
                                 Py_ssize_t u, const floating* w, const floating* b, double mean,
-                                double rstd, int act, bint stream) noexcept nogil:
+                                double rstd, int act, bint stream,
+                                const floating* dy=NULL) noexcept nogil:
     """z = act((x - mean) * rstd * weight + bias) over unit u of row r, into z[0:unit's
-    size] (the unit's place in the output, or in dx for the backward); stream:
-    non-temporal stores."""
+    size] (the unit's place in the output); stream: non-temporal stores. Given dy (the
+    unit's, like z): z = dy * act'(...) instead, the backward's g."""
     cdef Py_ssize_t j0, nruns, s0, ncols, j, at, c0
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
     unit_extent(g, u, &j0, &nruns, &s0, &ncols)
     at = j0 * g.S + s0
     if not g.per_channel:
-        run_affine_act(xrow + at, z, w + at, b + at, ncols, mean_hi, mean_lo, <floating>rstd, 0,
-                       act, stream)
+        if dy == NULL:
+            run_affine_act(xrow + at, z, w + at, b + at, ncols, mean_hi, mean_lo,
+                           <floating>rstd, 0, act, stream)
+        else:
+            run_affine_act_grad(xrow + at, dy, z, w + at, b + at, ncols, mean_hi, mean_lo,
+                                <floating>rstd, 0, act)
         return
     c0 = (r % g.G) * g.runs + j0
     for j in range(nruns):
-        run_affine_act(xrow + at + j * g.S, z + j * g.S, <const floating*>NULL,
-                       <const floating*>NULL, ncols, mean_hi, mean_lo,
-                       <floating>(rstd * w[c0 + j]), b[c0 + j], act, stream)
+        if dy == NULL:
+            run_affine_act(xrow + at + j * g.S, z + j * g.S, <const floating*>NULL,
+                           <const floating*>NULL, ncols, mean_hi, mean_lo,
+                           <floating>(rstd * w[c0 + j]), b[c0 + j], act, stream)
+        else:
+            run_affine_act_grad(xrow + at + j * g.S, dy + j * g.S, z + j * g.S,
+                                <const floating*>NULL, <const floating*>NULL, ncols, mean_hi,
+                                mean_lo, <floating>(rstd * w[c0 + j]), b[c0 + j], act)
 
 
 cdef inline void unit_grad_sums(const floating* xrow, const floating* dyrow, floating* dxrow,
