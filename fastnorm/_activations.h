@@ -345,6 +345,25 @@ FN_DEFINE_ACTIVATION_RUNS(double, f64)
 FN_DEFINE_AFFINE_ACT_GRAD(float, f32)
 FN_DEFINE_AFFINE_ACT_GRAD(double, f64)
 
+/* The same for n channels of a channels-last row, parameters per channel: z =
+ * (x - mean_hi) * scale + shift, or x * scale + shift when mean_hi is NULL
+ * (fn_channels_affine's arithmetic) */
+#define FN_DEFINE_CHANNELS_ACT_GRAD(T, SUFFIX)                                                 \
+    static inline void fn_channels_act_grad_##SUFFIX(const T* restrict x, const T* dy, T* g,   \
+                                                    ptrdiff_t n, const T* restrict mean_hi,    \
+                                                    const T* restrict scale,                   \
+                                                    const T* restrict shift, int act) {        \
+        T silu_flat = FN_SILU_FLAT_##SUFFIX, gelu_flat = FN_GELU_FLAT_##SUFFIX;                 \
+        T tanh_flat = FN_GELU_TANH_FLAT_##SUFFIX;                                               \
+        FN_OPAQUE(silu_flat); FN_OPAQUE(gelu_flat); FN_OPAQUE(tanh_flat);                       \
+        if (mean_hi)                                                                            \
+            FN_ACT_GRAD_CASES(SUFFIX, ((x[i] - mean_hi[i]) * scale[i] + shift[i]))              \
+        else                                                                                    \
+            FN_ACT_GRAD_CASES(SUFFIX, (x[i] * scale[i] + shift[i]))                             \
+    }
+FN_DEFINE_CHANNELS_ACT_GRAD(float, f32)
+FN_DEFINE_CHANNELS_ACT_GRAD(double, f64)
+
 /* A normalization's output with an activation, streamed: y = act(z) over n contiguous
  * values, z = fn_affine_out's, non-temporal stores (same values as in place). The
  * activation reads z back, so z is formed chunk by chunk in an L1 scratch placed at y's
@@ -377,6 +396,7 @@ FN_DEFINE_AFFINE_ACT_STREAMED(double, f64)
 #undef FN_DEFINE_ACTIVATION_RUNS
 #undef FN_DEFINE_AFFINE_ACT_STREAMED
 #undef FN_DEFINE_AFFINE_ACT_GRAD
+#undef FN_DEFINE_CHANNELS_ACT_GRAD
 #undef FN_ACT_GRAD_CASES
 
 #endif /* FASTNORM_ACTIVATIONS_H */

@@ -32,6 +32,12 @@ cdef extern from "_activations.h" nogil:
     void fn_affine_act_grad_f64(const double* x, const double* dy, double* g, const double* w,
                                 const double* b, Py_ssize_t n, double mean_hi, double mean_lo,
                                 double scale, double shift, int act)
+    void fn_channels_act_grad_f32(const float* x, const float* dy, float* g, Py_ssize_t n,
+                                  const float* mean_hi, const float* scale, const float* shift,
+                                  int act)
+    void fn_channels_act_grad_f64(const double* x, const double* dy, double* g, Py_ssize_t n,
+                                  const double* mean_hi, const double* scale,
+                                  const double* shift, int act)
     void fn_affine_act_streamed_f32(const float* x, float* y, const float* w, const float* b,
                                     Py_ssize_t n, float mean_hi, float mean_lo, float scale,
                                     float shift, int act)
@@ -95,3 +101,14 @@ cdef inline void run_affine_act_grad(const floating* x, const floating* dy, floa
         fn_affine_act_grad_f32(x, dy, g, w, b, n, mean_hi, mean_lo, scale, shift, act)
     else:
         fn_affine_act_grad_f64(x, dy, g, w, b, n, mean_hi, mean_lo, scale, shift, act)
+
+
+cdef inline void channels_act_grad(const floating* x, const floating* dy, floating* g,
+                                   Py_ssize_t n, const floating* mean_hi, const floating* scale,
+                                   const floating* shift, int act) noexcept nogil:
+    """g = dy * act'(z) over n channels of a channels-last row, z = (x - mean_hi) * scale
+    + shift per channel (mean_hi NULL: x * scale + shift), in one sweep."""
+    if floating is float:
+        fn_channels_act_grad_f32(x, dy, g, n, mean_hi, scale, shift, act)
+    else:
+        fn_channels_act_grad_f64(x, dy, g, n, mean_hi, scale, shift, act)

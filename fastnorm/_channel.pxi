@@ -43,7 +43,7 @@ from fastnorm._common cimport (
     split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
-    ACT_NONE, run_act_grad, run_activate, run_affine_act, run_affine_act_grad,
+    ACT_NONE, channels_act_grad, run_activate, run_affine_act, run_affine_act_grad,
 )
 
 # A channel up to this size is normalized straight after its statistics,
@@ -487,12 +487,13 @@ cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floa
                                 int act) noexcept nogil:
     """Channels [c0, stop) of one row: y = act(z), z = (x - hi[c]) * scale[c] + shift[c]
     (affine_coefficients; hi NULL: x * scale + shift); or, given dyrow, y = dy * act'(z)."""
-    channels_affine(xrow + c0, yrow + c0, 1, stop - c0, NULL if hi == NULL else hi + c0,
-                    scale + c0, shift + c0)
     if dyrow == NULL:
+        channels_affine(xrow + c0, yrow + c0, 1, stop - c0, NULL if hi == NULL else hi + c0,
+                        scale + c0, shift + c0)
         run_activate(yrow + c0, stop - c0, act)
     else:
-        run_act_grad(yrow + c0, dyrow + c0, yrow + c0, stop - c0, act)
+        channels_act_grad(xrow + c0, dyrow + c0, yrow + c0, stop - c0,
+                          NULL if hi == NULL else hi + c0, scale + c0, shift + c0, act)
 
 
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
