@@ -28,6 +28,13 @@ from setuptools._distutils.errors import CompileError, LinkError
 from setuptools._distutils.sysconfig import customize_compiler
 
 BASE_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math"]  # never -ffast-math
+# gcc's inlining limits, raised: it decides inlining against the budget of the whole
+# unit (every kernel family is one unit per instruction set), so that an unrelated
+# change elsewhere moved the float LayerNorm forward's block moments out of line and
+# cost that forward 40-50% (tests/test_inlining.py checks the symbols). With these
+# limits every `inline` function is inlined; the few that must not be are noinline.
+GCC_INLINE_FLAGS = ["--param=max-inline-insns-single=1000", "--param=large-function-growth=400",
+                    "--param=large-function-insns=8000", "--param=inline-unit-growth=200"]
 X86_SIMD_FLAGS = ["-mavx2", "-mfma"]
 
 
@@ -35,10 +42,26 @@ def _env_flag(name):
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def _compiler_supports_openmp():
-    """Compile and link a tiny OpenMP program with the compiler setuptools will use."""
+def _compiles(source, flags, link=False):
+    """Whether the compiler setuptools will use compiles (and links) source with flags."""
     compiler = new_compiler()
     customize_compiler(compiler)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "probe.c")
+        with open(path, "w") as f:
+            f.write(source)
+        try:
+            objects = compiler.compile([path], output_dir=tmp, extra_postargs=flags)
+            if link:
+                compiler.link_executable(objects, os.path.join(tmp, "probe"),
+                                         extra_postargs=flags)
+        except (CompileError, LinkError):
+            return False
+    return True
+
+
+def _compiler_supports_openmp():
+    """Compile and link a tiny OpenMP program."""
     source = textwrap.dedent(
         """
         #include <omp.h>
@@ -50,18 +73,16 @@ def _compiler_supports_openmp():
         }
         """
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "probe_openmp.c")
-        with open(path, "w") as f:
-            f.write(source)
-        try:
-            objects = compiler.compile([path], output_dir=tmp, extra_postargs=["-fopenmp"])
-            compiler.link_executable(
-                objects, os.path.join(tmp, "probe_openmp"), extra_postargs=["-fopenmp"]
-            )
-        except (CompileError, LinkError):
-            return False
-    return True
+    return _compiles(source, ["-fopenmp"], link=True)
+
+
+def _inline_flags():
+    """GCC_INLINE_FLAGS when the compiler is gcc (clang would warn about each, or fail)."""
+    if sys.platform == "win32":
+        return []
+    source = ("#if !defined(__GNUC__) || defined(__clang__)\n#error not gcc\n#endif\n"
+              "int f(void) { return 0; }\n")
+    return GCC_INLINE_FLAGS if _compiles(source, GCC_INLINE_FLAGS) else []
 
 
 def _openmp_flags():
@@ -86,9 +107,11 @@ def _is_x86_64():
 
 OPENMP = _openmp_flags()
 SIMD = _simd_flags()
+INLINE = _inline_flags()
 NATIVE = ["-march=native"] if _env_flag("FASTNORM_NATIVE") else []
 SANITIZE = _env_flag("FASTNORM_SANITIZE")
 SANITIZER_FLAGS = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-g"] if SANITIZE else []
+COMPILE_FLAGS = BASE_FLAGS + INLINE + OPENMP + SIMD + NATIVE + SANITIZER_FLAGS
 
 # name of the kernel build -> extra compile flags for it
 VARIANTS = {"generic": []}
@@ -101,7 +124,7 @@ def _write_build_config():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fastnorm", "_build_config.py")
     config = {
         "openmp": bool(OPENMP),
-        "compile_args": BASE_FLAGS + OPENMP + SIMD + NATIVE + SANITIZER_FLAGS,
+        "compile_args": COMPILE_FLAGS,
         "variants": {name: flags for name, flags in VARIANTS.items()},
     }
     with open(path, "w") as f:
@@ -118,7 +141,7 @@ def _extensions():
                 [f"fastnorm/_ext_{name}.pyx"],
                 include_dirs=[np.get_include(), "fastnorm"],
                 define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-                extra_compile_args=BASE_FLAGS + OPENMP + SIMD + NATIVE + flags + SANITIZER_FLAGS,
+                extra_compile_args=COMPILE_FLAGS + flags,
                 extra_link_args=OPENMP + SANITIZER_FLAGS,
             )
         )
