@@ -365,6 +365,35 @@ FN_DEFINE_AFFINE_ACT_GRAD(double, f64)
 FN_DEFINE_CHANNELS_ACT_GRAD(float, f32)
 FN_DEFINE_CHANNELS_ACT_GRAD(double, f64)
 
+/* y = relu(z), z as in fn_affine_out (w NULL: the scalar affine), in one sweep: relu is
+ * too cheap to be worth a second sweep over y, unlike the other activations (fused into
+ * one loop they measured 0.88-0.90x). BatchNorm2d (32,64,56,56) + relu eval, 1 thread:
+ * 1.36 -> 1.20 ms, train 2.60 -> 2.46 ms; GroupNorm(32) (8,256,56,56) + relu 1.84 -> 1.77 ms. */
+#define FN_DEFINE_AFFINE_RELU(T, SUFFIX)                                                       \
+    static inline void fn_affine_relu_##SUFFIX(const T* restrict x, T* restrict y,              \
+                                               const T* restrict w, const T* restrict b,        \
+                                               ptrdiff_t n, T mean_hi, T mean_lo, T scale,      \
+                                               T shift) {                                       \
+        if (w)                                                                                  \
+            FN_ACT_LOOP(y[i] = fn_relu_##SUFFIX(((x[i] - mean_hi) - mean_lo) * scale * w[i]     \
+                                                + b[i]));                                       \
+        else                                                                                    \
+            FN_ACT_LOOP(y[i] = fn_relu_##SUFFIX(((x[i] - mean_hi) - mean_lo) * scale + shift)); \
+    }                                                                                           \
+    /* the same for n channels of a channels-last row, z = fn_channels_affine's          \
+       (x - mean_hi) * scale + shift per channel (mean_hi NULL: x * scale + shift) */      \
+    static inline void fn_channels_relu_##SUFFIX(const T* restrict x, T* restrict y,            \
+                                                 ptrdiff_t n, const T* restrict mean_hi,        \
+                                                 const T* restrict scale,                       \
+                                                 const T* restrict shift) {                     \
+        if (mean_hi)                                                                            \
+            FN_ACT_LOOP(y[i] = fn_relu_##SUFFIX((x[i] - mean_hi[i]) * scale[i] + shift[i]));    \
+        else                                                                                    \
+            FN_ACT_LOOP(y[i] = fn_relu_##SUFFIX(x[i] * scale[i] + shift[i]));                   \
+    }
+FN_DEFINE_AFFINE_RELU(float, f32)
+FN_DEFINE_AFFINE_RELU(double, f64)
+
 /* A normalization's output with an activation, streamed: y = act(z) over n contiguous
  * values, z = fn_affine_out's, non-temporal stores (same values as in place). The
  * activation reads z back, so z is formed chunk by chunk in an L1 scratch placed at y's
@@ -384,9 +413,16 @@ FN_DEFINE_CHANNELS_ACT_GRAD(double, f64)
                    - (ptrdiff_t)(((uintptr_t)(y + start) & 63) / sizeof(T));                   \
             if (stop > n) stop = n;                                                             \
             T* z = (T*)fn_line_twin(scratch, y + start);                                        \
-            fn_affine_out_##SUFFIX(x + start, z, w ? w + start : NULL, b ? b + start : NULL,    \
-                                   stop - start, mean_hi, mean_lo, scale, shift, 0);            \
-            fn_activate_##SUFFIX(z, stop - start, act);                                         \
+            if (act == FN_ACT_RELU) {                                                           \
+                fn_affine_relu_##SUFFIX(x + start, z, w ? w + start : NULL,                     \
+                                        b ? b + start : NULL, stop - start, mean_hi, mean_lo,   \
+                                        scale, shift);                                          \
+            } else {                                                                            \
+                fn_affine_out_##SUFFIX(x + start, z, w ? w + start : NULL,                      \
+                                       b ? b + start : NULL, stop - start, mean_hi, mean_lo,    \
+                                       scale, shift, 0);                                        \
+                fn_activate_##SUFFIX(z, stop - start, act);                                     \
+            }                                                                                   \
             fn_stream_copy(y + start, z, (size_t)(stop - start) * sizeof(T));                   \
         }                                                                                       \
     }
@@ -396,6 +432,7 @@ FN_DEFINE_AFFINE_ACT_STREAMED(double, f64)
 #undef FN_DEFINE_ACTIVATION_MATH
 #undef FN_DEFINE_ACTIVATION_RUNS
 #undef FN_DEFINE_AFFINE_ACT_STREAMED
+#undef FN_DEFINE_AFFINE_RELU
 #undef FN_DEFINE_AFFINE_ACT_GRAD
 #undef FN_DEFINE_CHANNELS_ACT_GRAD
 #undef FN_ACT_GRAD_CASES

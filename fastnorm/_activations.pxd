@@ -26,6 +26,15 @@ cdef extern from "_activations.h" nogil:
     void fn_activate_f64(double* y, Py_ssize_t n, int act)
     void fn_act_grad_f32(const float* z, const float* dy, float* g, Py_ssize_t n, int act)
     void fn_act_grad_f64(const double* z, const double* dy, double* g, Py_ssize_t n, int act)
+    void fn_affine_relu_f32(const float* x, float* y, const float* w, const float* b,
+                            Py_ssize_t n, float mean_hi, float mean_lo, float scale, float shift)
+    void fn_affine_relu_f64(const double* x, double* y, const double* w, const double* b,
+                            Py_ssize_t n, double mean_hi, double mean_lo, double scale,
+                            double shift)
+    void fn_channels_relu_f32(const float* x, float* y, Py_ssize_t n, const float* mean_hi,
+                              const float* scale, const float* shift)
+    void fn_channels_relu_f64(const double* x, double* y, Py_ssize_t n, const double* mean_hi,
+                              const double* scale, const double* shift)
     void fn_affine_act_grad_f32(const float* x, const float* dy, float* g, const float* w,
                                 const float* b, Py_ssize_t n, float mean_hi, float mean_lo,
                                 float scale, float shift, int act)
@@ -73,18 +82,16 @@ cdef inline void run_affine_act(const floating* x, floating* y, const floating* 
     (w, b per element) or ((x - mean_hi) - mean_lo) * scale + shift (w NULL). stream:
     non-temporal stores (same values; with an activation through an L1 scratch, see
     fn_affine_act_streamed in _activations.h)."""
-    cdef Py_ssize_t i
-    cdef floating v
     if act != ACT_NONE and stream:
         if floating is float:
             fn_affine_act_streamed_f32(x, y, w, b, n, mean_hi, mean_lo, scale, shift, act)
         else:
             fn_affine_act_streamed_f64(x, y, w, b, n, mean_hi, mean_lo, scale, shift, act)
-    elif act == ACT_RELU and w == NULL:
-        # the most common fusion in one sweep (others: a second sweep while y is in L1)
-        for i in range(n):
-            v = ((x[i] - mean_hi) - mean_lo) * scale + shift
-            y[i] = 0 if v < 0 else v
+    elif act == ACT_RELU:   # in one sweep (the others: a second sweep while y is in L1)
+        if floating is float:
+            fn_affine_relu_f32(x, y, w, b, n, mean_hi, mean_lo, scale, shift)
+        else:
+            fn_affine_relu_f64(x, y, w, b, n, mean_hi, mean_lo, scale, shift)
     else:
         run_affine_out(x, y, w, b, n, mean_hi, mean_lo, scale, shift, stream)
         run_activate(y, n, act)
@@ -101,6 +108,17 @@ cdef inline void run_affine_act_grad(const floating* x, const floating* dy, floa
         fn_affine_act_grad_f32(x, dy, g, w, b, n, mean_hi, mean_lo, scale, shift, act)
     else:
         fn_affine_act_grad_f64(x, dy, g, w, b, n, mean_hi, mean_lo, scale, shift, act)
+
+
+cdef inline void channels_relu(const floating* x, floating* y, Py_ssize_t n,
+                               const floating* mean_hi, const floating* scale,
+                               const floating* shift) noexcept nogil:
+    """y = relu(z) over n channels of a channels-last row, z = (x - mean_hi) * scale + shift
+    per channel (mean_hi NULL: x * scale + shift), in one sweep."""
+    if floating is float:
+        fn_channels_relu_f32(x, y, n, mean_hi, scale, shift)
+    else:
+        fn_channels_relu_f64(x, y, n, mean_hi, scale, shift)
 
 
 cdef inline void channels_act_grad(const floating* x, const floating* dy, floating* g,

@@ -43,7 +43,8 @@ from fastnorm._common cimport (
     split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
-    ACT_NONE, channels_act_grad, run_activate, run_affine_act, run_affine_act_grad,
+    ACT_NONE, ACT_RELU, channels_act_grad, channels_relu, run_activate, run_affine_act,
+    run_affine_act_grad,
 )
 
 # A channel up to this size is normalized straight after its statistics,
@@ -487,7 +488,10 @@ cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floa
                                 int act) noexcept nogil:
     """Channels [c0, stop) of one row: y = act(z), z = (x - hi[c]) * scale[c] + shift[c]
     (affine_coefficients; hi NULL: x * scale + shift); or, given dyrow, y = dy * act'(z)."""
-    if dyrow == NULL:
+    if dyrow == NULL and act == ACT_RELU:
+        channels_relu(xrow + c0, yrow + c0, stop - c0, NULL if hi == NULL else hi + c0,
+                      scale + c0, shift + c0)
+    elif dyrow == NULL:
         channels_affine(xrow + c0, yrow + c0, 1, stop - c0, NULL if hi == NULL else hi + c0,
                         scale + c0, shift + c0)
         run_activate(yrow + c0, stop - c0, act)

@@ -144,6 +144,28 @@ def test_fused_equals_unfused_composition(cls, shape, layout, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
+@pytest.mark.parametrize("shape", [(4, 8, 5, 7), (24, 32, 74, 74)],   # the second: 16 MiB and
+                         ids=["plain", "streamed"])                   # more in float32
+def test_fused_relu_is_bitwise_relu_of_the_unfused_output(shape, layout, dtype):
+    """relu is applied in the same sweep as the normalization (fn_affine_relu,
+    fn_channels_relu), in place of a second sweep: the values are exactly those of the
+    composition."""
+    x = make_input(shape, dtype, layout, seed=4, mean=0.5)
+    for cls, args in ((fn.BatchNorm2d, (shape[1],)), (fn.GroupNorm, (4, shape[1])),
+                      (fn.LayerNorm, (shape[-1],))):
+        fused = cls(*args, activation="relu", dtype=dtype)
+        plain = cls(*args, dtype=dtype)
+        rng = np.random.default_rng(5)
+        fused.weight[...] = plain.weight[...] = rng.uniform(0.5, 1.5, fused.weight.shape)
+        fused.bias[...] = plain.bias[...] = rng.standard_normal(fused.bias.shape)
+        for training in (True, False):
+            fused.train(training)
+            plain.train(training)
+            np.testing.assert_array_equal(fused(x), np.maximum(plain(x), 0))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 @pytest.mark.parametrize("training", (True, False))
 def test_fused_matches_torch_autograd(dtype, layout, training):
     torch = torch_or_skip()
