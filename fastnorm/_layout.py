@@ -54,7 +54,7 @@ def contiguous(a):
     if is_kernel_array(a):
         return a
     if _relayoutable(a) and is_channels_last(a):
-        return _to_channels_first(a)
+        return _relaid(a, False)
     return np.require(a, requirements="CA")
 
 
@@ -67,27 +67,19 @@ def _relayout(src, dst, channels_last):
     """dst[...] = src, src in one kernel layout and dst in the other, both
     (N, C, *spatial); channels_last: dst's layout."""
     n, c = src.shape[0], src.shape[1]
+    threads = threads_for(src.size)
     if channels_last:
-        kernels.relayout(src.reshape(n, c, -1), channels_to_last(dst).reshape(n, -1, c),
-                         threads_for(src.size))
+        kernels.relayout(src.reshape(n, c, -1), channels_to_last(dst).reshape(n, -1, c), threads)
     else:
-        kernels.relayout(channels_to_last(src).reshape(n, -1, c), dst.reshape(n, c, -1),
-                         threads_for(src.size))
+        kernels.relayout(channels_to_last(src).reshape(n, -1, c), dst.reshape(n, c, -1), threads)
 
 
-def _to_channels_first(a):
-    """A C-contiguous copy of channels-last a."""
-    first = empty_output(a.shape, a.dtype)
-    _relayout(a, first, False)
-    return first
-
-
-def _to_channels_last(a):
-    """A channels-last copy of C-contiguous a, in a's (N, C, *spatial) shape."""
-    last = empty_output(a.shape[:1] + a.shape[2:] + a.shape[1:2], a.dtype)
-    last = last.transpose(_axes_channels_first(last.ndim))
-    _relayout(a, last, True)
-    return last
+def _relaid(a, channels_last):
+    """A copy of a in the other kernel layout (channels_last: the copy's), allocated as
+    the layers' outputs are (output_for)."""
+    copy, _ = output_for(a, channels_last)
+    _relayout(a, copy, channels_last)
+    return copy
 
 
 def is_kernel_array(a):
@@ -101,7 +93,7 @@ def kernel_view(x, channels_last):
     if channels_last:
         moved = channels_to_last(x)
         if not moved.flags.c_contiguous and is_kernel_array(x) and _relayoutable(x):
-            moved = channels_to_last(_to_channels_last(x))
+            moved = channels_to_last(_relaid(x, True))
         return contiguous(moved).reshape(-1, c, 1)
     return contiguous(x).reshape(n, c, math.prod(x.shape[2:]))
 
