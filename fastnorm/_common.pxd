@@ -170,11 +170,11 @@ cdef extern from "_simd.h" nogil:
     void fn_short_rows_backward_f32(const float* x, const float* dy, float* dx, const float* w,
                                     Py_ssize_t nrows, Py_ssize_t n, int centered,
                                     const double* mean, const double* rstd, double* acc,
-                                    int stream)
+                                    float* part, int one_by_one, int stream)
     void fn_short_rows_backward_f64(const double* x, const double* dy, double* dx,
                                     const double* w, Py_ssize_t nrows, Py_ssize_t n,
                                     int centered, const double* mean, const double* rstd,
-                                    double* acc, int stream)
+                                    double* acc, double* part, int one_by_one, int stream)
     void fn_stream_fence()
     enum: FN_ROW_GROUP
     void fn_group_backward_f32(const float* x, const float* g, const float* w, float* dx,

@@ -79,6 +79,9 @@ cdef enum:
     # A row group is dx'ed together while its x and dy (read for the gradient sums just
     # before) take at most this much: they are then still in L2. Longer rows go one by one.
     GROUP_BYTES = 256 << 10
+    # Rows between these two sizes go one by one too (row_by_row)
+    GROUP_ROW_BYTES = 512
+    ROW_BY_ROW_BYTES = 2048
 
 
 # ---------------------------------------------------------------- geometry
@@ -91,6 +94,7 @@ cdef struct RowGeom:
     bint stream     # output (forward y, backward dx) written with non-temporal stores:
                     # see STREAM_BYTES and STREAM_DX_BYTES
     int act         # fused activation code (ACT_NONE: none)
+    bint row_by_row # backward: see row_by_row()
 
 
 cdef inline RowGeom row_geom(Py_ssize_t R, Py_ssize_t runs, Py_ssize_t S, Py_ssize_t G,
@@ -114,6 +118,7 @@ cdef inline RowGeom row_geom(Py_ssize_t R, Py_ssize_t runs, Py_ssize_t S, Py_ssi
     g.n_units = ((runs + g.unit_runs - 1) // g.unit_runs) * g.units_per_run
     g.stream = False
     g.act = ACT_NONE
+    g.row_by_row = False
     return g
 
 
@@ -335,6 +340,22 @@ cdef inline Py_ssize_t sums_per_row(RowGeom* g) noexcept nogil:
 
 # ------------------------------------------------------------ forward
 
+cdef inline bint row_by_row(RowGeom* g, Py_ssize_t itemsize) noexcept nogil:
+    """Whether the backward forms each elementwise row's dx right after that row's gradient
+    sums, rather than a row group's sums first and then their dx together, column by
+    column: rows of more than GROUP_ROW_BYTES and at most ROW_BY_ROW_BYTES. The group's dx
+    pass walks 24 streams (x, dy and dx of 8 rows) that do not all stay in L1 and, at
+    some offsets of dx, alias each other modulo 4 KiB. LayerNorm backward, 1 thread,
+    8-32 MiB arrays, dx 16 or 2048 bytes into a page (numpy's and the layers' large
+    arrays), one by one against groups: float rows of 160-384 values 1.16-1.90x faster,
+    of 512 1.12-1.16x, double rows of 128-256 1.07-1.37x. Rows of 512 bytes took
+    0.77-0.91x at the layers' offset (1.07-1.51x at numpy's), float rows of 768-4096
+    values 0.74-0.99x at either, so both stay in groups. Never streamed: non-temporal
+    stores between a row's reads ran rows of 384 from 1.14x faster to 1.28x slower by
+    dx's offset, and plain stores did not swing."""
+    return (not g.per_channel and GROUP_ROW_BYTES < g.D * itemsize <= ROW_BY_ROW_BYTES)
+
+
 cdef inline void forward_row(const floating* x, const floating* res, floating* h, floating* y,
                              RowGeom* g, Py_ssize_t r, const floating* w, const floating* b,
                              double eps, double* mean, double* rstd, double* var) noexcept nogil:
@@ -478,8 +499,8 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
                                 floating* wacc) noexcept nogil:
     """Rows of block k in order. Elementwise mode: acc (2*D) gets the block's
     weight/bias partials (through wacc, see group_end); the gradient sums of a group's
-    rows (or of one row, when a group would not stay in cache) come first, then their dx
-    together. Per-channel mode: one block per row, sums hold the row's per-run sums
+    rows (or of one row: row_by_row, or a group would not stay in cache) come first, then
+    their dx together. Per-channel mode: one block per row, sums hold the row's per-run sums
     afterwards."""
     cdef Py_ssize_t first, stop, r, r0, r1, i, u, nsum = sums_per_row(g)
     cdef Py_ssize_t rows_per_step
@@ -503,14 +524,15 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
             fn_short_rows_backward_f32(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
                                        stop - first, g.D, g.centered,
                                        mean + first if g.centered else NULL, rstd + first, acc,
-                                       g.stream)
+                                       wacc, g.row_by_row, g.stream)
         else:
             fn_short_rows_backward_f64(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
                                        stop - first, g.D, g.centered,
                                        mean + first if g.centered else NULL, rstd + first, acc,
-                                       g.stream)
+                                       wacc, g.row_by_row, g.stream)
         return
-    rows_per_step = ROW_GROUP if 2 * ROW_GROUP * g.D * sizeof(floating) <= GROUP_BYTES else 1
+    rows_per_step = (1 if g.row_by_row or 2 * ROW_GROUP * g.D * sizeof(floating) > GROUP_BYTES
+                     else ROW_GROUP)
     row_sums = sums + 2 * k
     r0 = first
     while r0 < stop:
@@ -770,7 +792,8 @@ def row_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssize_t R
                     and (g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_DX_ROW_BYTES
                          or <size_t>cnp.PyArray_DATA(dx) % 64 == 0
                          and g.D * cnp.PyArray_ITEMSIZE(x) % 64 == 0))
-    g.stream = g.stream and act == ACT_NONE and grad_h is None
+    g.row_by_row = row_by_row(&g, cnp.PyArray_ITEMSIZE(x))
+    g.stream = g.stream and act == ACT_NONE and grad_h is None and not g.row_by_row
     by_unit = split_by_unit(&g, n_threads)
     # one float64 scratch array: row sums | block partials | unit sums | coefficients
     n_sums = g.R * sums_per_row(&g) if per_channel else 2 * n_blocks

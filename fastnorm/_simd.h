@@ -1604,15 +1604,18 @@ static inline int fn_lane_grad_sums_f32(const float* x, const float* dy, const f
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
-    /* Backward of rows [first, first + nrows) of a row block (backward_block in _rows.pxi):  \
-       group by group (FN_ROW_GROUP rows from the block's first), the sums of g = dy * w and  \
-       g * (x - mean) of each row, then the group's dx and weight/bias partials              \
-       (fn_group_backward_*; acc: 2n doubles; stream: see there). */                        \
+    /* Backward of rows [first, first + nrows) of a row block (backward_block in _rows.pxi), \
+       in groups of FN_ROW_GROUP rows from the block's first: the sums of g = dy * w and      \
+       g * (x - mean) of each row, then the rows' dx and weight/bias partials               \
+       (fn_group_backward_*; acc: 2n doubles; stream: see there). one_by_one (row_by_row   \
+       in _rows.pxi): each row's dx right after its own sums, its partials kept in part    \
+       (2n, zero on entry and on return) until the group's last row flushes them; the same \
+       bits. */                                                                            \
     static inline void fn_short_rows_backward_##SUFFIX(const T* x, const T* dy, T* dx,          \
                                                        const T* w, ptrdiff_t nrows, ptrdiff_t n,\
                                                        int centered, const double* mean,        \
                                                        const double* rstd, double* acc,         \
-                                                       int stream) {                            \
+                                                       T* part, int one_by_one, int stream) {   \
         for (ptrdiff_t r0 = 0; r0 < nrows; r0 += FN_ROW_GROUP) {                                \
             ptrdiff_t rows = nrows - r0 < FN_ROW_GROUP ? nrows - r0 : FN_ROW_GROUP;             \
             double coef[2 * FN_ROW_GROUP];                                                      \
@@ -1622,6 +1625,20 @@ static inline int fn_lane_grad_sums_f32(const float* x, const float* dy, const f
                 double row_mean = centered ? mean[r0 + r] : 0.0;                                \
                 hi[r] = (T)row_mean;                                                            \
                 lo[r] = (T)(row_mean - (double)hi[r]);                                          \
+            }                                                                                   \
+            if (one_by_one) {                                                                   \
+                for (ptrdiff_t r = 0; r < rows; r++) {                                          \
+                    ptrdiff_t at = (r0 + r) * n;                                                \
+                    fn_row_grad_sums_##SUFFIX(x + at, dy + at, w, n, hi[r], lo[r], sum_g + r,   \
+                                              sum_gd + r);                                      \
+                    fn_row_backward_coefficients(rstd[r0 + r], sum_g[r], sum_gd[r], (double)n,  \
+                                                 centered, coef, coef + 1);                     \
+                    fn_group_backward_##SUFFIX(x + at, dy + at, w, dx + at, 1, n, n,            \
+                                               centered ? mean + r0 + r : NULL, rstd + r0 + r,  \
+                                               coef, part, r == rows - 1 ? acc : NULL, n,       \
+                                               stream);                                         \
+                }                                                                               \
+                continue;                                                                       \
             }                                                                                   \
             if (!fn_lane_grad_sums_##SUFFIX(x + r0 * n, dy + r0 * n, w, rows, n, hi, lo, sum_g, \
                                             sum_gd))                                            \

@@ -314,6 +314,7 @@ def test_residual_empty_rows():
 
 @pytest.mark.parametrize("name", ("gelu", "silu"))
 @pytest.mark.parametrize("cls_name, shape", [("LayerNorm", (64, 768)), ("LayerNorm", (3, 9000)),
+                                             ("LayerNorm", (259, 384)),   # rows one by one
                                              ("RMSNorm", (64, 768)), ("RMSNorm", (2, 9000))])
 def test_row_fusions_bitwise_identical_for_any_thread_count(cls_name, shape, name):
     x = make_input(shape, np.float32, seed=1, mean=2.0)

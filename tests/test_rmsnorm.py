@@ -117,7 +117,8 @@ def test_hard_data_far_from_zero(dtype):
     assert np.abs(layer.grads["weight"] - gw).max() <= 1e-5 * np.abs(gw).max() + 1e-5
 
 
-@pytest.mark.parametrize("shape", [(1, 1024), (400, 300), (3, 8 * 4096 + 7), (70, 4097)])
+@pytest.mark.parametrize("shape", [(1, 1024), (400, 300), (403, 500), (3, 8 * 4096 + 7),
+                                   (70, 4097)])
 def test_bitwise_identical_for_any_thread_count(shape):
     x = make_input(shape, np.float32, seed=16)
     dy = make_input(shape, np.float32, seed=17)
