@@ -170,11 +170,19 @@ cdef extern from "_simd.h" nogil:
     void fn_short_rows_backward_f32(const float* x, const float* dy, float* dx, const float* w,
                                     Py_ssize_t nrows, Py_ssize_t n, int centered,
                                     const double* mean, const double* rstd, double* acc,
-                                    float* part, int one_by_one, int stream)
+                                    int stream)
+    void fn_short_rows_backward_one_by_one_f32(const float* x, const float* dy, float* dx,
+                                               const float* w, Py_ssize_t nrows, Py_ssize_t n,
+                                               int centered, const double* mean,
+                                               const double* rstd, double* acc, float* part)
     void fn_short_rows_backward_f64(const double* x, const double* dy, double* dx,
                                     const double* w, Py_ssize_t nrows, Py_ssize_t n,
                                     int centered, const double* mean, const double* rstd,
-                                    double* acc, double* part, int one_by_one, int stream)
+                                    double* acc, int stream)
+    void fn_short_rows_backward_one_by_one_f64(const double* x, const double* dy, double* dx,
+                                               const double* w, Py_ssize_t nrows, Py_ssize_t n,
+                                               int centered, const double* mean,
+                                               const double* rstd, double* acc, double* part)
     void fn_stream_fence()
     enum: FN_ROW_GROUP
     void fn_group_backward_f32(const float* x, const float* g, const float* w, float* dx,
@@ -344,6 +352,27 @@ cdef inline void group_backward(const floating* x, const floating* g, const floa
     else:
         fn_group_backward_f64(x, g, w, dx, nrows, stride, n, mean, rstd, coef, part, acc, at,
                               stream)
+
+
+cdef inline void short_rows_backward(const floating* x, const floating* dy, floating* dx,
+                                     const floating* w, Py_ssize_t nrows, Py_ssize_t n,
+                                     bint centered, const double* mean, const double* rstd,
+                                     double* acc, floating* part, bint one_by_one,
+                                     bint stream) noexcept nogil:
+    """Backward of nrows short LayerNorm/RMSNorm rows from a row block's first: in row
+    groups, or one_by_one through part (2n zeros). See fn_short_rows_backward_* in _simd.h."""
+    if floating is float:
+        if one_by_one:
+            fn_short_rows_backward_one_by_one_f32(x, dy, dx, w, nrows, n, centered, mean, rstd,
+                                                  acc, part)
+        else:
+            fn_short_rows_backward_f32(x, dy, dx, w, nrows, n, centered, mean, rstd, acc, stream)
+    else:
+        if one_by_one:
+            fn_short_rows_backward_one_by_one_f64(x, dy, dx, w, nrows, n, centered, mean, rstd,
+                                                  acc, part)
+        else:
+            fn_short_rows_backward_f64(x, dy, dx, w, nrows, n, centered, mean, rstd, acc, stream)
 
 
 cdef inline double row_sum_squares(const floating* x, Py_ssize_t n) noexcept nogil:

@@ -60,11 +60,10 @@ from fastnorm._activations cimport ACT_NONE, run_affine_act, run_affine_act_grad
 from fastnorm._common cimport (
     FN_ROW_GROUP, FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_DX_BYTES, STREAM_DX_ROW_BYTES,
     STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
-    affine_coefficients, block_moments, chan_merge, fn_short_rows_backward_f32,
-    fn_row_backward_coefficients, fn_short_rows_backward_f64, fn_short_rows_forward_f32,
-    fence_if, fn_short_rows_forward_f64, fn_store_row_stats, fold_mean_tail, group_backward,
-    row_grad_sums, row_sum_squares, run_add, run_affine_backward, split_hi_lo,
-    stripe_start,
+    affine_coefficients, block_moments, chan_merge, fn_row_backward_coefficients,
+    fn_short_rows_forward_f32, fence_if, fn_short_rows_forward_f64, fn_store_row_stats,
+    fold_mean_tail, group_backward, row_grad_sums, row_sum_squares, run_add, run_affine_backward,
+    short_rows_backward, split_hi_lo, stripe_start,
 )
 
 cnp.import_array()
@@ -520,16 +519,9 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
         acc[i] = 0.0
         wacc[i] = 0
     if takes_short_rows(g, gh) and stop > first:
-        if floating is float:
-            fn_short_rows_backward_f32(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
-                                       stop - first, g.D, g.centered,
-                                       mean + first if g.centered else NULL, rstd + first, acc,
-                                       wacc, g.row_by_row, g.stream)
-        else:
-            fn_short_rows_backward_f64(x + first * g.D, dy + first * g.D, dx + first * g.D, w,
-                                       stop - first, g.D, g.centered,
-                                       mean + first if g.centered else NULL, rstd + first, acc,
-                                       wacc, g.row_by_row, g.stream)
+        short_rows_backward(x + first * g.D, dy + first * g.D, dx + first * g.D, w, stop - first,
+                            g.D, g.centered, mean + first if g.centered else NULL, rstd + first,
+                            acc, wacc, g.row_by_row, g.stream)
         return
     rows_per_step = (1 if g.row_by_row or 2 * ROW_GROUP * g.D * sizeof(floating) > GROUP_BYTES
                      else ROW_GROUP)

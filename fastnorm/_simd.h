@@ -1604,18 +1604,15 @@ static inline int fn_lane_grad_sums_f32(const float* x, const float* dy, const f
             }                                                                                   \
         }                                                                                       \
     }                                                                                           \
-    /* Backward of rows [first, first + nrows) of a row block (backward_block in _rows.pxi), \
-       in groups of FN_ROW_GROUP rows from the block's first: the sums of g = dy * w and      \
-       g * (x - mean) of each row, then the rows' dx and weight/bias partials               \
-       (fn_group_backward_*; acc: 2n doubles; stream: see there). one_by_one (row_by_row   \
-       in _rows.pxi): each row's dx right after its own sums, its partials kept in part    \
-       (2n, zero on entry and on return) until the group's last row flushes them; the same \
-       bits. */                                                                            \
+    /* Backward of rows [first, first + nrows) of a row block (backward_block in _rows.pxi):  \
+       group by group (FN_ROW_GROUP rows from the block's first), the sums of g = dy * w and  \
+       g * (x - mean) of each row, then the group's dx and weight/bias partials              \
+       (fn_group_backward_*; acc: 2n doubles; stream: see there). */                        \
     static inline void fn_short_rows_backward_##SUFFIX(const T* x, const T* dy, T* dx,          \
                                                        const T* w, ptrdiff_t nrows, ptrdiff_t n,\
                                                        int centered, const double* mean,        \
                                                        const double* rstd, double* acc,         \
-                                                       T* part, int one_by_one, int stream) {   \
+                                                       int stream) {                            \
         for (ptrdiff_t r0 = 0; r0 < nrows; r0 += FN_ROW_GROUP) {                                \
             ptrdiff_t rows = nrows - r0 < FN_ROW_GROUP ? nrows - r0 : FN_ROW_GROUP;             \
             double coef[2 * FN_ROW_GROUP];                                                      \
@@ -1625,20 +1622,6 @@ static inline int fn_lane_grad_sums_f32(const float* x, const float* dy, const f
                 double row_mean = centered ? mean[r0 + r] : 0.0;                                \
                 hi[r] = (T)row_mean;                                                            \
                 lo[r] = (T)(row_mean - (double)hi[r]);                                          \
-            }                                                                                   \
-            if (one_by_one) {                                                                   \
-                for (ptrdiff_t r = 0; r < rows; r++) {                                          \
-                    ptrdiff_t at = (r0 + r) * n;                                                \
-                    fn_row_grad_sums_##SUFFIX(x + at, dy + at, w, n, hi[r], lo[r], sum_g + r,   \
-                                              sum_gd + r);                                      \
-                    fn_row_backward_coefficients(rstd[r0 + r], sum_g[r], sum_gd[r], (double)n,  \
-                                                 centered, coef, coef + 1);                     \
-                    fn_group_backward_##SUFFIX(x + at, dy + at, w, dx + at, 1, n, n,            \
-                                               centered ? mean + r0 + r : NULL, rstd + r0 + r,  \
-                                               coef, part, r == rows - 1 ? acc : NULL, n,       \
-                                               stream);                                         \
-                }                                                                               \
-                continue;                                                                       \
             }                                                                                   \
             if (!fn_lane_grad_sums_##SUFFIX(x + r0 * n, dy + r0 * n, w, rows, n, hi, lo, sum_g, \
                                             sum_gd))                                            \
@@ -1651,6 +1634,24 @@ static inline int fn_lane_grad_sums_f32(const float* x, const float* dy, const f
             fn_group_backward_##SUFFIX(x + r0 * n, dy + r0 * n, w, dx + r0 * n, rows, n, n,     \
                                        centered ? mean + r0 : NULL, rstd + r0, coef, NULL, acc, \
                                        n, stream);                                              \
+        }                                                                                       \
+    }                                                                                           \
+    /* The same rows one by one (row_by_row in _rows.pxi): each row's dx right after its own  \
+       sums, its partials kept in part (2n, zero on entry and on return) until the group's    \
+       last row flushes them into acc; the same bits. Never streamed. */                      \
+    static inline void fn_short_rows_backward_one_by_one_##SUFFIX(                             \
+        const T* x, const T* dy, T* dx, const T* w, ptrdiff_t nrows, ptrdiff_t n, int centered, \
+        const double* mean, const double* rstd, double* acc, T* part) {                         \
+        for (ptrdiff_t r = 0; r < nrows; r++) {                                                 \
+            double row_mean = centered ? mean[r] : 0.0, sum_g = 0, sum_gd = 0, coef[2];         \
+            T hi = (T)row_mean, lo = (T)(row_mean - (double)hi);                                \
+            fn_row_grad_sums_##SUFFIX(x + r * n, dy + r * n, w, n, hi, lo, &sum_g, &sum_gd);    \
+            fn_row_backward_coefficients(rstd[r], sum_g, sum_gd, (double)n, centered, coef,     \
+                                         coef + 1);                                             \
+            int ends_group = r % FN_ROW_GROUP == FN_ROW_GROUP - 1 || r == nrows - 1;            \
+            fn_group_backward_##SUFFIX(x + r * n, dy + r * n, w, dx + r * n, 1, n, n,           \
+                                       centered ? mean + r : NULL, rstd + r, coef, part,        \
+                                       ends_group ? acc : NULL, n, 0);                          \
         }                                                                                       \
     }
 FN_DEFINE_SHORT_ROWS(float, f32)
