@@ -87,6 +87,10 @@ cdef inline void segment_unit(SegmentPlan* p, Py_ssize_t c, Py_ssize_t u, Py_ssi
     offset[0] = (n0 * p.C + c) * p.S + s0
 
 
+cdef enum:
+    STRIPE_UNITS = 2
+
+
 cdef struct RowPlan:
     # Units in the rows strategy: a unit is unit_rows consecutive rows of one
     # block of at most FN_COLUMN_BLOCK channels. Tasks are (stripe, block) pairs.
@@ -103,7 +107,10 @@ cdef inline RowPlan row_plan(Py_ssize_t R, Py_ssize_t C) noexcept nogil:
     # FN_COLUMN_ROWS terms per working-precision accumulator of the column kernels
     p.unit_rows = FN_COLUMN_ROWS * fn_column_rows_per_lane(p.block, C)
     p.n_units = (R + p.unit_rows - 1) // p.unit_rows
-    p.n_stripes = min(p.n_units, <Py_ssize_t>MAX_STRIPES)
+    # at least STRIPE_UNITS units per stripe where there are that many: a stripe of
+    # one unit takes its exact two-pass moments (rows_moments), twice the reads of the
+    # one-pass sums of a longer stripe
+    p.n_stripes = max(1, min(p.n_units // STRIPE_UNITS, <Py_ssize_t>MAX_STRIPES))
     return p
 
 
