@@ -157,7 +157,9 @@ def terminal_report(run):
 
 METHOD = (
     "Each case times fastnorm and its peers interleaved (every round runs each once, in rotated "
-    "order) and reports medians; ratios are peer time / fastnorm time (> 1: fastnorm faster). "
+    "order) and reports medians; a ratio is the median over rounds of peer time / fastnorm time "
+    "in the same round (> 1: fastnorm faster; a slow phase of the machine hits both sides of a "
+    "round), medians' ratio for NumPy's reused timings. "
     "fastnorm and torch run at the same thread count; NumPy, single-threaded, is timed at the "
     "first thread count and reused for the others. GB/s counts the one-pass minimum traffic "
     "(forward: read x + write y; backward: read x, dy + write dx; fwd+bwd: both), and % BW "

@@ -10,6 +10,7 @@ Writes benchmarks/results/latest.{json,md,png} (and a time-stamped JSON) and
 prints a table. The memory bandwidth ceiling is measured in the same run.
 """
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -174,7 +175,9 @@ class Runner:
         timings = timing.measure(callables, self.settings)
         for peer in self.peers:
             if not peer.threaded and peer.name in timings:
-                self._unthreaded[case, peer.name] = timings[peer.name]
+                # no samples: reused beside other rounds, it is compared by medians
+                self._unthreaded[case, peer.name] = dataclasses.replace(timings[peer.name],
+                                                                        samples=())
         return self.record(case, n_threads, effective, {**timings, **reused}, skipped)
 
     @staticmethod
@@ -195,7 +198,8 @@ class Runner:
                 "threads_effective": effective, "large": case.input_bytes >= 2 * self.llc,
                 "timings": {name: t.as_dict() for name, t in timings.items()},
                 "skipped": skipped,
-                "speedup": {name: t.median / ours for name, t in timings.items() if name != "fastnorm"},
+                "speedup": {name: timing.paired_ratio(t, timings["fastnorm"])
+                            for name, t in timings.items() if name != "fastnorm"},
                 "gbps": gbps, "bandwidth_fraction": gbps / self.ceiling[n_threads]}
 
     def run(self, case_list, thread_counts):

@@ -6,7 +6,8 @@ them alike. A candidate's sample is `loops` back-to-back calls, with loops
 chosen so that a sample lasts at least `min_sample` seconds (this keeps
 timer overhead and the previous candidate's leftover thread spinning out of
 microsecond-scale calls). Rounds continue until the time budget is spent and
-at least `min_rounds` were run. The result is the median per-call time.
+at least `min_rounds` were run. The result is the median per-call time, and the
+per-round times, from which `paired_ratio` compares two candidates round by round.
 """
 import gc
 import math
@@ -37,9 +38,22 @@ class Timing:
     q3: float
     rounds: int
     loops: int      # calls per sample
+    samples: tuple = ()     # per-call time of each round, in round order
 
     def as_dict(self):
-        return asdict(self)
+        """The summary (the samples stay out of the reports)."""
+        return {k: v for k, v in asdict(self).items() if k != "samples"}
+
+
+def paired_ratio(other, ours):
+    """Median over rounds of other's time / ours in the same round (> 1: ours faster).
+    Each round runs both back to back, so a slow phase of the machine that spans a few
+    rounds moves both times of those rounds and leaves their ratio; the ratio of the
+    two medians moves whenever the phase hits one candidate's median sample."""
+    ratios = [a / b for a, b in zip(other.samples, ours.samples) if b > 0]
+    if not ratios:
+        return other.median / ours.median
+    return statistics.median(ratios)
 
 
 def _warm_up(fn, seconds):
@@ -97,4 +111,5 @@ def _summarize(values, loops):
         q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
     else:
         q1 = q3 = values[0]
-    return Timing(statistics.median(values), min(values), q1, q3, len(values), loops)
+    return Timing(statistics.median(values), min(values), q1, q3, len(values), loops,
+                  tuple(values))

@@ -85,6 +85,21 @@ def test_timer_runs_every_candidate_interleaved():
     assert rounds == ["a", "b", "b", "a", "a", "b"]
 
 
+def test_ratio_is_paired_round_by_round():
+    """A slow phase that hits the peer's sample in some rounds and ours in others moves the
+    medians' ratio (6 / 1 here), not the median of the per-round ratios (2)."""
+    def timed(samples):
+        return timing.Timing(sorted(samples)[len(samples) // 2], min(samples), 0.0, 0.0,
+                             len(samples), 1, tuple(samples))
+    ours = timed([1, 1, 1, 3, 3])
+    peer = timed([2, 2, 6, 6, 6])
+    assert peer.median / ours.median == 6
+    assert timing.paired_ratio(peer, ours) == 2
+    reused = timing.Timing(peer.median, peer.minimum, 0.0, 0.0, 5, 1)   # no samples
+    assert timing.paired_ratio(reused, ours) == 6
+    assert "samples" not in ours.as_dict()
+
+
 def test_targets_pass_fail_and_not_measured():
     def record(speedup, threads=1, **fields):
         base = {"layer": "BatchNorm2d", "family": "batch", "shape": [32, 64, 56, 56],
