@@ -12,8 +12,10 @@ from . import functional as F
 from ._activation import activation_code, activation_repr, check_activation
 from ._layout import kernel_ready
 from ._module import NormLayer, check_count, check_eps
-from ._validation import check_channels, check_float_array, check_grad_output, check_like
-from .functional._rows import as_shape
+from ._validation import (check_channels, check_float_array, check_grad_output, check_like,
+                          check_out)
+from .functional._rows import as_shape, check_param
+from .functional.group_norm import groups_forward
 from .functional.layer_norm import check_rows_forward, rows_backward, rows_forward
 
 __all__ = ["LayerNorm", "RMSNorm", "GroupNorm"]
@@ -129,9 +131,13 @@ class GroupNorm(NormLayer):
             raise ValueError(
                 f"GroupNorm expected input of shape (N, C, *), got shape {input.shape}")
         check_channels(input, self.num_channels, "GroupNorm")
+        check_param(input, self.weight, "weight", (self.num_channels,))
+        check_param(input, self.bias, "bias", (self.num_channels,))
+        check_out(input, out)
         x = kernel_ready(input)
-        y, mean, rstd = F.native_group_norm(x, self.num_groups, self.weight, self.bias, self.eps,
-                                            activation=self.activation, out=out)
+        # the rest of native_group_norm's checks hold by construction (__init__)
+        y, mean, rstd, _ = groups_forward(x, self.num_groups, self.weight, self.bias, self.eps,
+                                          out, act=activation_code(self.activation))
         self._saved = (x, mean, rstd)
         return y
 
