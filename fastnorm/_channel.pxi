@@ -369,9 +369,69 @@ cdef void rows_stripe_exact(const floating* x, RowPlan* p, Py_ssize_t first, Py_
         count = n
 
 
+cdef inline Py_ssize_t rows_scratch(RowPlan* p, Py_ssize_t rows) noexcept nogil:
+    """Doubles of a rows strategy's scratch: `rows` rows of p.block per task
+    (rows_moments: 4, rows_grad_sums: 2)."""
+    return p.n_stripes * p.n_blocks * rows * p.block
+
+
+cdef inline double* task_row(double* scratch, RowPlan* p, Py_ssize_t task, Py_ssize_t rows,
+                             Py_ssize_t i) noexcept nogil:
+    """Row i of task's `rows` rows of p.block doubles in a rows strategy's scratch."""
+    return scratch + (task * rows + i) * p.block
+
+
+cdef void rows_moments_task(const floating* x, RowPlan* p, double* scratch,
+                            Py_ssize_t task) noexcept nogil:
+    """One (stripe, channel block) of rows_moments: its stripe's mean and m2 into the
+    task's first two scratch rows."""
+    cdef Py_ssize_t g, b, u, first, stop, c, c0, nc, r0
+    cdef double* part_mean = task_row(scratch, p, task, 4, 0)
+    cdef double* part_m2 = task_row(scratch, p, task, 4, 1)
+    cdef double* shift = task_row(scratch, p, task, 4, 2)
+    cdef double* unit_m2 = task_row(scratch, p, task, 4, 3)
+    cdef double count, s1, s2, centered
+    cdef bint drifted
+    g = task // p.n_blocks
+    b = task % p.n_blocks
+    c0 = b * p.block
+    nc = min(p.C, c0 + p.block) - c0
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
+    if stop - first == 1:  # a single unit: its exact moments are the stripe's
+        rows_stripe_exact(x, p, first, stop, c0, nc, part_mean, part_m2, shift, unit_m2)
+        return
+    r0 = first * p.unit_rows
+    for c in range(nc):
+        shift[c] = 0.0
+        unit_m2[c] = 0.0   # receives the pilot's squares, unused
+    cols_shifted_sums(x + r0 * p.C + c0, PILOT_ROWS, p.C, nc, NULL, shift, unit_m2)
+    for c in range(nc):
+        shift[c] = <double><floating>(shift[c] / PILOT_ROWS)
+        part_mean[c] = 0.0
+        part_m2[c] = 0.0
+    for u in range(first, stop):
+        r0 = u * p.unit_rows
+        cols_shifted_sums(x + r0 * p.C + c0, min(p.R, r0 + p.unit_rows) - r0, p.C, nc, shift,
+                          part_mean, part_m2)
+    count = <double>(min(p.R, stop * p.unit_rows) - first * p.unit_rows)
+    drifted = False
+    for c in range(nc):
+        s1 = part_mean[c]
+        s2 = part_m2[c]
+        centered = s2 - s1 * (s1 / count)
+        if s1 * s1 > 4.0 * centered * count:  # |mean - K| > 2 std
+            drifted = True
+        part_mean[c] = shift[c] + s1 / count
+        part_m2[c] = centered if centered > 0.0 else 0.0
+    if drifted:
+        rows_stripe_exact(x, p, first, stop, c0, nc, part_mean, part_m2, shift, unit_m2)
+
+
 cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
-                       double[:, :, ::1] scratch, int n_threads) noexcept nogil:
-    """Per-channel statistics of (R, C) rows. scratch: (tasks, 4, block) float64.
+                       double* scratch, int n_threads) noexcept nogil:
+    """Per-channel statistics of (R, C) rows. scratch: tasks * 4 * block float64
+    (task_rows).
 
     Each (stripe, channel block) is summed in one pass about a shift K per channel:
     the mean of the stripe's first PILOT_ROWS rows, rounded to the working precision
@@ -381,53 +441,14 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
     of the stripe's mean (2 standard deviations are 5.7 standard errors of a pilot
     mean of 8 rows); otherwise (data drifting along the rows) the stripe's block is
     recomputed exactly, unit by unit. Either way the result depends on the data only."""
-    cdef Py_ssize_t task, g, b, u, first, stop, c, c0, nc, r0
-    cdef double* part_mean
-    cdef double* part_m2
-    cdef double* shift
-    cdef double* unit_m2
-    cdef double count, s1, s2, centered
-    cdef bint drifted
+    cdef Py_ssize_t task, g, b, c, first, stop
     cdef Moments acc, part
-    for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
-        g = task // p.n_blocks
-        b = task % p.n_blocks
-        c0 = b * p.block
-        nc = min(p.C, c0 + p.block) - c0
-        part_mean = &scratch[task, 0, 0]
-        part_m2 = &scratch[task, 1, 0]
-        shift = &scratch[task, 2, 0]
-        unit_m2 = &scratch[task, 3, 0]
-        first = stripe_start(p.n_units, p.n_stripes, g)
-        stop = stripe_start(p.n_units, p.n_stripes, g + 1)
-        if stop - first == 1:  # a single unit: its exact moments are the stripe's
-            rows_stripe_exact(x, p, first, stop, c0, nc, part_mean, part_m2, shift, unit_m2)
-            continue
-        r0 = first * p.unit_rows
-        for c in range(nc):
-            shift[c] = 0.0
-            unit_m2[c] = 0.0   # receives the pilot's squares, unused
-        cols_shifted_sums(x + r0 * p.C + c0, PILOT_ROWS, p.C, nc, NULL, shift, unit_m2)
-        for c in range(nc):
-            shift[c] = <double><floating>(shift[c] / PILOT_ROWS)
-            part_mean[c] = 0.0
-            part_m2[c] = 0.0
-        for u in range(first, stop):
-            r0 = u * p.unit_rows
-            cols_shifted_sums(x + r0 * p.C + c0, min(p.R, r0 + p.unit_rows) - r0, p.C, nc, shift,
-                              part_mean, part_m2)
-        count = <double>(min(p.R, stop * p.unit_rows) - first * p.unit_rows)
-        drifted = False
-        for c in range(nc):
-            s1 = part_mean[c]
-            s2 = part_m2[c]
-            centered = s2 - s1 * (s1 / count)
-            if s1 * s1 > 4.0 * centered * count:  # |mean - K| > 2 std
-                drifted = True
-            part_mean[c] = shift[c] + s1 / count
-            part_m2[c] = centered if centered > 0.0 else 0.0
-        if drifted:
-            rows_stripe_exact(x, p, first, stop, c0, nc, part_mean, part_m2, shift, unit_m2)
+    if n_threads == 1:   # no parallel region: its setup costs tiny calls a microsecond
+        for task in range(p.n_stripes * p.n_blocks):
+            rows_moments_task(x, p, scratch, task)
+    else:
+        for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
+            rows_moments_task(x, p, scratch, task)
     # fold stripes in order, per channel
     for c in range(p.C):
         b = c // p.block
@@ -438,8 +459,8 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
             first = stripe_start(p.n_units, p.n_stripes, g)
             stop = stripe_start(p.n_units, p.n_stripes, g + 1)
             part.count = <double>(min(p.R, stop * p.unit_rows) - first * p.unit_rows)
-            part.mean = scratch[g * p.n_blocks + b, 0, c - b * p.block]
-            part.m2 = scratch[g * p.n_blocks + b, 1, c - b * p.block]
+            part.mean = task_row(scratch, p, g * p.n_blocks + b, 4, 0)[c - b * p.block]
+            part.m2 = task_row(scratch, p, g * p.n_blocks + b, 4, 1)[c - b * p.block]
             chan_merge(&acc, part)
         mean[c] = acc.mean
         m2[c] = acc.m2 if acc.m2 > 0.0 else 0.0
@@ -447,10 +468,10 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
 
 cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
                          const floating* mean_hi, const floating* mean_lo, double* sum_dy,
-                         double* sum_dy_xmu, double[:, :, ::1] scratch, int act,
+                         double* sum_dy_xmu, double* scratch, int act,
                          const floating* z_hi, const floating* z_scale, const floating* z_shift,
                          floating* g_out, int n_threads) noexcept nogil:
-    """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: (tasks, 2, block).
+    """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: tasks * 2 * block.
     With an activation, each unit first gets g = dy * act'(z) written to g_out, z from
     the coefficients z_* (affine_coefficients; z_hi may be NULL), while it is in cache;
     g is summed instead."""
@@ -462,8 +483,8 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
         b = task % p.n_blocks
         c0 = b * p.block
         nc = min(p.C, c0 + p.block) - c0
-        part_g = &scratch[task, 0, 0]
-        part_gx = &scratch[task, 1, 0]
+        part_g = task_row(scratch, p, task, 2, 0)
+        part_gx = task_row(scratch, p, task, 2, 1)
         for c in range(nc):
             part_g[c] = 0.0
             part_gx[c] = 0.0
@@ -485,8 +506,8 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
         sum_dy[c] = 0.0
         sum_dy_xmu[c] = 0.0
         for g in range(p.n_stripes):
-            sum_dy[c] += scratch[g * p.n_blocks + b, 0, c - b * p.block]
-            sum_dy_xmu[c] += scratch[g * p.n_blocks + b, 1, c - b * p.block]
+            sum_dy[c] += task_row(scratch, p, g * p.n_blocks + b, 2, 0)[c - b * p.block]
+            sum_dy_xmu[c] += task_row(scratch, p, g * p.n_blocks + b, 2, 1)[c - b * p.block]
 
 
 cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floating* dyrow,
@@ -516,12 +537,24 @@ cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
     channels); stream (plain forward only): non-temporal stores, one fence per thread."""
     cdef Py_ssize_t r, t
     if dy == NULL and act == ACT_NONE:
+        if n_threads == 1:   # no parallel region (see rows_moments)
+            for t in range((R + AFFINE_ROWS - 1) // AFFINE_ROWS):
+                r = t * AFFINE_ROWS
+                channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
+                                shift, stream)
+            fence_if(stream)
+            return
         with parallel(num_threads=n_threads):
             for t in prange((R + AFFINE_ROWS - 1) // AFFINE_ROWS, schedule="static"):
                 r = t * AFFINE_ROWS
                 channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
                                 shift, stream)
             fence_if(stream)
+        return
+    if n_threads == 1:
+        for r in range(R):
+            row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C, hi,
+                           scale, shift, act)
         return
     for r in prange(R, num_threads=n_threads, schedule="static"):
         row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C, hi,
@@ -627,7 +660,7 @@ cdef _moments(const floating[:, :, ::1] x, double[::1] mean, double[::1] m2, int
         rp = row_plan(N, C)
         scratch = np.empty((rp.n_stripes * rp.n_blocks, 4, rp.block))
         with nogil:
-            rows_moments(&x[0, 0, 0], &rp, &mean[0], &m2[0], scratch, n_threads)
+            rows_moments(&x[0, 0, 0], &rp, &mean[0], &m2[0], &scratch[0, 0, 0], n_threads)
     else:
         sp = segment_plan(N, C, S)
         flat = np.empty(C * sp.n_stripes * 3)
@@ -772,8 +805,8 @@ def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
         w = _working_copies(x, &mean[0], NULL, NULL, NULL)
         with nogil:
             rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &w[0, 0], &w[1, 0], &sum_dy[0],
-                           &sum_dy_xmu[0], scratch, ACT_NONE, NULL, NULL, NULL, NULL,
-                           n_threads)
+                           &sum_dy_xmu[0], &scratch[0, 0, 0], ACT_NONE, NULL, NULL, NULL,
+                           NULL, n_threads)
         return
     if use_runs(N, S, sizeof(floating)):
         w = _working_copies(x, &mean[0], NULL, NULL, NULL)

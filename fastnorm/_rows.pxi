@@ -847,7 +847,7 @@ cdef inline bint by_sample(Py_ssize_t N, int n_threads) noexcept nogil:
 cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize_t n,
                             Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
                             const floating* b, double eps, double* mean, double* rstd,
-                            double* var, double* ch, double[:, :, ::1] scratch, floating* vec,
+                            double* var, double* ch, double* scratch, floating* vec,
                             int act, bint stream, int n_threads) noexcept nogil:
     """Sample n. ch: 3*C float64 (channel means, m2, then the normalization's per-channel
     mean, scale, shift); vec: 3*C per-channel coefficients; stream: y written with
@@ -878,7 +878,7 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
 cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,
                      Py_ssize_t G, const floating* w, const floating* b, double eps,
                      double* mean, double* rstd, double* var, double* ch,
-                     double[:, :, :, ::1] scratch, floating* vec, int act,
+                     double* scratch, floating* vec, int act,
                      int n_threads) noexcept nogil:
     """ch, scratch, vec: one set per thread (see groups_cl_forward). The output is
     streamed by its total size, as BatchNorm's (STREAM_BYTES): each sample's is small."""
@@ -889,17 +889,17 @@ cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S,
         for n in prange(N, num_threads=n_threads, schedule="static"):
             t = threadid()
             cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch + 3 * C * t,
-                              scratch[t], vec + 3 * C * t, act, stream, 1)
+                              scratch + rows_scratch(&p, 4) * t, vec + 3 * C * t, act, stream, 1)
     else:
         for n in range(N):
-            cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch, scratch[0],
+            cl_forward_sample(x, y, &p, n, S, C, G, w, b, eps, mean, rstd, var, ch, scratch,
                               vec, act, stream, n_threads)
 
 
 cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx, RowPlan* p,
                              Py_ssize_t n, Py_ssize_t S, Py_ssize_t C, Py_ssize_t G,
                              const floating* w, const floating* b, const double* mean,
-                             const double* rstd, double* sums, double[:, :, ::1] scratch,
+                             const double* rstd, double* sums, double* scratch,
                              floating* vec, int act, int n_threads) noexcept nogil:
     """Sample n. sums: this sample's 2*C float64 (sum(dy), sum(dy*(x-mean)) per
     channel, kept for the weight/bias gradients); vec: 6*C coefficients. With an
@@ -938,7 +938,7 @@ cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx
 cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N,
                       Py_ssize_t S, Py_ssize_t C, Py_ssize_t G, const floating* w,
                       const floating* b, const double* mean, const double* rstd, double* sums,
-                      double[:, :, :, ::1] scratch, floating* vec, floating* grad_w,
+                      double* scratch, floating* vec, floating* grad_w,
                       floating* grad_b, int act, int n_threads) noexcept nogil:
     """sums: 2*C per sample; scratch, vec: one set per thread."""
     cdef RowPlan p = row_plan(S, C)
@@ -948,11 +948,11 @@ cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ss
         for n in prange(N, num_threads=n_threads, schedule="static"):
             t = threadid()
             cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, b, mean, rstd, sums + 2 * C * n,
-                               scratch[t], vec + 6 * C * t, act, 1)
+                               scratch + rows_scratch(&p, 2) * t, vec + 6 * C * t, act, 1)
     else:
         for n in range(N):
             cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, b, mean, rstd, sums + 2 * C * n,
-                               scratch[0], vec, act, n_threads)
+                               scratch, vec, act, n_threads)
     # weight/bias gradients: samples folded in order
     for c in range(C):
         tw = 0.0
@@ -976,8 +976,10 @@ def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ss
     """
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t sets = n_threads if by_sample(N, n_threads) else 1
-    cdef double[:, :, :, ::1] scratch = np.empty((sets, p.n_stripes * p.n_blocks, 4, p.block))
-    cdef double[::1] ch = np.empty(3 * C * sets)
+    # float64 work, one set per thread: rows_moments' scratch, then 3*C channel values
+    cdef cnp.ndarray work = np.empty(sets * (rows_scratch(&p, 4) + 3 * C))
+    cdef double* scratch = <double*>cnp.PyArray_DATA(work)
+    cdef double* ch = scratch + sets * rows_scratch(&p, 4)
     cdef cnp.ndarray vec = np.empty(3 * C * sets, dtype=x.dtype)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
@@ -986,13 +988,13 @@ def groups_cl_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ss
         with nogil:
             cl_forward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(y), N, S, C, G,
                        <float*>cnp.PyArray_DATA(weight), <float*>cnp.PyArray_DATA(bias), eps,
-                       p_mean, p_rstd, p_var, &ch[0], scratch, <float*>cnp.PyArray_DATA(vec),
+                       p_mean, p_rstd, p_var, ch, scratch, <float*>cnp.PyArray_DATA(vec),
                        act, n_threads)
     else:
         with nogil:
             cl_forward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(y), N, S, C, G,
                        <double*>cnp.PyArray_DATA(weight), <double*>cnp.PyArray_DATA(bias), eps,
-                       p_mean, p_rstd, p_var, &ch[0], scratch, <double*>cnp.PyArray_DATA(vec),
+                       p_mean, p_rstd, p_var, ch, scratch, <double*>cnp.PyArray_DATA(vec),
                        act, n_threads)
     return _statistics_overflowed(p_mean, p_rstd, N * G)
 
@@ -1010,8 +1012,10 @@ def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssi
     """
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t sets = n_threads if by_sample(N, n_threads) else 1
-    cdef double[:, :, :, ::1] scratch = np.empty((sets, p.n_stripes * p.n_blocks, 2, p.block))
-    cdef double[::1] sums = np.empty(2 * C * N)
+    # float64 work: rows_grad_sums' scratch (one per thread), then 2*C sums per sample
+    cdef cnp.ndarray work = np.empty(sets * rows_scratch(&p, 2) + 2 * C * N)
+    cdef double* scratch = <double*>cnp.PyArray_DATA(work)
+    cdef double* sums = scratch + sets * rows_scratch(&p, 2)
     cdef cnp.ndarray vec = np.empty(6 * C * sets, dtype=x.dtype)
     cdef double* p_mean = f64_ptr(mean)
     cdef double* p_rstd = f64_ptr(rstd)
@@ -1021,7 +1025,7 @@ def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssi
             cl_backward(<float*>cnp.PyArray_DATA(x), <float*>cnp.PyArray_DATA(dy),
                         <float*>cnp.PyArray_DATA(dx), N, S, C, G,
                         <float*>cnp.PyArray_DATA(weight), <float*>p_bias, p_mean, p_rstd,
-                        &sums[0], scratch, <float*>cnp.PyArray_DATA(vec),
+                        sums, scratch, <float*>cnp.PyArray_DATA(vec),
                         <float*>cnp.PyArray_DATA(grad_weight),
                         <float*>cnp.PyArray_DATA(grad_bias), act, n_threads)
     else:
@@ -1029,6 +1033,6 @@ def groups_cl_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray weight, Py_ssi
             cl_backward(<double*>cnp.PyArray_DATA(x), <double*>cnp.PyArray_DATA(dy),
                         <double*>cnp.PyArray_DATA(dx), N, S, C, G,
                         <double*>cnp.PyArray_DATA(weight), <double*>p_bias, p_mean, p_rstd,
-                        &sums[0], scratch, <double*>cnp.PyArray_DATA(vec),
+                        sums, scratch, <double*>cnp.PyArray_DATA(vec),
                         <double*>cnp.PyArray_DATA(grad_weight),
                         <double*>cnp.PyArray_DATA(grad_bias), act, n_threads)
