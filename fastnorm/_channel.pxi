@@ -722,6 +722,20 @@ cdef _channel_elementwise(const floating[:, :, ::1] x, const floating* dy,
         fence_if(stream)
 
 
+cdef inline void train_channel(const floating* x, floating* y, SegmentPlan* sp, Py_ssize_t c,
+                               double weight, double bias, double eps, double* mean,
+                               double* var, int act, bint stream) noexcept nogil:
+    """Channel c's batch statistics, then its output while it is in cache
+    (channel_forward_train with whole channels per thread)."""
+    cdef Py_ssize_t g
+    cdef Moments m = segment_channel_moments(x, sp, c)
+    cdef Normalization norm = normalize_coefficients(m.m2, m.count, weight, bias, eps)
+    mean[c] = m.mean
+    var[c] = norm.var
+    for g in range(sp.n_stripes):
+        segment_stripe_affine(x, y, sp, c, g, m.mean, norm.scale, norm.shift, act, NULL, stream)
+
+
 def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
                           const double[::1] bias, double eps, floating[:, :, ::1] y,
                           double[::1] mean, double[::1] var, int n_threads, int act=0):
@@ -730,23 +744,24 @@ def channel_forward_train(const floating[:, :, ::1] x, const double[::1] weight,
     IN  x: (N, C, S), N*S > 0; weight, bias: (C,) float64 (ones/zeros without affine).
     OUT y: like x; mean, var: (C,) float64 batch mean and biased variance.
     """
-    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c, g
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], c
     cdef SegmentPlan sp = segment_plan(N, C, S)
-    cdef Moments m
     cdef Normalization norm
     cdef double[::1] m2, scales, shifts
     cdef bint stream = N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
     if S > 1 and fuse_per_channel(&sp, sizeof(floating), 1, n_threads):
-        with nogil, parallel(num_threads=n_threads):
-            for c in prange(C, schedule="static"):
-                m = segment_channel_moments(&x[0, 0, 0], &sp, c)
-                norm = normalize_coefficients(m.m2, m.count, weight[c], bias[c], eps)
-                mean[c] = m.mean
-                var[c] = norm.var
-                for g in range(sp.n_stripes):
-                    segment_stripe_affine(&x[0, 0, 0], &y[0, 0, 0], &sp, c, g, m.mean,
-                                          norm.scale, norm.shift, act, NULL, stream)
-            fence_if(stream)
+        with nogil:
+            if n_threads == 1:   # no parallel region (see rows_moments)
+                for c in range(C):
+                    train_channel(&x[0, 0, 0], &y[0, 0, 0], &sp, c, weight[c], bias[c], eps,
+                                  &mean[0], &var[0], act, stream)
+                fence_if(stream)
+            else:
+                with parallel(num_threads=n_threads):
+                    for c in prange(C, schedule="static"):
+                        train_channel(&x[0, 0, 0], &y[0, 0, 0], &sp, c, weight[c], bias[c], eps,
+                                      &mean[0], &var[0], act, stream)
+                    fence_if(stream)
         return
     work = np.empty((3, C))
     m2, scales, shifts = work[0], work[1], work[2]
