@@ -31,6 +31,7 @@
 # written where dx goes, then runs the usual sums and dx formula on g in place.
 
 cimport numpy as cnp
+from libc.math cimport sqrt
 import numpy as np
 from cython cimport floating
 from cython.parallel cimport parallel, prange
@@ -673,15 +674,56 @@ cdef _moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, doubl
             segment_moments_split(x, &sp, mean, m2, scratch, n_threads)
 
 
-def channel_normalize(const floating[:, :, ::1] x, const double[::1] mean, const double[::1] scale,
-                      const double[::1] shift, floating[:, :, ::1] y, int n_threads, int act=0):
+def channel_normalize(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray scale, cnp.ndarray shift,
+                      cnp.ndarray y, int n_threads, int act=0):
     """y = act((x - mean[c]) * scale[c] + shift[c]), the mean subtracted in full precision.
 
-    IN  x: (N, C, S); mean, scale, shift: (C,) float64; act: activation code.
-    OUT y: like x.
+    IN  x: (N, C, S) C-contiguous float32/float64; mean, scale, shift: (C,) float64.
+    OUT y: like x. (Arrays, not typed memoryviews: see channel_forward_train.)
     """
-    _channel_elementwise(&x[0, 0, 0], NULL, x.shape[0], x.shape[1], x.shape[2], &mean[0],
-                         &scale[0], &shift[0], act, &y[0, 0, 0], n_threads)
+    cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
+    cdef Py_ssize_t S = cnp.PyArray_DIM(x, 2)
+    cdef const double* m = <const double*>cnp.PyArray_DATA(mean)
+    cdef const double* a = <const double*>cnp.PyArray_DATA(scale)
+    cdef const double* b = <const double*>cnp.PyArray_DATA(shift)
+    if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
+        _channel_elementwise(<const float*>cnp.PyArray_DATA(x), NULL, N, C, S, m, a, b, act,
+                             <float*>cnp.PyArray_DATA(y), n_threads)
+    else:
+        _channel_elementwise(<const double*>cnp.PyArray_DATA(x), NULL, N, C, S, m, a, b, act,
+                             <double*>cnp.PyArray_DATA(y), n_threads)
+
+
+cdef inline double value_at(const char* data, bint is_float, Py_ssize_t i) noexcept nogil:
+    """Element i of a contiguous float32 (is_float) or float64 array, as a double."""
+    return (<const float*>data)[i] if is_float else (<const double*>data)[i]
+
+
+def channel_eval_coefficients(cnp.ndarray running_mean, cnp.ndarray running_var, object weight,
+                              object bias, double eps, cnp.ndarray out):
+    """Eval-mode BatchNorm coefficients in one call (a tiny call cannot afford the
+    half-dozen NumPy operations): out[0] = running mean, out[1] = invstd =
+    1 / sqrt(running var + eps), out[2] = weight * invstd, out[3] = bias, in float64,
+    exactly as NumPy computes them (weight None: 1, bias None: 0).
+
+    IN  running_mean, running_var, weight, bias: (C,) contiguous float32 or float64.
+    OUT out: (4, C) float64.
+    """
+    cdef Py_ssize_t C = cnp.PyArray_DIM(running_mean, 0), c
+    cdef double* o = <double*>cnp.PyArray_DATA(out)
+    cdef const char* rm = <const char*>cnp.PyArray_DATA(running_mean)
+    cdef const char* rv = <const char*>cnp.PyArray_DATA(running_var)
+    cdef const char* w = NULL if weight is None else <const char*>cnp.PyArray_DATA(weight)
+    cdef const char* b = NULL if bias is None else <const char*>cnp.PyArray_DATA(bias)
+    cdef bint rm_f = cnp.PyArray_TYPE(running_mean) == cnp.NPY_FLOAT
+    cdef bint rv_f = cnp.PyArray_TYPE(running_var) == cnp.NPY_FLOAT
+    cdef bint w_f = weight is not None and cnp.PyArray_TYPE(weight) == cnp.NPY_FLOAT
+    cdef bint b_f = bias is not None and cnp.PyArray_TYPE(bias) == cnp.NPY_FLOAT
+    for c in range(C):
+        o[c] = value_at(rm, rm_f, c)
+        o[C + c] = 1.0 / sqrt(value_at(rv, rv_f, c) + eps)
+        o[2 * C + c] = (1.0 if w == NULL else value_at(w, w_f, c)) * o[C + c]
+        o[3 * C + c] = 0.0 if b == NULL else value_at(b, b_f, c)
 
 
 def channel_act_grad(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,

@@ -541,3 +541,31 @@ def test_functional_backward_entry_point():
     np.testing.assert_allclose(gb, rb, atol=1e-10)
     with pytest.raises(ValueError, match="required when training=False"):
         F.batch_norm(x, None, None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_coefficients_are_numpys_bitwise(dtype, affine):
+    """Eval mode computes its float64 coefficients in C (channel_eval_coefficients):
+    the same bits as NumPy's running_mean.astype(float64) and 1 / sqrt(var + eps), and
+    an output equal to channel_normalize with NumPy's coefficients. Running statistics
+    and parameters are strided views here (copied to contiguous memory first)."""
+    rng = np.random.default_rng(5)
+    channels, eps = 7, 1e-3
+    running_mean = rng.standard_normal(2 * channels).astype(dtype)[::2]
+    running_var = (rng.random(2 * channels) + 0.01).astype(dtype)[::2]
+    weight = rng.standard_normal(2 * channels).astype(dtype)[::2] if affine else None
+    bias = rng.standard_normal(2 * channels).astype(dtype)[::2] if affine else None
+    x = make_input((3, channels, 5), dtype, seed=6, mean=2.0)
+    y, mean, invstd = F.native_batch_norm(x, weight, bias, running_mean, running_var,
+                                          False, 0.1, eps)
+    want_mean = running_mean.astype(np.float64)
+    want_invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+    assert np.array_equal(mean, want_mean) and np.array_equal(invstd, want_invstd)
+    scale = (weight.astype(np.float64) if affine else np.ones(channels)) * want_invstd
+    shift = bias.astype(np.float64) if affine else np.zeros(channels)
+    want = np.empty_like(x)
+    kernels.channel_normalize(x, want_mean, scale, shift, want, 1)
+    assert np.array_equal(y, want)
+    expected = (x.astype(np.float64) - want_mean[:, None]) * scale[:, None] + shift[:, None]
+    np.testing.assert_allclose(y, expected, rtol=tolerance(dtype), atol=tolerance(dtype))

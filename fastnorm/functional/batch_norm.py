@@ -54,10 +54,10 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
     count = x.size // channels
     view, channels_last = input_view(x)
     target, y_view = output_for(x, channels_last, out)
-    weight64 = _per_channel(weight, channels, 1.0)
-    bias64 = _per_channel(bias, channels, 0.0)
     n_threads = threads_for(x.size)
     if training:
+        weight64 = _per_channel(weight, channels, 1.0)
+        bias64 = _per_channel(bias, channels, 0.0)
         stats = np.empty((3, channels))
         mean, var, invstd = stats
         if count > 0:
@@ -76,11 +76,13 @@ def native_batch_norm(input, weight, bias, running_mean, running_var, training, 
             mean[:], var[:] = 0.0, 1.0
             invstd[:] = 1.0 / np.sqrt(1.0 + eps)
     else:
-        mean = running_mean.astype(np.float64)
-        invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+        coefficients = np.empty((4, channels))
+        kernels.channel_eval_coefficients(_contiguous(running_mean), _contiguous(running_var),
+                                          _contiguous(weight), _contiguous(bias), float(eps),
+                                          coefficients)
+        mean, invstd, scale, shift = coefficients
         if count > 0:
-            kernels.channel_normalize(view, mean, weight64 * invstd, bias64, y_view, n_threads,
-                                      act)
+            kernels.channel_normalize(view, mean, scale, shift, y_view, n_threads, act)
     return deliver(target, out), mean, invstd
 
 
@@ -161,6 +163,13 @@ def _check_backward(grad_output, x, save_mean, save_invstd, weight):
     for name, stat in (("save_mean", save_mean), ("save_invstd", save_invstd)):
         if not isinstance(stat, np.ndarray) or stat.shape != (channels,):
             raise ValueError(f"{name} must be an array of shape ({channels},)")
+
+
+def _contiguous(vector):
+    """A per-channel vector (or None) as contiguous memory for a kernel."""
+    if vector is None or vector.flags.c_contiguous:
+        return vector
+    return np.ascontiguousarray(vector)
 
 
 def _per_channel(param, channels, default):
