@@ -532,6 +532,16 @@ cdef inline void row_affine_act(const floating* xrow, floating* yrow, const floa
                           NULL if hi == NULL else hi + c0, scale + c0, shift + c0, act)
 
 
+cdef inline void affine_rows_chunk(const floating* x, floating* y, Py_ssize_t R,
+                                   Py_ssize_t C, Py_ssize_t t, const floating* hi,
+                                   const floating* scale, const floating* shift,
+                                   bint stream) noexcept nogil:
+    """Rows [t * AFFINE_ROWS, ...) of rows_affine's plain forward."""
+    cdef Py_ssize_t r = t * AFFINE_ROWS
+    channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale, shift,
+                    stream)
+
+
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* hi, const floating* scale, const floating* shift,
                       int act, const floating* dy, int n_threads,
@@ -547,16 +557,12 @@ cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
         # (8,64,56,56) channels-last: 5.79M against 5.35M, callgrind)
         if n_threads == 1 and R * C <= SMALL_CALL_VALUES:
             for t in range((R + AFFINE_ROWS - 1) // AFFINE_ROWS):
-                r = t * AFFINE_ROWS
-                channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
-                                shift, stream)
+                affine_rows_chunk(x, y, R, C, t, hi, scale, shift, stream)
             fence_if(stream)
             return
         with parallel(num_threads=n_threads):
             for t in prange((R + AFFINE_ROWS - 1) // AFFINE_ROWS, schedule="static"):
-                r = t * AFFINE_ROWS
-                channels_affine(x + r * C, y + r * C, min(R, r + AFFINE_ROWS) - r, C, hi, scale,
-                                shift, stream)
+                affine_rows_chunk(x, y, R, C, t, hi, scale, shift, stream)
             fence_if(stream)
         return
     if n_threads == 1:
@@ -892,17 +898,16 @@ def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2], task, c, g
     cdef SegmentPlan sp
     cdef RowPlan rp
-    cdef double[:, :, ::1] scratch
     cdef double[::1] flat
     cdef floating[:, ::1] w
     if S == 1:
         rp = row_plan(N, C)
-        scratch = np.empty((rp.n_stripes * rp.n_blocks, 2, rp.block))
+        flat = np.empty(rows_scratch(&rp, 2))
         w = _working_copies(&x[0, 0, 0], C, &mean[0], NULL, NULL, NULL)
         with nogil:
             rows_grad_sums(&x[0, 0, 0], &dy[0, 0, 0], &rp, &w[0, 0], &w[1, 0], &sum_dy[0],
-                           &sum_dy_xmu[0], &scratch[0, 0, 0], ACT_NONE, NULL, NULL, NULL,
-                           NULL, n_threads)
+                           &sum_dy_xmu[0], &flat[0], ACT_NONE, NULL, NULL, NULL, NULL,
+                           n_threads)
         return
     if use_runs(N, S, sizeof(floating)):
         w = _working_copies(&x[0, 0, 0], C, &mean[0], NULL, NULL, NULL)
@@ -1026,9 +1031,10 @@ def channel_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
 
 cdef floating[:, ::1] _working_copies(const floating* like, Py_ssize_t C, const double* mean,
                                       const double* a, const double* b, const double* c):
-    """Per-channel float64 values in x's precision for the elementwise kernels: rows 0 and 1
-    of the result are mean split into hi and lo parts, rows 2, 3, 4 the arrays a, b, c
-    (NULL skips one). Filled in C: a tiny call cannot afford a NumPy call per array."""
+    """Per-channel float64 values of C channels in the data's precision (like: any pointer
+    of that type) for the elementwise kernels: rows 0 and 1 of the result are mean split
+    into hi and lo parts, rows 2, 3, 4 the arrays a, b, c (NULL skips one). Filled in C:
+    a tiny call cannot afford a NumPy call per array."""
     cdef Py_ssize_t i
     cdef floating[:, ::1] w = np.empty((5, C), np.float32 if floating is float else np.float64)
     for i in range(C):

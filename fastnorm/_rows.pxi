@@ -339,22 +339,6 @@ cdef inline Py_ssize_t sums_per_row(RowGeom* g) noexcept nogil:
 
 # ------------------------------------------------------------ forward
 
-cdef inline bint row_by_row(RowGeom* g, Py_ssize_t itemsize) noexcept nogil:
-    """Whether the backward forms each elementwise row's dx right after that row's gradient
-    sums, rather than a row group's sums first and then their dx together, column by
-    column: rows of more than GROUP_ROW_BYTES and at most ROW_BY_ROW_BYTES. The group's dx
-    pass walks 24 streams (x, dy and dx of 8 rows) that do not all stay in L1 and, at
-    some offsets of dx, alias each other modulo 4 KiB. LayerNorm backward, 1 thread,
-    8-32 MiB arrays, dx 16 or 2048 bytes into a page (numpy's and the layers' large
-    arrays), one by one against groups: float rows of 160-384 values 1.16-1.90x faster,
-    of 512 1.12-1.16x, double rows of 128-256 1.07-1.37x. Rows of 512 bytes took
-    0.77-0.91x at the layers' offset (1.07-1.51x at numpy's), float rows of 768-4096
-    values 0.74-0.99x at either, so both stay in groups. Never streamed: non-temporal
-    stores between a row's reads ran rows of 384 from 1.14x faster to 1.28x slower by
-    dx's offset, and plain stores did not swing."""
-    return (not g.per_channel and GROUP_ROW_BYTES < g.D * itemsize <= ROW_BY_ROW_BYTES)
-
-
 cdef inline void forward_row(const floating* x, const floating* res, floating* h, floating* y,
                              RowGeom* g, Py_ssize_t r, const floating* w, const floating* b,
                              double eps, double* mean, double* rstd, double* var) noexcept nogil:
@@ -457,6 +441,22 @@ cdef void forward_by_unit(const floating* x, const floating* res, floating* h, f
 
 
 # ----------------------------------------------------------- backward
+
+cdef inline bint row_by_row(RowGeom* g, Py_ssize_t itemsize) noexcept nogil:
+    """Whether the backward forms each elementwise row's dx right after that row's gradient
+    sums, rather than a row group's sums first and then their dx together, column by
+    column: rows of more than GROUP_ROW_BYTES and at most ROW_BY_ROW_BYTES. The group's dx
+    pass walks 24 streams (x, dy and dx of 8 rows) that do not all stay in L1 and, at
+    some offsets of dx, alias each other modulo 4 KiB. LayerNorm backward, 1 thread,
+    8-32 MiB arrays, dx 16 or 2048 bytes into a page (numpy's and the layers' large
+    arrays), one by one against groups: float rows of 160-384 values 1.16-1.90x faster,
+    of 512 1.12-1.16x, double rows of 128-256 1.07-1.37x. Rows of 512 bytes took
+    0.77-0.91x at the layers' offset (1.07-1.51x at numpy's), float rows of 768-4096
+    values 0.74-0.99x at either, so both stay in groups. Never streamed: non-temporal
+    stores between a row's reads ran rows of 384 from 1.14x faster to 1.28x slower by
+    dx's offset, and plain stores did not swing."""
+    return (not g.per_channel and GROUP_ROW_BYTES < g.D * itemsize <= ROW_BY_ROW_BYTES)
+
 
 cdef inline void backward_row(const floating* x, const floating* dy, floating* dx,
                               const floating* gh, RowGeom* g, Py_ssize_t r, const floating* w,

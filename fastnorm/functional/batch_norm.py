@@ -15,7 +15,7 @@ import numpy as np
 from .._activation import activation_code, check_activation
 from .._kernels import kernels
 from .._overflow import overflowed_channels
-from .._layout import deliver, input_view, kernel_view, output_for
+from .._layout import contiguous, deliver, input_view, kernel_view, output_for
 from .._threads import threads_for
 from .._validation import (
     check_float_array, check_grad_output, check_out, check_vector,
@@ -166,10 +166,8 @@ def _check_backward(grad_output, x, save_mean, save_invstd, weight):
 
 
 def _contiguous(vector):
-    """A per-channel vector (or None) as contiguous memory for a kernel."""
-    if vector is None or vector.flags.c_contiguous:
-        return vector
-    return np.ascontiguousarray(vector)
+    """A per-channel vector (or None) as contiguous, aligned memory for a kernel."""
+    return None if vector is None else contiguous(vector)
 
 
 def _per_channel(param, channels, default):
