@@ -165,7 +165,7 @@ METHOD = (
     "(forward: read x + write y; backward: read x, dy + write dx; fwd+bwd: both), and % BW "
     "divides it by the copy bandwidth measured in the same run (forwards allocate their output, "
     "as a user's call does; above glibc's 32 MiB mmap threshold torch's output is fresh, "
-    "page-faulted memory each call, fastnorm's a reused block of its output pool once the "
+    "page-faulted memory each call, fastnorm's from 8 MiB a reused block of its output pool once the "
     "previous output is freed; `--fastnorm-out` writes into one preallocated array instead). "
     "torch forward runs under "
     "no_grad/inference_mode; torch backward is autograd (`torch.autograd.grad` of input and "

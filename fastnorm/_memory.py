@@ -3,8 +3,14 @@
 Why a pool: glibc serves every allocation of 32 MiB and more (its largest mmap
 threshold) with freshly mapped pages, and the kernel zero-fills each page when it is
 first written. For a 37 MB LocalResponseNorm output that was 2.5 ms of an 8.7 ms
-forward at 1 thread, paid again on every call (smaller arrays come back from malloc's
-heap already mapped). The pool keeps such blocks mapped and hands one out again once
+forward at 1 thread, paid again on every call. Smaller arrays come from malloc's heap,
+but whether that memory is still mapped depends on what else the program allocates:
+glibc raises its mmap threshold to the size of the last mapped block freed and trims
+the heap's top beyond twice that. A BatchNorm1d (64,128,512) train call (a 16 MiB
+output) between NumPy operations on the same data paid ~500 page faults each, 4.0 ms
+instead of 2.1 ms, and LayerNorm (8192,512) 3.8 ms instead of 1.6 ms; in the benchmark
+runner the same happened behind its NumPy peer. So every output of POOL_MIN_BYTES and
+more is pooled. The pool keeps such blocks mapped and hands one out again once
 every array made from it is gone: numpy collapses a view's base to the array owning
 the memory, so a block is free exactly when the pool holds the only reference to it.
 
@@ -30,8 +36,10 @@ import threading
 
 import numpy as np
 
-POOL_MIN_BYTES = 32 << 20   # glibc's largest mmap threshold (below it malloc reuses memory)
 ALIGNED_MIN_BYTES = 8 << 20  # below the smallest streamed output (STREAM_DX_BYTES, _common.pxd)
+# Outputs of 2-8 MiB took no page faults in the same tests (NumPy's temporaries of
+# their size keep that heap memory mapped), and a pool lookup costs ~3 us, np.empty 0.7
+POOL_MIN_BYTES = ALIGNED_MIN_BYTES
 
 
 def _limit_from_env(default_mb=512):

@@ -165,3 +165,13 @@ def test_pool_limit_zero_turns_the_pool_off(pool, monkeypatch):
     monkeypatch.setattr(pool, "POOL_MAX_BYTES", 0)
     a = pool.empty((2 * MIB,), np.uint8)
     assert a.flags.owndata and pool.pooled_bytes() == 0
+
+
+def test_outputs_of_8_mib_are_pooled_by_default():
+    """From ALIGNED_MIN_BYTES on, outputs come from the pool whatever malloc's thresholds
+    (a 16 MiB output behind NumPy temporaries page-faulted on every call)."""
+    assert _memory.POOL_MIN_BYTES <= 8 * MIB
+    x = np.random.default_rng(2).standard_normal((8 * MIB // 4 // 1024, 1024)).astype(np.float32)
+    y = layer_norm(x, (1024,))
+    assert any(y.base is block for block in _memory._blocks)
+    assert address(y) % 4096 == _memory.PAGE_OFFSET
