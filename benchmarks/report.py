@@ -135,7 +135,8 @@ def header_lines(run):
         f"numpy {v['numpy']}, onnxruntime {v.get('onnxruntime') or 'not installed'}, "
         f"Python {v['python']}",
         f"Mode: {m['mode']}{', fastnorm forwards into preallocated out=' if m.get('fastnorm_preallocated_out') else ''}, threads {', '.join(map(str, m['threads']))} (fastnorm and torch set "
-        f"alike; NumPy is single-threaded), {m['started']}",
+        f"alike; NumPy is single-threaded), "
+        f"{'steady' if m.get('steady_malloc') else 'default'} malloc thresholds, {m['started']}",
         f"Memory bandwidth (same run, torch STREAM-like on {m['bandwidth_array_mib']} MiB arrays): "
         f"{bandwidth}",
         f"Load average at start: {load[0]:.2f}" if load else "",
@@ -164,9 +165,10 @@ METHOD = (
     "first thread count and reused for the others. GB/s counts the one-pass minimum traffic "
     "(forward: read x + write y; backward: read x, dy + write dx; fwd+bwd: both), and % BW "
     "divides it by the copy bandwidth measured in the same run (forwards allocate their output, "
-    "as a user's call does; above glibc's 32 MiB mmap threshold torch's output is fresh, "
-    "page-faulted memory each call, fastnorm's from 8 MiB a reused block of its output pool once the "
-    "previous output is freed; `--fastnorm-out` writes into one preallocated array instead). "
+    "as a user's call does; the runner fixes glibc's malloc thresholds so that arrays below "
+    "32 MiB reuse heap memory for every library, unless `--default-malloc`; from 32 MiB torch's "
+    "output is fresh, page-faulted memory each call; fastnorm's outputs from 8 MiB come from its "
+    "output pool; `--fastnorm-out` writes into one preallocated array instead). "
     "torch forward runs under "
     "no_grad/inference_mode; torch backward is autograd (`torch.autograd.grad` of input and "
     "parameters with a retained graph). For layers without running statistics `train` is the "

@@ -10,6 +10,7 @@ Writes benchmarks/results/latest.{json,md,png} (and a time-stamped JSON) and
 prints a table. The memory bandwidth ceiling is measured in the same run.
 """
 import argparse
+import ctypes
 import dataclasses
 import datetime
 import os
@@ -68,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--fastnorm-out", action="store_true",
                    help="fastnorm forwards write into a preallocated out= array (excludes the page "
                         "faults of fresh output memory; torch still allocates)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc thresholds dynamic (see steady_malloc)")
     p.add_argument("--budget", type=float, help="seconds of timing rounds per measurement")
     p.add_argument("--bandwidth-mib", type=int, help="STREAM array size in MiB (default 256)")
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy table")
@@ -75,6 +78,30 @@ def parse_args(argv=None):
     p.add_argument("--markdown", action="store_true", help="print the Markdown report, not the text one")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     return p.parse_args(argv)
+
+
+# mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD_MAX = 32 << 20   # glibc's largest allowed mmap threshold on 64-bit
+
+
+def steady_malloc():
+    """Fix glibc's malloc thresholds for the run: arrays below 32 MiB come from a heap
+    that is never trimmed. By default glibc moves both thresholds with the sizes freed,
+    so whether one library's 8-32 MiB output is fresh memory (page faults and zeroing,
+    up to 2x its time) depended on what the previous candidate of the round had
+    allocated and freed: torch's LayerNorm+add (4096,768) forward took 2.3 ms or 7.6 ms
+    depending on whether fastnorm's outputs came from malloc or its own pool. Arrays of
+    32 MiB and more are still mapped fresh on every call (torch's and NumPy's; fastnorm
+    pools its outputs). Returns whether glibc accepted the settings."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)
+                and mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
 def import_fastnorm():
@@ -248,6 +275,7 @@ def main(argv=None):
             print(case.label)
         return None
 
+    steady = False if args.default_malloc else steady_malloc()
     fastnorm = import_fastnorm()
     peer_list = peers.make_peers(fastnorm, ["torch", *args.peers], args.fastnorm_out)
     thread_counts = args.threads or list(dict.fromkeys([1, available_cpus()]))
@@ -297,7 +325,7 @@ def main(argv=None):
     run = {
         "meta": {"mode": mode, "started": started, "seconds": seconds, "command": sys.argv,
                  "threads": thread_counts, "peers": [p.name for p in peer_list],
-                 "fastnorm_preallocated_out": args.fastnorm_out,
+                 "fastnorm_preallocated_out": args.fastnorm_out, "steady_malloc": steady,
                  "timing": settings.__dict__, "machine": machine_info(),
                  "versions": versions(fastnorm, torch_peer.torch), "environment": env,
                  "bandwidth": {str(n): b for n, b in best.items()},

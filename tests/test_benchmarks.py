@@ -177,6 +177,9 @@ def test_smoke_run_writes_json_markdown_and_restores_threads(tmp_path, capsys):
     assert markdown.startswith("<!-- bench:start -->") and "<!-- bench:end -->" in markdown
     assert "BatchNorm2d" in capsys.readouterr().out
     assert result["meta"]["mode"] == "smoke"
+    if sys.platform.startswith("linux"):     # glibc's mallopt accepted the fixed thresholds
+        assert saved["meta"]["steady_malloc"] is True
+        assert "steady malloc thresholds" in markdown
 
 
 @pytest.mark.mpi
