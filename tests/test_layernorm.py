@@ -307,3 +307,37 @@ def test_short_rows_route_matches_general_route(cls, dtype, size):
     assert np.array_equal(short.backward(dy), general.backward(dy, grad_h=np.zeros_like(dy)))
     for key in short.grads:
         assert np.array_equal(short.grads[key], general.grads[key])
+
+
+def _placed(a, offset):
+    """A copy of a whose data starts `offset` bytes into a 4 KiB page."""
+    buf = np.empty(a.nbytes + 8192, np.uint8)
+    start = (-buf.ctypes.data) % 4096 + offset
+    out = buf[start:start + a.nbytes].view(a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
+
+
+@pytest.mark.parametrize("cls, dtype, rows, size, activation", [
+    (fn.LayerNorm, np.float32, 37, 1024, None),     # one page per row
+    (fn.LayerNorm, np.float64, 37, 1024, None),     # two pages
+    (fn.RMSNorm, np.float32, 37, 2048, None),
+    (fn.LayerNorm, np.float32, 37, 1024, "silu"),   # the dx pass reads g from dx
+    (fn.LayerNorm, np.float32, 2600, 1024, None),   # dx streamed, next rows prefetched
+])
+def test_row_route_by_page_offset_is_bitwise_the_same(cls, dtype, rows, size, activation):
+    """Rows of whole pages whose x and dy (or g in dx) lie at one page offset are dx'ed
+    one by one (rows_alias in _rows.pxi), others in groups: same dx and parameter
+    gradients whatever the placement."""
+    x = make_input((rows, size), dtype, seed=size, mean=50.0)
+    dy = make_input((rows, size), dtype, seed=size + 3)
+    results = []
+    for x_at, dy_at in ((16, 16), (2048, 2048), (16, 1040), (2048, 0)):
+        layer = cls(size, activation=activation, dtype=dtype)
+        randomize_parameters(layer, seed=5)
+        layer(_placed(x, x_at))
+        dx = layer.backward(_placed(dy, dy_at))
+        results.append((dx, *(layer.grads[k] for k in sorted(layer.grads))))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert np.array_equal(a, b)
