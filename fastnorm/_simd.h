@@ -691,6 +691,14 @@ static inline __attribute__((always_inline)) void fn_group_ahead(const char* x, 
         __builtin_prefetch(g + at + 64 * i, 0, 2);
     }
 }
+/* fn_group_backward's whole steps of columns from c on, for ROWS rows (prefetching ahead)
+ * and NT (non-temporal dx) */
+#define FN_GROUP_COLUMNS(SUFFIX, VT, NL, ROWS, NT) do {                                         \
+    for (; c + FN_GROUP_STEP * NL <= n; c += FN_GROUP_STEP * NL) {                               \
+        if (ahead) fn_group_ahead(next_x, next_g, c * (ptrdiff_t)sizeof(*x) * (ROWS), ROWS);    \
+        fn_group_step_##SUFFIX(x, g, w, dx, ROWS, stride, c, FN_GROUP_STEP, (const VT (*)[5])k, \
+                               part, acc, at, NT);                                               \
+    } } while (0)
 #define FN_DEFINE_ROWS_BACKWARD(T, SUFFIX, VT, NL)                                              \
     /* Columns [c, c + u * NL) of the group's rows: dx = (w * g + c_0) * k_g + k_d * d         \
        (c_0 = -mean(w*g) first, so that it cancels before the large factor k_g = rstd           \
@@ -813,26 +821,22 @@ static inline __attribute__((always_inline)) void fn_group_ahead(const char* x, 
         const int ahead = stream && stride == n && n * (ptrdiff_t)sizeof(T) >= FN_AHEAD_ROW_BYTES; \
         const char* next_x = (const char*)(x + nrows * stride);                             \
         const char* next_g = (const char*)(g + nrows * stride);                             \
-        if (nt)                                    /* nt a constant in each loop */          \
-            for (; c + FN_GROUP_STEP * NL <= n; c += FN_GROUP_STEP * NL) {                   \
-                if (ahead) fn_group_ahead(next_x, next_g, c * (ptrdiff_t)sizeof(T) * nrows,  \
-                                          nrows);                                            \
-                fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, FN_GROUP_STEP,         \
-                                       (const VT (*)[5])k, part, acc, at, 1);                \
-            }                                                                                \
+        /* nt, and a single row (the one-by-one routes), constants in their own loops */     \
+        if (nrows == 1 && nt)                                                                \
+            FN_GROUP_COLUMNS(SUFFIX, VT, NL, 1, 1);                                          \
+        else if (nrows == 1)                                                                 \
+            FN_GROUP_COLUMNS(SUFFIX, VT, NL, 1, 0);                                          \
+        else if (nt)                                                                         \
+            FN_GROUP_COLUMNS(SUFFIX, VT, NL, nrows, 1);                                      \
         else                                                                                 \
-            for (; c + FN_GROUP_STEP * NL <= n; c += FN_GROUP_STEP * NL) {                   \
-                if (ahead) fn_group_ahead(next_x, next_g, c * (ptrdiff_t)sizeof(T) * nrows,  \
-                                          nrows);                                            \
-                fn_group_step_##SUFFIX(x, g, w, dx, nrows, stride, c, FN_GROUP_STEP,         \
-                                       (const VT (*)[5])k, part, acc, at, 0);                \
-            }                                                                                \
+            FN_GROUP_COLUMNS(SUFFIX, VT, NL, nrows, 0);                                      \
         fn_group_plain_##SUFFIX(x, g, w, dx, nrows, stride, c, n, (const VT (*)[5])k, part,  \
                                 acc, at);                                                    \
     }
 FN_DEFINE_ROWS_BACKWARD(float, f32, fn_v8f, 8)
 FN_DEFINE_ROWS_BACKWARD(double, f64, fn_v4d, 4)
 #undef FN_DEFINE_ROWS_BACKWARD
+#undef FN_GROUP_COLUMNS
 
 /* A normalized row's statistics from its moments (count values): the biased variance
  * and rstd = 1 / sqrt(var + eps), stored through rstd and, unless NULL, mean and var. */
