@@ -679,11 +679,12 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
  * when rows are whole, stride == n) into L2, `lines` lines of each per step, so that they
  * arrive over the pass. Only for a streamed dx (arrays beyond the caches: in-cache 4 MiB
  * arrays ran 0.91-0.95x with it), rows of FN_AHEAD_ROW_BYTES and more (shorter ones are
- * short rows or dx'ed one by one from L1) and of one unit (stride == n). LayerNorm
- * backward, 1 thread, 24-32 MiB arrays: rows of 1024-2048 floats 1.05-1.17x faster, of
- * 1536 1.13-1.25x, of 4096 (one by one) 1.18-1.29x. Hint 2 (L2): into L1 (hint 3) they
- * ran 1.01-1.10x slower than that. */
-#define FN_AHEAD_ROW_BYTES 4096
+ * short rows or dx'ed one by one from L1: rows of 384-512 floats ran 1.00x with it) and
+ * of one unit (stride == n). LayerNorm backward, 1 thread, 12-32 MiB arrays, x/dy/dx at
+ * four page offsets: rows of 768 floats 0.89-1.27x (geomeans 1.06-1.16x; 2 threads
+ * 0.95-1.16x), 1024-2048 1.05-1.17x, 1536 1.13-1.25x, 4096 (one by one) 1.18-1.29x.
+ * Hint 2 (L2): into L1 (hint 3) they ran 1.01-1.10x slower than that. */
+#define FN_AHEAD_ROW_BYTES 2048
 static inline __attribute__((always_inline)) void fn_group_ahead(const char* x, const char* g,
                                                                  ptrdiff_t at, ptrdiff_t lines) {
     for (ptrdiff_t i = 0; i < lines; i++) {
