@@ -36,12 +36,13 @@ cdef enum:
     # fn_affine_out's plain peel and tail share lines with the streamed stores. (Each
     # thread fences once, fence_if; a fence per run had cost 10x at 64 values.)
     STREAM_RUN_BYTES = 4096
-    # The residual forward (h = x + r, y = norm(h)) streams y from rows of this many bytes:
-    # it also writes h, and four arrays leave nothing of y to reuse in cache. LayerNorm+add
-    # forward, 1 thread, x and r at numpy's page offset, y and h at the pool's, 16-32 MiB:
-    # rows of 128 floats 1.50-1.64x faster, 512 1.11-1.20x, 768 1.05-1.12x (2 threads
-    # 1.15-1.17x), 256 0.98-1.01x (2 threads 1.08x).
-    STREAM_RESIDUAL_RUN_BYTES = 512
+    # LayerNorm/RMSNorm forwards (whole rows, elementwise affine) stream y from rows of
+    # this many bytes, every row then being whole lines at the output pool's offset. Kernels,
+    # 1 thread, x at numpy's page offset, y (and h) at the pool's, 16-64 MiB outputs, against
+    # STREAM_RUN_BYTES: rows of 256-768 floats 1.05-1.16x faster (2 threads 1.11-1.39x), of
+    # 128 1.04x; with a residual (h = x + r written too) rows of 128 floats 1.50-1.64x, 512
+    # 1.11-1.20x, 768 1.05-1.13x, 256 0.98-1.01x.
+    STREAM_ROW_BYTES = 512
     # LayerNorm/RMSNorm backward: dx of at least this size, in rows of at least
     # STREAM_DX_ROW_BYTES, is streamed (fn_group_backward's whole lines): x, dy and dx
     # then take 30 MiB and more, as much as the forward's x and y at STREAM_BYTES, and dx

@@ -59,7 +59,7 @@ from fastnorm._activations cimport ACT_NONE, run_affine_act, run_affine_act_grad
 
 from fastnorm._common cimport (
     FN_ROW_GROUP, FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_DX_BYTES, STREAM_DX_ROW_BYTES,
-    STREAM_RESIDUAL_RUN_BYTES, STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
+    STREAM_ROW_BYTES, STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
     affine_coefficients, block_moments, chan_merge, fn_row_backward_coefficients,
     fn_short_rows_forward_f32, fence_if, fn_short_rows_forward_f64, fn_store_row_stats,
     fold_mean_tail, group_backward, row_grad_sums, row_sum_squares, run_add, run_affine_backward,
@@ -722,8 +722,8 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     # a residual, the outputs are h (plain stores: the row rereads it) and y
     g.stream = ((2 if residual is not None else 1) * g.R * g.D * cnp.PyArray_ITEMSIZE(x)
                 >= STREAM_BYTES
-                and (g.S if per_channel else g.D) * cnp.PyArray_ITEMSIZE(x)
-                >= (STREAM_RUN_BYTES if residual is None else STREAM_RESIDUAL_RUN_BYTES))
+                and (g.S * cnp.PyArray_ITEMSIZE(x) >= STREAM_RUN_BYTES if per_channel
+                     else g.D * cnp.PyArray_ITEMSIZE(x) >= STREAM_ROW_BYTES))
     if split_by_unit(&g, n_threads):
         scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
         work = <double*>cnp.PyArray_DATA(scratch)

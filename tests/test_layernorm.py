@@ -231,11 +231,12 @@ def test_state_dict_round_trip_with_torch():
     assert fn.LayerNorm(3, elementwise_affine=False).state_dict() == {}
 
 
-@pytest.mark.parametrize("shape", [(4100, 1024), (4100, 1028), (65600, 64)])
+@pytest.mark.parametrize("shape", [(4100, 1024), (4100, 1028), (16400, 256), (32300, 130),
+                                   (65600, 64)])
 def test_large_output_written_with_streaming_stores_is_bitwise_the_same(shape):
     """Outputs of 16 MiB and more take the non-temporal store path: same values. Rows of
-    1028 floats end in half a vector and start at either 32-byte alignment; rows of 64
-    (shorter than STREAM_RUN_BYTES) stay plain."""
+    1028 or 130 floats end in part of a vector and start at any alignment; rows of 64
+    (shorter than STREAM_ROW_BYTES) stay plain."""
     x = make_input(shape, np.float32, seed=20)
     layer = fn.LayerNorm(shape[1])
     randomize_parameters(layer)
@@ -279,7 +280,7 @@ def test_streamed_activation_output_is_bitwise_the_same(activation):
 @pytest.mark.parametrize("shape", [(2100, 1024), (16400, 128)])
 def test_streamed_residual_output_is_bitwise_the_plain_one(shape):
     """With a residual, h and y together (16.4 MiB) make y stream, from rows of 512 bytes
-    on (STREAM_RESIDUAL_RUN_BYTES); y alone (8.2 MiB) does not: y of the fused call equals
+    on (STREAM_ROW_BYTES); y alone (8.2 MiB) does not: y of the fused call equals
     the plain call on h bit for bit."""
     x = make_input(shape, np.float32, seed=30)
     r = make_input(shape, np.float32, seed=31)
