@@ -54,7 +54,8 @@ cdef enum:
     # per task instead of one per row group, (4,16,1024,64) into a line-aligned dx (the
     # layers' large outputs are, _memory.py) then runs 2.95 ms streamed against 2.90-3.03
     # plainly at 1 thread (instruction-bound), 2.28 against 3.30-3.33 ms at 2 threads.
-    # (Row forwards streamed the same way ran slower: rows of 768, 6-24 MiB, 0.5-0.76x.)
+    # (Row forwards streamed from this size ran slower: rows of 768, 6-24 MiB, 0.5-0.76x;
+    # they stream from STREAM_BYTES.)
     STREAM_DX_BYTES = 10 << 20
     STREAM_DX_ROW_BYTES = 1024
 
