@@ -120,6 +120,8 @@ cdef extern from "_simd.h" nogil:
                                 const float* x, const float* own, float* dx, Py_ssize_t n,
                                 float coef, bint stream)
     void fn_prefetch_lines(const void* p, Py_ssize_t bytes, int write)
+    void* fn_line_twin(void* buf, const void* dst)
+    void fn_stream_copy(void* dst, const void* src, size_t nbytes)
     void fn_transpose_f32(const float* s, Py_ssize_t ss, float* d, Py_ssize_t ds,
                           Py_ssize_t nr, Py_ssize_t nc, bint d_in_order)
     void fn_transpose_f64(const double* s, Py_ssize_t ss, double* d, Py_ssize_t ds,
