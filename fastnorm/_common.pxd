@@ -36,11 +36,12 @@ cdef enum:
     # fn_affine_out's plain peel and tail share lines with the streamed stores. (Each
     # thread fences once, fence_if; a fence per run had cost 10x at 64 values.)
     STREAM_RUN_BYTES = 4096
-    # LayerNorm/RMSNorm forwards (whole rows, elementwise affine) stream y from rows of
-    # this many bytes, every row then being whole lines at the output pool's offset. Kernels,
-    # 1 thread, x at numpy's page offset, y (and h) at the pool's, 16-64 MiB outputs, against
-    # STREAM_RUN_BYTES: rows of 256-768 floats 1.05-1.16x faster (2 threads 1.11-1.39x), of
-    # 128 1.04x; with a residual (h = x + r written too) rows of 128 floats 1.50-1.64x, 512
+    # Row forwards (LayerNorm/RMSNorm rows, GroupNorm/InstanceNorm runs) stream y from
+    # runs of this many bytes when they are whole lines (streams_runs in _rows.pxi).
+    # Kernels, 1 thread, x at numpy's page offset, y (and h) at the pool's, 16-64 MiB
+    # outputs, against STREAM_RUN_BYTES: rows of 256-768 floats 1.05-1.16x faster (2
+    # threads 1.11-1.39x), of 128 1.04x, GroupNorm(32) runs of 784 floats 1.27-1.28x, InstanceNorm
+    # 1.05x; with a residual (h = x + r written too) rows of 128 floats 1.50-1.64x, 512
     # 1.11-1.20x, 768 1.05-1.13x, 256 0.98-1.01x.
     STREAM_ROW_BYTES = 512
     # LayerNorm/RMSNorm backward: dx of at least this size, in rows of at least

@@ -204,11 +204,14 @@ def test_state_dict_round_trip_with_torch():
     assert np.array_equal(layer.weight, module.weight.detach().numpy())
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_large_output_written_with_streaming_stores_is_bitwise_the_same(layout):
+@pytest.mark.parametrize("layout, shape", [("contiguous", (9, 64, 96, 77)),
+                                           ("channels_last", (9, 64, 96, 77)),
+                                           ("contiguous", (88, 64, 28, 28))])
+def test_large_output_written_with_streaming_stores_is_bitwise_the_same(layout, shape):
     """17 MiB outputs are streamed (channels-last: by the total size, though each
-    sample's slab is 2 MiB); one sample alone is written with plain stores."""
-    x = make_input((9, 64, 96, 77), np.float32, layout, seed=21)      # 17 MiB
+    sample's slab is 2 MiB; runs of 28 * 28 floats, whole lines, from STREAM_ROW_BYTES);
+    one sample alone is written with plain stores."""
+    x = make_input(shape, np.float32, layout, seed=21)      # 17 MiB
     layer = fn.GroupNorm(8, 64)
     randomize_parameters(layer)
     big = layer(x)

@@ -277,12 +277,12 @@ def test_streamed_activation_output_is_bitwise_the_same(activation):
     assert np.array_equal(big[-5:], layer(x[-5:]))
 
 
-@pytest.mark.parametrize("shape", [(2100, 1024), (8200, 257), (16400, 128)])
+@pytest.mark.parametrize("shape", [(2100, 1024), (8200, 256), (8200, 257), (16400, 128)])
 def test_streamed_residual_output_is_bitwise_the_plain_one(shape):
     """With a residual, h and y together (16.4 MiB) make y stream, from rows of 512 bytes
-    on (STREAM_ROW_BYTES), and rows of 1-8 KiB stream h too (forward_row_streamed_h; rows
-    of 257 floats start at any offset in a line); y alone (8.2 MiB) does not: h is x + r
-    and y of the fused call equals the plain call on h, bit for bit."""
+    on when they are whole lines (streams_runs), and rows of 1-8 KiB stream h too
+    (forward_row_streamed_h); rows of 257 floats stay plain; y alone (8.2 MiB) is not
+    streamed: h is x + r and y of the fused call equals the plain call on h, bit for bit."""
     x = make_input(shape, np.float32, seed=30)
     r = make_input(shape, np.float32, seed=31)
     layer = fn.LayerNorm(shape[1])
