@@ -677,10 +677,11 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
 /* The dx pass of a row group (or row) reads its x and g again from L2 and leaves memory
  * idle meanwhile: it prefetches the next rows' x and g (contiguous right after its own
  * when rows are whole, stride == n) into L2, `lines` lines of each per step, so that they
- * arrive over the pass. Only for a streamed dx (arrays beyond the caches: in-cache 4 MiB
- * arrays ran 0.91-0.95x with it), rows of FN_AHEAD_ROW_BYTES and more (shorter ones are
- * short rows or dx'ed one by one from L1: rows of 384-512 floats ran 1.00x with it) and
- * of one unit (stride == n). LayerNorm backward, 1 thread, 12-32 MiB arrays, x/dy/dx at
+ * arrive over the pass. Only for a dx written with non-temporal stores (nt: a streamed
+ * dx, arrays beyond the caches, whole-line rows; in-cache 4 MiB arrays ran 0.91-0.95x with
+ * it, and rows of 700-2100 floats that are not whole lines, dx stored plainly, 0.80-0.95x),
+ * rows of FN_AHEAD_ROW_BYTES and more (shorter ones are short rows or dx'ed one by one
+ * from L1: rows of 384-512 floats ran 1.00x with it) and of one unit (stride == n). LayerNorm backward, 1 thread, 12-32 MiB arrays, x/dy/dx at
  * four page offsets: rows of 768 floats 0.89-1.27x (geomeans 1.06-1.16x; 2 threads
  * 0.95-1.16x), 1024-2048 1.05-1.17x, 1536 1.13-1.25x, 4096 (one by one) 1.18-1.29x.
  * Hint 2 (L2): into L1 (hint 3) they ran 1.01-1.10x slower than that. */
@@ -819,7 +820,7 @@ static inline __attribute__((always_inline)) void fn_group_ahead(const char* x, 
                                     part, acc, at);                                          \
             c = peel;                                                                        \
         }                                                                                    \
-        const int ahead = stream && stride == n && n * (ptrdiff_t)sizeof(T) >= FN_AHEAD_ROW_BYTES; \
+        const int ahead = nt && stride == n && n * (ptrdiff_t)sizeof(T) >= FN_AHEAD_ROW_BYTES;     \
         const char* next_x = (const char*)(x + nrows * stride);                             \
         const char* next_g = (const char*)(g + nrows * stride);                             \
         /* nt, and a single row (the one-by-one routes), constants in their own loops */     \
