@@ -79,11 +79,12 @@ cdef enum:
     # Rows per task of the short-rows forward (takes_short_rows)
     SHORT_ROWS_PER_TASK = 64
     # A streamed residual forward writes h through an L1 scratch (forward_row_streamed_h)
-    # for rows of this many bytes: kernels, 1 thread, x and r at numpy's page offset, h
-    # and y at the pool's, 16-32 MiB each, against h stored plainly and read back: rows of
-    # 256 floats 1.81x faster, 512 1.36x, 768 1.13-1.14x (2 threads 1.02-1.10x), 1024
-    # 1.19x, 2048 1.07x; rows of 128 0.96-0.98x and 4096 0.97-0.99x (scratch, x and r
-    # then overflow L1) store h plainly.
+    # for whole-line rows of this many bytes: kernels, 1 thread, x and r at numpy's page
+    # offset, h and y at the pool's, 16-32 MiB each, against h stored plainly and read
+    # back: rows of 256 floats 1.81x faster, 512 1.36x, 768 1.13-1.14x (2 threads
+    # 1.02-1.10x), 1024 1.19x, 2048 1.07x; rows of 128 0.96-0.98x, 4096 0.97-0.99x
+    # (scratch, x and r then overflow L1) and 1500 (not whole lines) 0.95-0.97x store h
+    # plainly.
     STREAMED_H_MIN_BYTES = 1024
     STREAMED_H_MAX_BYTES = 8192
     # A row group is dx'ed together while its x and dy (read for the gradient sums just
@@ -358,7 +359,7 @@ cdef inline void forward_row(const floating* x, const floating* res, floating* h
     cdef Moments acc
     cdef Py_ssize_t u
     cdef const floating* src = x if res == NULL else h    # what is normalized
-    if (res != NULL and g.stream
+    if (res != NULL and g.stream and (g.D * sizeof(floating)) % 64 == 0
             and STREAMED_H_MIN_BYTES <= g.D * sizeof(floating) <= STREAMED_H_MAX_BYTES):
         forward_row_streamed_h(x, res, h, y, g, r, w, b, eps, mean, rstd, var)
         return
