@@ -729,18 +729,22 @@ cdef inline double* f64_ptr(object a):
     return <double*>data_or_null(a)
 
 
-cdef inline bint streams_runs(Py_ssize_t run_bytes, const void* y, const void* h) noexcept nogil:
+cdef inline bint streams_runs(Py_ssize_t run_bytes, const void* y, const void* h,
+                              int act) noexcept nogil:
     """Whether a large forward's contiguous runs (elementwise rows, or per-channel runs of S
     values) are long enough to write with non-temporal stores: runs of STREAM_RUN_BYTES,
     or of STREAM_ROW_BYTES when they are whole lines of line-aligned outputs (y, and h when
-    not NULL), so that no line is shared by two runs. A shared line takes the plain stores
-    of one run's end and the streamed ones of the next: LayerNorm forward, rows of 130
-    and 260 floats, ran 2.9x and 1.8x slower streamed, per-channel runs of 196 floats
-    1.9-2.7x; whole-line runs of 512-3072 bytes ran 1.05-1.28x faster (see
-    STREAM_ROW_BYTES)."""
+    not NULL), so that no line is shared by two runs, and without a fused activation. A
+    shared line takes the plain stores of one run's end and the streamed ones of the
+    next: LayerNorm forward, rows of 130 and 260 floats, ran 2.9x and 1.8x slower
+    streamed, per-channel runs of 196 floats 1.9-2.7x; whole-line runs of 512-3072 bytes
+    ran 1.05-1.28x faster (see STREAM_ROW_BYTES). An activated output streams through an
+    L1 scratch and a copy (fn_affine_act_streamed): rows of 256-768 floats ran 0.94-0.98x
+    with silu and gelu, 0.85-1.10x with relu."""
     if run_bytes >= STREAM_RUN_BYTES:
         return True
     return (run_bytes >= STREAM_ROW_BYTES and run_bytes % 64 == 0
+            and act == ACT_NONE
             and <size_t>y % 64 == 0 and (h == NULL or <size_t>h % 64 == 0))
 
 
@@ -773,7 +777,7 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
     g.stream = ((2 if residual is not None else 1) * g.R * g.D * cnp.PyArray_ITEMSIZE(x)
                 >= STREAM_BYTES
                 and streams_runs((g.S if per_channel else g.D) * cnp.PyArray_ITEMSIZE(x),
-                                 cnp.PyArray_DATA(y), p_h))
+                                 cnp.PyArray_DATA(y), p_h, act))
     if split_by_unit(&g, n_threads):
         scratch = np.empty(3 * g.R * g.n_units + g.R)   # unit moments | row means
         work = <double*>cnp.PyArray_DATA(scratch)
