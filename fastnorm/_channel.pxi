@@ -127,7 +127,8 @@ cdef enum:
     PILOT_ROWS = 8
     # Rows per call of a plain channels-last forward (rows_affine)
     AFFINE_ROWS = 16
-    # Values of a call small enough that rows_affine skips its parallel region at one thread
+    # Values of a call small enough that rows_affine and rows_affine_backward skip their
+    # parallel region at one thread (the plain loop compiled 8% slower for large calls)
     SMALL_CALL_VALUES = 1 << 16
 
 
@@ -470,6 +471,38 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
         m2[c] = acc.m2 if acc.m2 > 0.0 else 0.0
 
 
+cdef void rows_grad_sums_task(const floating* x, const floating* dy, RowPlan* p,
+                              const floating* mean_hi, const floating* mean_lo, double* scratch,
+                              int act, const floating* z_hi, const floating* z_scale,
+                              const floating* z_shift, floating* g_out,
+                              Py_ssize_t task) noexcept nogil:
+    """One (stripe, channel block) of rows_grad_sums: its stripe's sums into the task's two
+    scratch rows."""
+    cdef Py_ssize_t g, b, u, first, stop, r0, r, c, c0, nc
+    cdef double* part_g = task_row(scratch, p, task, 2, 0)
+    cdef double* part_gx = task_row(scratch, p, task, 2, 1)
+    g = task // p.n_blocks
+    b = task % p.n_blocks
+    c0 = b * p.block
+    nc = min(p.C, c0 + p.block) - c0
+    for c in range(nc):
+        part_g[c] = 0.0
+        part_gx[c] = 0.0
+    first = stripe_start(p.n_units, p.n_stripes, g)
+    stop = stripe_start(p.n_units, p.n_stripes, g + 1)
+    for u in range(first, stop):
+        # unit by unit: short working-precision sums, handed over in float64
+        r0 = u * p.unit_rows
+        if act != ACT_NONE:
+            for r in range(r0, min(p.R, r0 + p.unit_rows)):
+                row_affine_act(x + r * p.C, g_out + r * p.C, dy + r * p.C, c0, c0 + nc,
+                               z_hi, z_scale, z_shift, act)
+        cols_grad_sums(x + r0 * p.C + c0,
+                       (dy if act == ACT_NONE else g_out) + r0 * p.C + c0,
+                       min(p.R, r0 + p.unit_rows) - r0, p.C, nc, mean_hi + c0, mean_lo + c0,
+                       part_g, part_gx)
+
+
 cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
                          const floating* mean_hi, const floating* mean_lo, double* sum_dy,
                          double* sum_dy_xmu, double* scratch, int act,
@@ -479,32 +512,15 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
     With an activation, each unit first gets g = dy * act'(z) written to g_out, z from
     the coefficients z_* (affine_coefficients; z_hi may be NULL), while it is in cache;
     g is summed instead."""
-    cdef Py_ssize_t task, g, b, u, first, stop, r0, r, c, c0, nc
-    cdef double* part_g
-    cdef double* part_gx
-    for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
-        g = task // p.n_blocks
-        b = task % p.n_blocks
-        c0 = b * p.block
-        nc = min(p.C, c0 + p.block) - c0
-        part_g = task_row(scratch, p, task, 2, 0)
-        part_gx = task_row(scratch, p, task, 2, 1)
-        for c in range(nc):
-            part_g[c] = 0.0
-            part_gx[c] = 0.0
-        first = stripe_start(p.n_units, p.n_stripes, g)
-        stop = stripe_start(p.n_units, p.n_stripes, g + 1)
-        for u in range(first, stop):
-            # unit by unit: short working-precision sums, handed over in float64
-            r0 = u * p.unit_rows
-            if act != ACT_NONE:
-                for r in range(r0, min(p.R, r0 + p.unit_rows)):
-                    row_affine_act(x + r * p.C, g_out + r * p.C, dy + r * p.C, c0, c0 + nc,
-                                   z_hi, z_scale, z_shift, act)
-            cols_grad_sums(x + r0 * p.C + c0,
-                           (dy if act == ACT_NONE else g_out) + r0 * p.C + c0,
-                           min(p.R, r0 + p.unit_rows) - r0, p.C, nc, mean_hi + c0, mean_lo + c0,
-                           part_g, part_gx)
+    cdef Py_ssize_t task, g, b, c
+    if n_threads == 1:   # no parallel region (see rows_moments)
+        for task in range(p.n_stripes * p.n_blocks):
+            rows_grad_sums_task(x, dy, p, mean_hi, mean_lo, scratch, act, z_hi, z_scale,
+                                z_shift, g_out, task)
+    else:
+        for task in prange(p.n_stripes * p.n_blocks, num_threads=n_threads, schedule="static"):
+            rows_grad_sums_task(x, dy, p, mean_hi, mean_lo, scratch, act, z_hi, z_scale,
+                                z_shift, g_out, task)
     for c in range(p.C):
         b = c // p.block
         sum_dy[c] = 0.0
@@ -596,6 +612,12 @@ cdef void rows_affine_backward(const floating* x, const floating* dy, floating* 
     the mean's tail folded in (see channels_backward); stream: non-temporal stores, one
     fence per thread."""
     cdef Py_ssize_t r
+    if n_threads == 1 and R * C <= SMALL_CALL_VALUES:   # see rows_affine
+        for r in range(R):
+            channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0,
+                              stream)
+        fence_if(stream)
+        return
     with parallel(num_threads=n_threads):
         for r in prange(R, schedule="static"):
             channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0,
