@@ -681,10 +681,11 @@ FN_DEFINE_CHANNELS_BACKWARD(double, f64)
  * dx, arrays beyond the caches, whole-line rows; in-cache 4 MiB arrays ran 0.91-0.95x with
  * it, and rows of 700-2100 floats that are not whole lines, dx stored plainly, 0.80-0.95x),
  * rows of FN_AHEAD_ROW_BYTES and more (shorter ones are short rows or dx'ed one by one
- * from L1: rows of 384-512 floats ran 1.00x with it) and of one unit (stride == n). LayerNorm backward, 1 thread, 12-32 MiB arrays, x/dy/dx at
- * four page offsets: rows of 768 floats 0.89-1.27x (geomeans 1.06-1.16x; 2 threads
- * 0.95-1.16x), 1024-2048 1.05-1.17x, 1536 1.13-1.25x, 4096 (one by one) 1.18-1.29x.
- * Hint 2 (L2): into L1 (hint 3) they ran 1.01-1.10x slower than that. */
+ * from L1: rows of 384-512 floats ran 1.00x with it) and of one unit (stride == n).
+ * LayerNorm backward, 1 thread, 12-32 MiB arrays, x/dy/dx at four page offsets: rows of
+ * 768 floats 0.89-1.27x (geomeans 1.06-1.16x; 2 threads 0.95-1.16x), 1024-2048
+ * 1.05-1.17x, 1536 1.13-1.25x, 4096 (one by one) 1.18-1.29x. Hint 2 (L2): into L1
+ * (hint 3) they ran 1.01-1.10x slower than that. */
 #define FN_AHEAD_ROW_BYTES 2048
 static inline __attribute__((always_inline)) void fn_group_ahead(const char* x, const char* g,
                                                                  ptrdiff_t at, ptrdiff_t lines) {
