@@ -965,9 +965,17 @@ def channel_backward_coefficients(const double[::1] sum_dy, const double[::1] su
                                   double[::1] k_x, double[::1] k_0):
     """Coefficients of dx = k_dy*dy + k_x*(x - mean) + k_0 per channel (see
     backward_coefficients). count is the number of values per channel."""
+    _backward_coefficients(&sum_dy[0], &sum_dy_xmu[0], sum_dy.shape[0], count, &invstd[0],
+                           &weight[0], training, &k_dy[0], &k_x[0], &k_0[0])
+
+
+cdef void _backward_coefficients(const double* sum_dy, const double* sum_dy_xmu, Py_ssize_t C,
+                                 double count, const double* invstd, const double* weight,
+                                 bint training, double* k_dy, double* k_x,
+                                 double* k_0) noexcept nogil:
     cdef Py_ssize_t c
     cdef BackwardCoefficients k
-    for c in range(sum_dy.shape[0]):
+    for c in range(C):
         k = backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c], training)
         k_dy[c] = k.k_dy
         k_x[c] = k.k_x
@@ -1019,7 +1027,7 @@ def channel_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean, cnp.ndarra
         float64, sums of g = dy * act'(z) instead of dy with an activation.
     Arrays, not typed memoryviews (see channel_forward_train): with them, and the
     memoryviews of the three kernels it called, BatchNorm1d (8, 16) backward took 18.5 us,
-    now 12.6 us (torch 27.2 us).
+    12.6 us without (torch 27.2 us).
     """
     cdef Py_ssize_t N = cnp.PyArray_DIM(x, 0), C = cnp.PyArray_DIM(x, 1)
     cdef Py_ssize_t S = cnp.PyArray_DIM(x, 2)
@@ -1090,12 +1098,7 @@ cdef _backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N
         _channel_elementwise(x, dy, N, C, S, mean, scale, bias, act, dx, n_threads)
         dy = dx  # g takes dy's place; dx is then computed from it in place
     _grad_sums(x, dy, N, C, S, mean, sum_dy, sum_dy_xmu, n_threads)
-    for c in range(C):
-        k = backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c],
-                                  training)
-        kd[c] = k.k_dy
-        kx[c] = k.k_x
-        k0[c] = k.k_0
+    _backward_coefficients(sum_dy, sum_dy_xmu, C, count, invstd, weight, training, kd, kx, k0)
     _backward_apply(x, dy, dx, N, C, S, mean, kd, kx, k0, n_threads)
 
 
