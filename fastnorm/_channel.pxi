@@ -20,15 +20,16 @@
 #   channel_moments         IN x               OUT mean, m2 (float64, per channel)
 #   channel_normalize       IN x, mean, scale, shift   OUT y = act((x - mean)*scale + shift)
 #   channel_forward_train   both of the above, fused per channel when it fits in cache
-#   channel_act_grad        IN x, dy, mean, scale, shift
-#                           OUT g = dy * act'((x - mean)*scale + shift)
 #   channel_grad_sums       IN x, dy, mean     OUT sum(dy), sum(dy * (x - mean))
 #   channel_backward_apply  IN x, dy, mean, k_dy, k_x, k_0   OUT dx = k_dy*dy + k_x*(x-mean) + k_0
 #   channel_backward        grad sums, coefficients and apply, fused per channel when it fits
 #
 # act is a fused activation's code (_activations.pxd; 0 = none). Backward with
-# an activation first turns dy into g = dy * act'(z), z recomputed from x and
-# written where dx goes, then runs the usual sums and dx formula on g in place.
+# an activation puts g = dy * act'(z) in dy's place, z recomputed from x: the
+# sums form g in short pieces as they read x and dy (run_act_grad_sums), and
+# either keep it in dx, where the dx pass reads it, or, for a cheap activation
+# (act_grad_is_cheap) over memory, form it again in the dx pass
+# (run_act_affine_backward) rather than write and read it back.
 
 cimport numpy as cnp
 from libc.math cimport sqrt
@@ -41,12 +42,11 @@ from fastnorm._common cimport (
     Moments, block_moments,
     affine_coefficients, chan_merge, channels_affine, channels_backward, cols_grad_sums,
     cols_moments, cols_shifted_sums, fence_if, fn_column_rows_per_lane, fold_mean_tail,
-    row_centered_sums, row_grad_sums, run_affine_backward, run_grad_sums,
-    split_hi_lo, stripe_start,
+    row_centered_sums, run_affine_backward, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
-    ACT_NONE, ACT_RELU, channels_act_grad, channels_relu, run_activate, run_affine_act,
-    run_affine_act_grad,
+    ACT_NONE, ACT_RELU, act_grad_is_cheap, channels_act_grad, channels_relu,
+    run_act_affine_backward, run_act_grad_sums, run_activate, run_affine_act,
 )
 
 # A channel up to this size is normalized straight after its statistics,
@@ -202,10 +202,9 @@ cdef void segment_moments_split(const floating* x, SegmentPlan* p, double* mean,
 
 cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPlan* p,
                                        Py_ssize_t c, Py_ssize_t g, double mean, double scale,
-                                       double shift, int act, const floating* dy,
-                                       bint stream=False) noexcept nogil:
-    """y = act(z), z = (x - mean) * scale + shift; or, given dy, y = dy * act'(z).
-    stream (no dy): y written with non-temporal stores."""
+                                       double shift, int act, bint stream=False) noexcept nogil:
+    """y = act(z), z = (x - mean) * scale + shift; stream: y written with non-temporal
+    stores."""
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
     cdef floating mean_hi, mean_lo
     split_hi_lo(mean, &mean_hi, &mean_lo)
@@ -215,25 +214,30 @@ cdef inline void segment_stripe_affine(const floating* x, floating* y, SegmentPl
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
             at = offset + r * p.C * p.S
-            if dy == NULL:
-                run_affine_act(x + at, y + at, NULL, NULL, ncols, mean_hi, mean_lo,
-                               <floating>scale, <floating>shift, act, stream)
-            else:
-                run_affine_act_grad(x + at, dy + at, y + at, NULL, NULL, ncols, mean_hi, mean_lo,
-                                    <floating>scale, <floating>shift, act)
+            run_affine_act(x + at, y + at, NULL, NULL, ncols, mean_hi, mean_lo,
+                           <floating>scale, <floating>shift, act, stream)
 
 
 cdef inline void segment_stripe_grad_sums(const floating* x, const floating* dy, SegmentPlan* p,
                                           Py_ssize_t c, Py_ssize_t g, double mean,
-                                          double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+                                          double* sum_dy, double* sum_dy_xmu,
+                                          int act=ACT_NONE, floating z_scale=0,
+                                          floating z_shift=0,
+                                          floating* g_out=NULL) noexcept nogil:
+    """Add the stripe's sum(dy) and sum(dy * (x - mean)); with an activation, of
+    g = dy * act'(z), z = (x - mean) * z_scale + z_shift, also written to g_out (laid out
+    like x) when given (see run_act_grad_sums)."""
     cdef Py_ssize_t u, r, first, stop, offset, nrows, ncols, at
+    cdef floating mean_hi, mean_lo
+    split_hi_lo(mean, &mean_hi, &mean_lo)
     first = stripe_start(p.n_units, p.n_stripes, g)
     stop = stripe_start(p.n_units, p.n_stripes, g + 1)
     for u in range(first, stop):
         segment_unit(p, c, u, &offset, &nrows, &ncols)
         for r in range(nrows):
             at = offset + r * p.C * p.S
-            run_grad_sums(x + at, dy + at, ncols, mean, sum_dy, sum_dy_xmu)
+            run_act_grad_sums(x + at, dy + at, ncols, mean_hi, mean_lo, act, z_scale, z_shift,
+                              NULL if g_out == NULL else g_out + at, sum_dy, sum_dy_xmu)
 
 
 cdef inline void segment_stripe_backward(const floating* x, const floating* dy, floating* dx,
@@ -318,28 +322,34 @@ cdef void runs_moments(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t
 cdef void runs_stripe_grad_sums(const floating* x, const floating* dy, Py_ssize_t C,
                                 Py_ssize_t S, Py_ssize_t n0, Py_ssize_t n1,
                                 const floating* mean_hi, const floating* mean_lo,
-                                double* part) noexcept nogil:
-    """Per-channel sum(dy), sum(dy*(x-mean)) of samples [n0, n1) into part[c], part[C + c]."""
+                                double* part, int act, const floating* z,
+                                floating* g_out) noexcept nogil:
+    """Per-channel sum(dy), sum(dy*(x-mean)) of samples [n0, n1) into part[c], part[C + c]
+    (with an activation: of g, see run_act_grad_sums; z: scale row then shift row)."""
     cdef Py_ssize_t n, c, at
     for c in range(2 * C):
         part[c] = 0.0
     for n in range(n0, n1):
         for c in range(C):
             at = (n * C + c) * S
-            row_grad_sums(x + at, dy + at, NULL, S, mean_hi[c], mean_lo[c], &part[c],
-                          &part[C + c])
+            run_act_grad_sums(x + at, dy + at, S, mean_hi[c], mean_lo[c], act,
+                              z[c] if act != ACT_NONE else 0, z[C + c] if act != ACT_NONE else 0,
+                              NULL if g_out == NULL else g_out + at, &part[c], &part[C + c])
 
 
 cdef void runs_grad_sums(const floating* x, const floating* dy, Py_ssize_t N, Py_ssize_t C,
                          Py_ssize_t S, const floating* mean_hi, const floating* mean_lo,
                          double* sum_dy, double* sum_dy_xmu, double* scratch,
-                         int n_threads) noexcept nogil:
-    """Per-channel sum(dy), sum(dy*(x-mean)), runs strategy. scratch: 2*C*stripes."""
+                         int n_threads, int act=ACT_NONE, const floating* z=NULL,
+                         floating* g_out=NULL) noexcept nogil:
+    """Per-channel sum(dy), sum(dy*(x-mean)), runs strategy. scratch: 2*C*stripes.
+    With an activation, sums of g = dy * act'(z) (z: scale row then shift row of C),
+    also written to g_out when given."""
     cdef Py_ssize_t n_stripes = min(N, <Py_ssize_t>MAX_STRIPES), g, c
     for g in prange(n_stripes, num_threads=n_threads, schedule="static"):
         runs_stripe_grad_sums(x, dy, C, S, stripe_start(N, n_stripes, g),
                               stripe_start(N, n_stripes, g + 1), mean_hi, mean_lo,
-                              scratch + 2 * C * g)
+                              scratch + 2 * C * g, act, z, g_out)
     for c in range(C):
         sum_dy[c] = 0.0
         sum_dy_xmu[c] = 0.0
@@ -560,13 +570,12 @@ cdef inline void affine_rows_chunk(const floating* x, floating* y, Py_ssize_t R,
 
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* hi, const floating* scale, const floating* shift,
-                      int act, const floating* dy, int n_threads,
-                      bint stream=False) noexcept nogil:
-    """row_affine_act over every row and channel (dy NULL: forward). A plain forward
+                      int act, int n_threads, bint stream=False) noexcept nogil:
+    """y = act(z) over every row and channel (row_affine_act). A plain forward
     goes AFFINE_ROWS rows per call (one call per row cost 8% more instructions at 128
-    channels); stream (plain forward only): non-temporal stores, one fence per thread."""
+    channels); stream (without an activation): non-temporal stores, one fence per thread."""
     cdef Py_ssize_t r, t
-    if dy == NULL and act == ACT_NONE:
+    if act == ACT_NONE:
         # no parallel region for a small call at one thread (see rows_moments); larger
         # ones keep the parallel loop, whose outlined body gcc compiles tighter (the plain
         # loop, inlined into _channel_elementwise, took 8% more instructions on
@@ -583,12 +592,10 @@ cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C
         return
     if n_threads == 1:
         for r in range(R):
-            row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C, hi,
-                           scale, shift, act)
+            row_affine_act(x + r * C, y + r * C, NULL, 0, C, hi, scale, shift, act)
         return
     for r in prange(R, num_threads=n_threads, schedule="static"):
-        row_affine_act(x + r * C, y + r * C, NULL if dy == NULL else dy + r * C, 0, C, hi,
-                       scale, shift, act)
+        row_affine_act(x + r * C, y + r * C, NULL, 0, C, hi, scale, shift, act)
 
 
 cdef floating* affine_rows_coefficients(const double* mean, const double* scale,
@@ -721,10 +728,10 @@ def channel_normalize(cnp.ndarray x, cnp.ndarray mean, cnp.ndarray scale, cnp.nd
     cdef const double* a = <const double*>cnp.PyArray_DATA(scale)
     cdef const double* b = <const double*>cnp.PyArray_DATA(shift)
     if cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT:
-        _channel_elementwise(<const float*>cnp.PyArray_DATA(x), NULL, N, C, S, m, a, b, act,
+        _channel_elementwise(<const float*>cnp.PyArray_DATA(x), N, C, S, m, a, b, act,
                              <float*>cnp.PyArray_DATA(y), n_threads)
     else:
-        _channel_elementwise(<const double*>cnp.PyArray_DATA(x), NULL, N, C, S, m, a, b, act,
+        _channel_elementwise(<const double*>cnp.PyArray_DATA(x), N, C, S, m, a, b, act,
                              <double*>cnp.PyArray_DATA(y), n_threads)
 
 
@@ -760,25 +767,12 @@ def channel_eval_coefficients(cnp.ndarray running_mean, cnp.ndarray running_var,
         o[3 * C + c] = 0.0 if b == NULL else value_at(b, b_f, c)
 
 
-def channel_act_grad(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
-                     const double[::1] mean, const double[::1] scale, const double[::1] shift,
-                     int act, floating[:, :, ::1] g, int n_threads):
-    """g = dy * act'(z), z = (x - mean[c]) * scale[c] + shift[c] recomputed from x: the
-    gradient with respect to z of a forward that applied act (act != 0).
-
-    IN  x, dy: (N, C, S); mean, scale, shift: (C,) float64.  OUT g: like x (may be dy).
-    """
-    _channel_elementwise(&x[0, 0, 0], &dy[0, 0, 0], x.shape[0], x.shape[1], x.shape[2],
-                         &mean[0], &scale[0], &shift[0], act, &g[0, 0, 0], n_threads)
-
-
-cdef _channel_elementwise(const floating* x, const floating* dy, Py_ssize_t N, Py_ssize_t C,
-                          Py_ssize_t S, const double* mean, const double* scale,
-                          const double* shift, int act, floating* y, int n_threads):
-    """y = act(z) without dy (NULL), y = dy * act'(z) with it (dy laid out like x), over
-    the (N, C, S) arrays at x and y. Either layout is walked in memory order (a
-    channel-major walk over (N, C, S) restarts the hardware prefetchers at every run and
-    ran at half the copy speed)."""
+cdef _channel_elementwise(const floating* x, Py_ssize_t N, Py_ssize_t C, Py_ssize_t S,
+                          const double* mean, const double* scale, const double* shift,
+                          int act, floating* y, int n_threads):
+    """y = act(z), z = (x - mean) * scale + shift per channel, over the (N, C, S) arrays at
+    x and y. Either layout is walked in memory order (a channel-major walk over (N, C, S)
+    restarts the hardware prefetchers at every run and ran at half the copy speed)."""
     cdef Py_ssize_t run, c
     cdef floating[:, ::1] w
     cdef floating* hi
@@ -786,23 +780,19 @@ cdef _channel_elementwise(const floating* x, const floating* dy, Py_ssize_t N, P
         w = np.empty((3, C), np.float32 if floating is float else np.float64)
         with nogil:
             hi = affine_rows_coefficients(mean, scale, shift, C, &w[0, 0])
-            rows_affine(x, y, N, C, hi, &w[1, 0], &w[2, 0], act, dy, n_threads,
+            rows_affine(x, y, N, C, hi, &w[1, 0], &w[2, 0], act, n_threads,
                         N * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
         return
     w = _working_copies(x, C, mean, scale, shift, NULL)
     # a large forward output goes straight to memory (non-temporal stores), in runs long
     # enough that their plainly written ends are few (fn_affine_out)
-    cdef bint stream = (dy == NULL and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
+    cdef bint stream = (N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES
                         and S * <Py_ssize_t>sizeof(floating) >= STREAM_RUN_BYTES)
     with nogil, parallel(num_threads=n_threads):
         for run in prange(N * C, schedule="static"):
             c = run % C
-            if dy == NULL:
-                run_affine_act(x + run * S, y + run * S, NULL, NULL, S,
-                               w[0, c], w[1, c], w[2, c], w[3, c], act, stream)
-            else:
-                run_affine_act_grad(x + run * S, dy + run * S, y + run * S,
-                                    NULL, NULL, S, w[0, c], w[1, c], w[2, c], w[3, c], act)
+            run_affine_act(x + run * S, y + run * S, NULL, NULL, S,
+                           w[0, c], w[1, c], w[2, c], w[3, c], act, stream)
         fence_if(stream)
 
 
@@ -817,7 +807,7 @@ cdef inline void train_channel(const floating* x, floating* y, SegmentPlan* sp, 
     mean[c] = m.mean
     var[c] = norm.var
     for g in range(sp.n_stripes):
-        segment_stripe_affine(x, y, sp, c, g, m.mean, norm.scale, norm.shift, act, NULL, stream)
+        segment_stripe_affine(x, y, sp, c, g, m.mean, norm.scale, norm.shift, act, stream)
 
 
 def channel_forward_train(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, double eps,
@@ -880,7 +870,7 @@ cdef _forward_train(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t C, 
         var[c] = norm.var
         scales[c] = norm.scale
         shifts[c] = norm.shift
-    _channel_elementwise(x, NULL, N, C, S, mean, scales, shifts, act, y, n_threads)
+    _channel_elementwise(x, N, C, S, mean, scales, shifts, act, y, n_threads)
 
 
 def channel_update_running(floating[:] running_mean, floating[:] running_var,
@@ -912,45 +902,63 @@ def channel_invstd(const double[::1] mean, const double[::1] var, double eps,
 
 def channel_grad_sums(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
                       const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu,
-                      int n_threads):
+                      int n_threads, int act=0, const double[::1] scale=None,
+                      const double[::1] shift=None, floating[:, :, ::1] g_out=None):
     """Per-channel sum(dy) and sum(dy * (x - mean)), in float64.
 
     IN  x, dy: (N, C, S), N*S > 0; mean: (C,).  OUT sum_dy, sum_dy_xmu: (C,).
+    With act != 0 (and scale, shift: (C,) float64 as for channel_normalize): the sums of
+    g = dy * act'(z) instead, z recomputed from x; g_out (like x, required then) receives
+    g, for channel_backward_apply to take in dy's place.
     """
     _grad_sums(&x[0, 0, 0], &dy[0, 0, 0], x.shape[0], x.shape[1], x.shape[2], &mean[0],
-               &sum_dy[0], &sum_dy_xmu[0], n_threads)
+               &sum_dy[0], &sum_dy_xmu[0], n_threads, act, &scale[0] if act else NULL,
+               &shift[0] if act else NULL, &g_out[0, 0, 0] if act else NULL)
 
 
 cdef _grad_sums(const floating* x, const floating* dy, Py_ssize_t N, Py_ssize_t C,
                 Py_ssize_t S, const double* mean, double* sum_dy, double* sum_dy_xmu,
-                int n_threads):
+                int n_threads, int act=ACT_NONE, const double* scale=NULL,
+                const double* shift=NULL, floating* g_out=NULL):
+    """channel_grad_sums of the (N, C, S) arrays at x and dy. With an activation (act,
+    and scale, shift per channel as for channel_normalize), the sums of g = dy * act'(z),
+    z recomputed from x, formed piece by piece; g is also written to g_out (like x) when
+    given, and must be for channels-last rows (S == 1). The sums are the same either way."""
     cdef Py_ssize_t task, c, g
     cdef SegmentPlan sp
     cdef RowPlan rp
     cdef double[::1] flat
     cdef floating[:, ::1] w
+    cdef floating[:, ::1] z     # channels-last activation: rows hi, scale, shift
+    cdef floating* hi = NULL
     if S == 1:
         rp = row_plan(N, C)
         flat = np.empty(rows_scratch(&rp, 2))
         w = _working_copies(x, C, mean, NULL, NULL, NULL)
+        if act != ACT_NONE:
+            z = np.empty((3, C), np.float32 if floating is float else np.float64)
+            hi = affine_rows_coefficients(mean, scale, shift, C, &z[0, 0])
         with nogil:
             rows_grad_sums(x, dy, &rp, &w[0, 0], &w[1, 0], sum_dy, sum_dy_xmu, &flat[0],
-                           ACT_NONE, NULL, NULL, NULL, NULL, n_threads)
+                           act, hi, &z[1, 0] if act != ACT_NONE else NULL,
+                           &z[2, 0] if act != ACT_NONE else NULL, g_out, n_threads)
         return
+    w = _working_copies(x, C, mean, scale, shift, NULL)   # rows 2, 3: scale, shift
     if use_runs(N, S, sizeof(floating)):
-        w = _working_copies(x, C, mean, NULL, NULL, NULL)
         flat = np.empty(2 * C * min(N, <Py_ssize_t>MAX_STRIPES))
         with nogil:
             runs_grad_sums(x, dy, N, C, S, &w[0, 0], &w[1, 0], sum_dy, sum_dy_xmu, &flat[0],
-                           n_threads)
+                           n_threads, act, &w[2, 0] if act != ACT_NONE else NULL, g_out)
         return
     sp = segment_plan(N, C, S)
     flat = np.zeros(C * sp.n_stripes * 2)
     with nogil:
         for task in prange(C * sp.n_stripes, num_threads=n_threads, schedule="static"):
-            segment_stripe_grad_sums(x, dy, &sp, task // sp.n_stripes, task % sp.n_stripes,
-                                     mean[task // sp.n_stripes], &flat[2 * task],
-                                     &flat[2 * task + 1])
+            c = task // sp.n_stripes
+            segment_stripe_grad_sums(x, dy, &sp, c, task % sp.n_stripes, mean[c],
+                                     &flat[2 * task], &flat[2 * task + 1], act,
+                                     w[2, c] if act != ACT_NONE else 0,
+                                     w[3, c] if act != ACT_NONE else 0, g_out)
         for c in range(C):
             sum_dy[c] = 0.0
             sum_dy_xmu[c] = 0.0
@@ -988,7 +996,7 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
                            floating[:, :, ::1] dx, int n_threads):
     """dx = k_dy[c]*dy + k_x[c]*(x - mean[c]) + k_0[c].
 
-    IN  x, dy: (N, C, S); mean, k_dy, k_x, k_0: (C,) float64.  OUT dx: like x.
+    IN  x, dy: (N, C, S); mean, k_dy, k_x, k_0: (C,) float64.  OUT dx: like x (may be dy).
     Walked in memory order, as _channel_elementwise.
     """
     _backward_apply(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], x.shape[0], x.shape[1],
@@ -997,9 +1005,16 @@ def channel_backward_apply(const floating[:, :, ::1] x, const floating[:, :, ::1
 
 cdef _backward_apply(const floating* x, const floating* dy, floating* dx, Py_ssize_t N,
                      Py_ssize_t C, Py_ssize_t S, const double* mean, const double* k_dy,
-                     const double* k_x, const double* k_0, int n_threads):
+                     const double* k_x, const double* k_0, int n_threads, int act=ACT_NONE,
+                     const double* scale=NULL, const double* shift=NULL):
+    """channel_backward_apply of the (N, C, S) arrays at x, dy and dx. With an activation
+    (S > 1; scale, shift as for channel_normalize), dy is the gradient of act's output
+    and g = dy * act'(z) takes its place, formed piece by piece in dx."""
     cdef Py_ssize_t run, c
     cdef floating[:, ::1] w = _working_copies(x, C, mean, k_dy, k_x, k_0)
+    cdef floating[:, ::1] z = w     # activation: rows 2 and 3 are scale and shift
+    if act != ACT_NONE:
+        z = _working_copies(x, C, mean, scale, shift, NULL)
     if S == 1:
         for c in range(C):
             fold_mean_tail(mean[c], k_x[c], k_0[c], &w[0, c], &w[4, c])
@@ -1010,8 +1025,8 @@ cdef _backward_apply(const floating* x, const floating* dy, floating* dx, Py_ssi
     with nogil:
         for run in prange(N * C, num_threads=n_threads, schedule="static"):
             c = run % C
-            run_affine_backward(x + run * S, dy + run * S, dx + run * S, S, w[0, c], w[1, c],
-                                w[2, c], w[3, c], w[4, c])
+            run_act_affine_backward(x + run * S, dy + run * S, dx + run * S, S, w[0, c],
+                                    w[1, c], w[2, c], w[3, c], w[4, c], act, z[2, c], z[3, c])
 
 
 def channel_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray mean, cnp.ndarray invstd,
@@ -1061,45 +1076,49 @@ cdef _backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N
     cdef double* kx
     cdef double* k0
     cdef double* scale
-    cdef const floating* grad      # dy, or g = dy * act'(z) stored in dx
+    cdef floating z_scale, z_shift
+    cdef bint keep_g
     if S > 1 and fuse_per_channel(&sp, sizeof(floating), 2, n_threads):
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):
-                grad = dy
-                if act != ACT_NONE:
-                    for g in range(sp.n_stripes):
-                        segment_stripe_affine(x, dx, &sp, c, g, mean[c], weight[c] * invstd[c],
-                                              bias[c], act, dy)
-                    grad = dx
+                z_scale = <floating>(weight[c] * invstd[c]) if act != ACT_NONE else 0
+                z_shift = <floating>bias[c] if act != ACT_NONE else 0
                 # per-stripe partial sums added in order, exactly as channel_grad_sums does
                 sum_dy[c] = 0.0
                 sum_dy_xmu[c] = 0.0
                 for g in range(sp.n_stripes):
                     stripe_dy = 0.0
                     stripe_dy_xmu = 0.0
-                    segment_stripe_grad_sums(x, grad, &sp, c, g, mean[c], &stripe_dy,
-                                             &stripe_dy_xmu)
+                    # an activation's g is kept in dx: the channel is in cache, forming
+                    # g again would only add arithmetic
+                    segment_stripe_grad_sums(x, dy, &sp, c, g, mean[c], &stripe_dy,
+                                             &stripe_dy_xmu, act, z_scale, z_shift, dx)
                     sum_dy[c] += stripe_dy
                     sum_dy_xmu[c] += stripe_dy_xmu
                 k = backward_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], weight[c],
                                           training)
                 for g in range(sp.n_stripes):
-                    segment_stripe_backward(x, grad, dx, &sp, c, g, mean[c], k.k_dy, k.k_x,
-                                            k.k_0)
+                    segment_stripe_backward(x, dy if act == ACT_NONE else dx, dx, &sp, c, g,
+                                            mean[c], k.k_dy, k.k_x, k.k_0)
         return
+    # Two passes over memory: the sums read x and dy, the dx pass reads them again. An
+    # activation's g = dy * act'(z) is formed in the sums and either kept in dx for the dx
+    # pass (channels-last rows, costly activations) or formed again there.
     work = np.empty(4 * C)
     kd = <double*>cnp.PyArray_DATA(work)
     kx = kd + C
     k0 = kd + 2 * C
     scale = kd + 3 * C
-    if act != ACT_NONE:
-        for c in range(C):
-            scale[c] = weight[c] * invstd[c]
-        _channel_elementwise(x, dy, N, C, S, mean, scale, bias, act, dx, n_threads)
-        dy = dx  # g takes dy's place; dx is then computed from it in place
-    _grad_sums(x, dy, N, C, S, mean, sum_dy, sum_dy_xmu, n_threads)
+    for c in range(C):
+        scale[c] = weight[c] * invstd[c]
+    keep_g = act != ACT_NONE and (S == 1 or not act_grad_is_cheap(act))
+    _grad_sums(x, dy, N, C, S, mean, sum_dy, sum_dy_xmu, n_threads, act, scale, bias,
+               dx if keep_g else NULL)
     _backward_coefficients(sum_dy, sum_dy_xmu, C, count, invstd, weight, training, kd, kx, k0)
-    _backward_apply(x, dy, dx, N, C, S, mean, kd, kx, k0, n_threads)
+    if keep_g:
+        dy = dx
+        act = ACT_NONE
+    _backward_apply(x, dy, dx, N, C, S, mean, kd, kx, k0, n_threads, act, scale, bias)
 
 
 cdef floating[:, ::1] _working_copies(const floating* like, Py_ssize_t C, const double* mean,

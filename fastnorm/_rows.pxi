@@ -942,8 +942,8 @@ cdef void cl_forward_sample(const floating* x, floating* y, RowPlan* p, Py_ssize
             ch[C + c] = rstd[n * G + grp] * w[c]
             ch[2 * C + c] = b[c]
     hi = affine_rows_coefficients(ch, ch + C, ch + 2 * C, C, vec)
-    rows_affine(x + n * S * C, y + n * S * C, S, C, hi, vec + C, vec + 2 * C, act,
-                <const floating*>NULL, n_threads, stream)
+    rows_affine(x + n * S * C, y + n * S * C, S, C, hi, vec + C, vec + 2 * C, act, n_threads,
+                stream)
 
 
 cdef void cl_forward(const floating* x, floating* y, Py_ssize_t N, Py_ssize_t S, Py_ssize_t C,

@@ -93,6 +93,8 @@ CASES = [
     (fn.BatchNorm1d, (4, 3, 7)),
     (fn.BatchNorm2d, (3, 4, 5, 6)),
     (fn.BatchNorm2d, (9, 3, 5, 6)),     # 8 samples and more: the runs strategy
+    (fn.BatchNorm2d, (9, 3, 37, 29)),   # runs of several pieces of an activation's g
+    (fn.BatchNorm2d, (2, 3, 40, 41)),   # segments of several pieces
     (fn.BatchNorm2d, (2, 1, 1, 3)),
     (fn.BatchNorm3d, (2, 3, 2, 3, 4)),
 ]
@@ -199,9 +201,10 @@ def test_fused_matches_torch_autograd(dtype, layout, training):
 
 @pytest.mark.parametrize("shape", [(8, 6, 40, 40), (256, 600), (4, 2, 300, 300),
                                    (2, 5, 7, 11)])
-@pytest.mark.parametrize("name", ("gelu", "silu"))
+@pytest.mark.parametrize("name", ("gelu", "silu", "relu"))
 def test_fused_bitwise_identical_for_any_thread_count(shape, name):
-    """Fused per-channel, split and rows paths, forward and backward."""
+    """Fused per-channel, split and rows paths, forward and backward (relu's g is formed
+    again in the dx pass of the split paths, the others' kept in dx)."""
     x = make_input(shape, np.float32, seed=1, mean=2.0)
     dy = make_input(shape, np.float32, seed=2)
     results = []

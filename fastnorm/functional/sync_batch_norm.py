@@ -188,12 +188,13 @@ def sync_batch_norm_backward(grad_output, input, save_mean, save_invstd, count, 
     grad_input, grad_input_view = output_for(x, channels_last)
     local = np.zeros(2 * channels)  # [sum(dy) | sum(dy * (x - mean))] of this process
     if x.size > 0 and act:
-        # dy * act'(z) takes dy's place (stored where grad_input goes)
-        kernels.channel_act_grad(view, grad_view, mean, _per_channel(weight, channels, 1.0) * invstd,
-                                 _per_channel(bias, channels, 0.0), act, grad_input_view,
-                                 threads_for(x.size))
+        # the sums of g = dy * act'(z), g stored where grad_input goes, in dy's place after
+        kernels.channel_grad_sums(view, grad_view, mean, local[:channels], local[channels:],
+                                  threads_for(x.size), act,
+                                  _per_channel(weight, channels, 1.0) * invstd,
+                                  _per_channel(bias, channels, 0.0), grad_input_view)
         grad_view = grad_input_view
-    if x.size > 0:
+    elif x.size > 0:
         kernels.channel_grad_sums(view, grad_view, mean, local[:channels], local[channels:],
                                   threads_for(x.size))
     _, sums = _exchange(allreduce, BACKWARD, x, x.size // channels,
