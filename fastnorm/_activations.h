@@ -349,6 +349,27 @@ FN_DEFINE_AFFINE_ACT_GRAD(double, f64)
 FN_DEFINE_CHANNELS_ACT_GRAD(float, f32)
 FN_DEFINE_CHANNELS_ACT_GRAD(double, f64)
 
+/* fn_cols_grad_sums of g = dy * act'(z) over channels-last rows (z as in
+ * fn_channels_act_grad, coefficients of the nc channels), each row of g written to g
+ * (laid out like x) just before it is summed, so that the next row's loads overlap this
+ * row's arithmetic: the sums of g formed first for all rows, and when to prefer this,
+ * see cols_act_grad_sums in _activations.pxd. */
+#define FN_ACT_G_ROWS(SUFFIX, r, rows)                                                        \
+    for (ptrdiff_t q_ = (r); q_ < (r) + (rows); q_++)                                          \
+        fn_channels_act_grad_##SUFFIX(x + q_ * stride, dy + q_ * stride, g + q_ * stride, nc, \
+                                      z_hi, z_scale, z_shift, act)
+#define FN_ACT_G_ROWS_f32(r, rows) FN_ACT_G_ROWS(f32, r, rows)
+#define FN_ACT_G_ROWS_f64(r, rows) FN_ACT_G_ROWS(f64, r, rows)
+#define FN_DEFINE_COLS_ACT_GRAD_SUMS(T, SUFFIX)                                                \
+    static inline void fn_cols_act_grad_sums_##SUFFIX(                                         \
+        const T* x, const T* dy, T* g, ptrdiff_t nrows, ptrdiff_t stride, ptrdiff_t nc,       \
+        const T* mean_hi, const T* mean_lo, const T* z_hi, const T* z_scale,                   \
+        const T* z_shift, int act, double* sum_g, double* sum_gd) {                            \
+        FN_COLS_GRAD_SUMS_BODY(T, FN_ACT_G_ROWS_##SUFFIX);                                     \
+    }
+FN_DEFINE_COLS_ACT_GRAD_SUMS(float, f32)
+FN_DEFINE_COLS_ACT_GRAD_SUMS(double, f64)
+
 /* y = relu(z), z as in fn_affine_out (w NULL: the scalar affine), in one sweep: relu is
  * too cheap to be worth a second sweep over y, unlike the other activations (fused into
  * one loop they measured 0.88-0.90x). BatchNorm2d (32,64,56,56) + relu eval, 1 thread:

@@ -45,8 +45,9 @@ from fastnorm._common cimport (
     row_centered_sums, run_affine_backward, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
-    ACT_NONE, ACT_RELU, act_grad_is_cheap, channels_act_grad, channels_relu,
-    run_act_affine_backward, run_act_grad_sums, run_activate, run_affine_act,
+    ACT_NONE, ACT_RELU, act_grad_is_cheap, act_rows_interleave, channels_act_grad,
+    channels_relu, cols_act_grad_sums, run_act_affine_backward, run_act_grad_sums,
+    run_activate, run_affine_act,
 )
 
 # A channel up to this size is normalized straight after its statistics,
@@ -503,6 +504,12 @@ cdef void rows_grad_sums_task(const floating* x, const floating* dy, RowPlan* p,
     for u in range(first, stop):
         # unit by unit: short working-precision sums, handed over in float64
         r0 = u * p.unit_rows
+        if act_rows_interleave(act, fn_column_rows_per_lane(nc, p.C) * nc, sizeof(floating)):
+            cols_act_grad_sums(x + r0 * p.C + c0, dy + r0 * p.C + c0, g_out + r0 * p.C + c0,
+                               min(p.R, r0 + p.unit_rows) - r0, p.C, nc, mean_hi + c0,
+                               mean_lo + c0, NULL if z_hi == NULL else z_hi + c0,
+                               z_scale + c0, z_shift + c0, act, part_g, part_gx)
+            continue
         if act != ACT_NONE:
             for r in range(r0, min(p.R, r0 + p.unit_rows)):
                 row_affine_act(x + r * p.C, g_out + r * p.C, dy + r * p.C, c0, c0 + nc,

@@ -893,6 +893,41 @@ static inline ptrdiff_t fn_column_rows_per_lane(ptrdiff_t nc, ptrdiff_t stride) 
     return nc == stride && nc < FN_COLUMN_LANES ? FN_COLUMN_LANES / nc : 1;
 }
 
+/* The body of fn_cols_grad_sums (x, g, nrows, stride, nc, mean_hi, mean_lo, sum_g, sum_gd
+ * in scope), with BEFORE_ROWS(r, rows) run before rows [r, r + rows) are summed: a fused
+ * activation forms those rows of g there (fn_cols_act_grad_sums in _activations.h), so
+ * that the loads of each group overlap the arithmetic of the last. */
+#define FN_NO_ROWS_HOOK(r, rows)
+#define FN_COLS_GRAD_SUMS_BODY(T, BEFORE_ROWS)                                           \
+    do {                                                                                 \
+        const ptrdiff_t per_lane = fn_column_rows_per_lane(nc, stride), width = per_lane * nc; \
+        T acc[4 * FN_COLUMN_STRIDE];                                                      \
+        T *hi = acc, *lo = acc + FN_COLUMN_STRIDE;                                         \
+        T *gs = acc + 2 * FN_COLUMN_STRIDE, *ps = acc + 3 * FN_COLUMN_STRIDE;             \
+        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
+            for (ptrdiff_t c = 0; c < nc; c++) {                                          \
+                hi[p * nc + c] = mean_hi[c];                                              \
+                lo[p * nc + c] = mean_lo[c];                                              \
+            }                                                                             \
+        for (ptrdiff_t i = 0; i < width; i++) gs[i] = ps[i] = 0;                          \
+        for (ptrdiff_t r = 0; r < nrows; r += per_lane) {                                 \
+            const ptrdiff_t rows_ = nrows - r < per_lane ? nrows - r : per_lane;          \
+            BEFORE_ROWS(r, rows_);                                                        \
+            const T* xrow = x + r * stride;                                               \
+            const T* grow = g + r * stride;                                               \
+            const ptrdiff_t n = rows_ * nc;                                               \
+            for (ptrdiff_t i = 0; i < n; i++) {                                           \
+                gs[i] += grow[i];                                                         \
+                ps[i] += grow[i] * ((xrow[i] - hi[i]) - lo[i]);                           \
+            }                                                                             \
+        }                                                                                 \
+        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
+            for (ptrdiff_t c = 0; c < nc; c++) {                                          \
+                sum_g[c] += (double)gs[p * nc + c];                                       \
+                sum_gd[c] += (double)ps[p * nc + c];                                      \
+            }                                                                             \
+    } while (0)
+
 #define FN_DEFINE_COLUMN_KERNELS(T, SUFFIX)                                              \
     /* s1[c] += sum_r d, s2[c] += sum_r d*d with d = x[r, c] - shift[c] rounded to T.   \
      * One pass: the caller checks afterwards that the shift was close enough to the     \
@@ -948,30 +983,7 @@ static inline ptrdiff_t fn_column_rows_per_lane(ptrdiff_t nc, ptrdiff_t stride) 
                                                   ptrdiff_t stride, ptrdiff_t nc,         \
                                                   const T* mean_hi, const T* mean_lo,     \
                                                   double* sum_g, double* sum_gd) {        \
-        const ptrdiff_t per_lane = fn_column_rows_per_lane(nc, stride), width = per_lane * nc; \
-        T acc[4 * FN_COLUMN_STRIDE];                                                      \
-        T *hi = acc, *lo = acc + FN_COLUMN_STRIDE;                                         \
-        T *gs = acc + 2 * FN_COLUMN_STRIDE, *ps = acc + 3 * FN_COLUMN_STRIDE;             \
-        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
-            for (ptrdiff_t c = 0; c < nc; c++) {                                          \
-                hi[p * nc + c] = mean_hi[c];                                              \
-                lo[p * nc + c] = mean_lo[c];                                              \
-            }                                                                             \
-        for (ptrdiff_t i = 0; i < width; i++) gs[i] = ps[i] = 0;                          \
-        for (ptrdiff_t r = 0; r < nrows; r += per_lane) {                                 \
-            const T* xrow = x + r * stride;                                               \
-            const T* grow = g + r * stride;                                               \
-            const ptrdiff_t n = (nrows - r < per_lane ? nrows - r : per_lane) * nc;       \
-            for (ptrdiff_t i = 0; i < n; i++) {                                           \
-                gs[i] += grow[i];                                                         \
-                ps[i] += grow[i] * ((xrow[i] - hi[i]) - lo[i]);                           \
-            }                                                                             \
-        }                                                                                 \
-        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
-            for (ptrdiff_t c = 0; c < nc; c++) {                                          \
-                sum_g[c] += (double)gs[p * nc + c];                                       \
-                sum_gd[c] += (double)ps[p * nc + c];                                      \
-            }                                                                             \
+        FN_COLS_GRAD_SUMS_BODY(T, FN_NO_ROWS_HOOK);                                        \
     }
 
 FN_DEFINE_COLUMN_KERNELS(float, f32)

@@ -199,12 +199,13 @@ def test_fused_matches_torch_autograd(dtype, layout, training):
         np.testing.assert_allclose(layer.running_mean, rm.numpy(), atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("shape", [(8, 6, 40, 40), (256, 600), (4, 2, 300, 300),
+@pytest.mark.parametrize("shape", [(8, 6, 40, 40), (256, 600), (1000, 64), (4, 2, 300, 300),
                                    (2, 5, 7, 11)])
 @pytest.mark.parametrize("name", ("gelu", "silu", "relu"))
 def test_fused_bitwise_identical_for_any_thread_count(shape, name):
     """Fused per-channel, split and rows paths, forward and backward (relu's g is formed
-    again in the dx pass of the split paths, the others' kept in dx)."""
+    again in the dx pass of the split paths, the others' kept in dx; rows of 64
+    channels form relu's g row by row inside the sums)."""
     x = make_input(shape, np.float32, seed=1, mean=2.0)
     dy = make_input(shape, np.float32, seed=2)
     results = []
