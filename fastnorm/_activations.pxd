@@ -8,7 +8,9 @@
 #                                   its own loop
 #   backward  g = dy * act'(z)      run_affine_act_grad (z formed in the same sweep), or
 #                                   run_act_grad on a computed z;
-#             g then takes dy's place in the usual sums and dx formula.
+#             g then takes dy's place in the usual sums and dx formula. BatchNorm forms
+#             it inside those passes as they read x and dy: run_act_grad_sums,
+#             cols_act_grad_sums (channels-last rows) and run_act_affine_backward.
 # With ACT_NONE the forward helpers are exactly run_affine_out (no extra pass).
 
 from cython cimport floating
