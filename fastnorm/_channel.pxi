@@ -439,7 +439,7 @@ cdef void rows_moments_task(const floating* x, RowPlan* p, double* scratch,
         if s1 * s1 > 4.0 * centered * count:  # |mean - K| > 2 std
             drifted = True
         part_mean[c] = shift[c] + s1 / count
-        part_m2[c] = centered if centered > 0.0 else 0.0
+        part_m2[c] = 0.0 if centered < 0.0 else centered   # a NaN stays: see _overflow.py
     if drifted:
         rows_stripe_exact(x, p, first, stop, c0, nc, part_mean, part_m2, shift, unit_m2)
 
@@ -479,7 +479,7 @@ cdef void rows_moments(const floating* x, RowPlan* p, double* mean, double* m2,
             part.m2 = task_row(scratch, p, g * p.n_blocks + b, 4, 1)[c - b * p.block]
             chan_merge(&acc, part)
         mean[c] = acc.mean
-        m2[c] = acc.m2 if acc.m2 > 0.0 else 0.0
+        m2[c] = 0.0 if acc.m2 < 0.0 else acc.m2
 
 
 cdef void rows_grad_sums_task(const floating* x, const floating* dy, RowPlan* p,

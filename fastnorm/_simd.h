@@ -975,7 +975,7 @@ static inline ptrdiff_t fn_column_rows_per_lane(ptrdiff_t nc, ptrdiff_t stride) 
         for (ptrdiff_t c = 0; c < nc; c++) {                                              \
             double centered = m2[c] - sd[c] * (sd[c] * inv_n);                            \
             mean[c] += sd[c] * inv_n;                                                     \
-            m2[c] = centered > 0 ? centered : 0;                                          \
+            m2[c] = centered < 0 ? 0 : centered; /* a NaN stays (overflow) */             \
         }                                                                                 \
     }                                                                                     \
     /* sum_g[c] += sum_r g, sum_gd[c] += sum_r g*((x - mean_hi[c]) - mean_lo[c]) */        \
