@@ -352,8 +352,8 @@ FN_DEFINE_CHANNELS_ACT_GRAD(double, f64)
 /* fn_cols_grad_sums of g = dy * act'(z) over channels-last rows (z as in
  * fn_channels_act_grad, coefficients of the nc channels), each row of g written to g
  * (laid out like x) just before it is summed, so that the next row's loads overlap this
- * row's arithmetic: the sums of g formed first for all rows, and when to prefer this,
- * see cols_act_grad_sums in _activations.pxd. */
+ * row's arithmetic. The sums are those of g formed for all rows first;
+ * act_rows_interleave (_activations.pxd) says when this order pays. */
 #define FN_ACT_G_ROWS(SUFFIX, r, rows)                                                        \
     for (ptrdiff_t q_ = (r); q_ < (r) + (rows); q_++)                                          \
         fn_channels_act_grad_##SUFFIX(x + q_ * stride, dy + q_ * stride, g + q_ * stride, nc, \
