@@ -49,6 +49,19 @@ cdef extern from "_activations.h" nogil:
     void fn_channels_act_grad_f64(const double* x, const double* dy, double* g, Py_ssize_t n,
                                   const double* mean_hi, const double* scale,
                                   const double* shift, int act)
+    void fn_act_grad_sums_f32(const float* x, const float* dy, float* g_out, Py_ssize_t n,
+                              float mean_hi, float mean_lo, float scale, float shift, int act,
+                              double* sum_g, double* sum_gd)
+    void fn_act_grad_sums_f64(const double* x, const double* dy, double* g_out, Py_ssize_t n,
+                              double mean_hi, double mean_lo, double scale, double shift,
+                              int act, double* sum_g, double* sum_gd)
+    void fn_act_affine_backward_f32(const float* x, const float* dy, float* dx, Py_ssize_t n,
+                                    float mean_hi, float mean_lo, float k_dy, float k_x,
+                                    float k_0, float scale, float shift, int act)
+    void fn_act_affine_backward_f64(const double* x, const double* dy, double* dx,
+                                    Py_ssize_t n, double mean_hi, double mean_lo, double k_dy,
+                                    double k_x, double k_0, double scale, double shift,
+                                    int act)
     void fn_cols_act_grad_sums_f32(const float* x, const float* dy, float* g, Py_ssize_t nrows,
                                    Py_ssize_t stride, Py_ssize_t nc, const float* mean_hi,
                                    const float* mean_lo, const float* z_hi,
@@ -123,15 +136,6 @@ cdef inline void run_affine_act_grad(const floating* x, const floating* dy, floa
         fn_affine_act_grad_f64(x, dy, g, w, b, n, mean_hi, mean_lo, scale, shift, act)
 
 
-cdef enum:
-    # Values per piece of the backward helpers below. A piece's g is formed, then used at
-    # once: pieces this short keep x, dy and g in L1, and let the loads of the next piece
-    # overlap the arithmetic of this one. BatchNorm2d (32,64,56,56) + ReLU, one thread:
-    # with g formed for a whole run of 3136 values, then summed, the sums took 1.8x the
-    # time of those without an activation; in pieces, 0.93-1.0x.
-    ACT_PIECE = 256
-
-
 cdef inline bint act_grad_is_cheap(int act) noexcept nogil:
     """Whether g = dy * act'(z) costs less to form twice (in the sums, then in the dx pass)
     than to store once and read back: ReLU's compare and select, yes (BatchNorm2d
@@ -146,20 +150,17 @@ cdef inline void run_act_grad_sums(const floating* x, const floating* dy, Py_ssi
                                    double* sum_gd) noexcept nogil:
     """Add sum(g) and sum(g * (x - mean)) over n contiguous values: g = dy without an
     activation, else g = dy * act'(z), z as in run_affine_act_grad, formed and summed
-    piece by piece: into g_out (n values) when given, where the dx pass can read it,
-    else on the stack, never written to memory. The sums are the same either way."""
-    cdef floating piece[ACT_PIECE]
-    cdef floating* g
-    cdef Py_ssize_t i = 0, m
+    piece by piece (fn_act_grad_sums in _activations.h): into g_out (n values) when
+    given, where the dx pass can read it, else on the stack, never written to memory.
+    The sums are the same either way."""
     if act == ACT_NONE:
         row_grad_sums(x, dy, NULL, n, mean_hi, mean_lo, sum_g, sum_gd)
-        return
-    while i < n:
-        m = min(n - i, <Py_ssize_t>ACT_PIECE)
-        g = &piece[0] if g_out == NULL else g_out + i
-        run_affine_act_grad(x + i, dy + i, g, NULL, NULL, m, mean_hi, mean_lo, scale, shift, act)
-        row_grad_sums(x + i, g, NULL, m, mean_hi, mean_lo, sum_g, sum_gd)
-        i += m
+    elif floating is float:
+        fn_act_grad_sums_f32(x, dy, g_out, n, mean_hi, mean_lo, scale, shift, act, sum_g,
+                             sum_gd)
+    else:
+        fn_act_grad_sums_f64(x, dy, g_out, n, mean_hi, mean_lo, scale, shift, act, sum_g,
+                             sum_gd)
 
 
 cdef inline void run_act_affine_backward(const floating* x, const floating* dy, floating* dx,
@@ -169,16 +170,14 @@ cdef inline void run_act_affine_backward(const floating* x, const floating* dy, 
     """dx = k_dy * g + (k_x * (x - mean) + k_0) over n contiguous values, g as in
     run_act_grad_sums: formed in dx piece by piece and consumed there (the same values as
     g written out whole, then run_affine_backward in place)."""
-    cdef Py_ssize_t i = 0, m
     if act == ACT_NONE:
         run_affine_backward(x, dy, dx, n, mean_hi, mean_lo, k_dy, k_x, k_0)
-        return
-    while i < n:
-        m = min(n - i, <Py_ssize_t>ACT_PIECE)
-        run_affine_act_grad(x + i, dy + i, dx + i, NULL, NULL, m, mean_hi, mean_lo, scale,
-                            shift, act)
-        run_affine_backward(x + i, dx + i, dx + i, m, mean_hi, mean_lo, k_dy, k_x, k_0)
-        i += m
+    elif floating is float:
+        fn_act_affine_backward_f32(x, dy, dx, n, mean_hi, mean_lo, k_dy, k_x, k_0, scale, shift,
+                                   act)
+    else:
+        fn_act_affine_backward_f64(x, dy, dx, n, mean_hi, mean_lo, k_dy, k_x, k_0, scale, shift,
+                                   act)
 
 
 cdef enum:
