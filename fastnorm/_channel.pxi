@@ -526,9 +526,9 @@ cdef void rows_grad_sums(const floating* x, const floating* dy, RowPlan* p,
                          const floating* z_hi, const floating* z_scale, const floating* z_shift,
                          floating* g_out, int n_threads) noexcept nogil:
     """Per-channel sum(dy), sum(dy*(x-mean)) of (R, C) rows. scratch: tasks * 2 * block.
-    With an activation, each unit first gets g = dy * act'(z) written to g_out, z from
-    the coefficients z_* (affine_coefficients; z_hi may be NULL), while it is in cache;
-    g is summed instead."""
+    With an activation, g = dy * act'(z) is written to g_out, z from the coefficients z_*
+    (affine_coefficients; z_hi may be NULL), and summed instead of dy while in cache: a
+    unit's rows first, or row by row as they are summed (act_rows_interleave)."""
     cdef Py_ssize_t task, g, b, c
     if n_threads == 1:   # no parallel region (see rows_moments)
         for task in range(p.n_stripes * p.n_blocks):
