@@ -40,8 +40,8 @@ cdef enum:
     # runs of this many bytes when they are whole lines (streams_runs in _rows.pxi).
     # Kernels, 1 thread, x at numpy's page offset, y (and h) at the pool's, 16-64 MiB
     # outputs, against STREAM_RUN_BYTES: rows of 256-768 floats 1.05-1.16x faster (2
-    # threads 1.11-1.39x), of 128 1.04x, GroupNorm(32) runs of 784 floats 1.27-1.28x, InstanceNorm
-    # 1.05x; with a residual (h = x + r written too) rows of 128 floats 1.50-1.64x, 512
+    # threads 1.11-1.39x), of 128 1.04x, GroupNorm(32) runs of 784 floats 1.27-1.28x,
+    # InstanceNorm 1.05x; with a residual (h = x + r written too) rows of 128 floats 1.50-1.64x, 512
     # 1.11-1.20x, 768 1.05-1.13x, 256 0.98-1.01x.
     STREAM_ROW_BYTES = 512
     # LayerNorm/RMSNorm backward: dx of at least this size, in rows of at least
@@ -211,14 +211,6 @@ cdef inline void split_hi_lo(double value, floating* hi, floating* lo) noexcept 
     float32 data near a large mean exact (x - hi is exact by Sterbenz' lemma)."""
     hi[0] = <floating>value
     lo[0] = <floating>(value - <double>hi[0])
-
-
-cdef inline void run_grad_sums(const floating* x, const floating* dy, Py_ssize_t n, double mean,
-                               double* sum_dy, double* sum_dy_xmu) noexcept nogil:
-    """Add sum(dy) and sum(dy * (x - mean)) over n contiguous values (centered)."""
-    cdef floating mean_hi, mean_lo
-    split_hi_lo(mean, &mean_hi, &mean_lo)
-    row_grad_sums(x, dy, NULL, n, mean_hi, mean_lo, sum_dy, sum_dy_xmu)
 
 
 cdef inline void cols_moments(const floating* x, Py_ssize_t nrows, Py_ssize_t stride,

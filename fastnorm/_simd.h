@@ -893,6 +893,15 @@ static inline ptrdiff_t fn_column_rows_per_lane(ptrdiff_t nc, ptrdiff_t stride) 
     return nc == stride && nc < FN_COLUMN_LANES ? FN_COLUMN_LANES / nc : 1;
 }
 
+/* s1[c] += a's and s2[c] += b's working-precision partials of channel c, lane by lane
+ * in order (lanes of nc channels side by side, see fn_column_rows_per_lane) */
+#define FN_FOLD_LANES(per_lane, nc, a, b, s1, s2)                                        \
+    for (ptrdiff_t p_ = 0; p_ < (per_lane); p_++)                                        \
+        for (ptrdiff_t c_ = 0; c_ < (nc); c_++) {                                        \
+            (s1)[c_] += (double)(a)[p_ * (nc) + c_];                                     \
+            (s2)[c_] += (double)(b)[p_ * (nc) + c_];                                     \
+        }
+
 /* The body of fn_cols_grad_sums (x, g, nrows, stride, nc, mean_hi, mean_lo, sum_g, sum_gd
  * in scope), with BEFORE_ROWS(r, rows) run before rows [r, r + rows) are summed: a fused
  * activation forms those rows of g there (fn_cols_act_grad_sums in _activations.h), so
@@ -921,11 +930,7 @@ static inline ptrdiff_t fn_column_rows_per_lane(ptrdiff_t nc, ptrdiff_t stride) 
                 ps[i] += grow[i] * ((xrow[i] - hi[i]) - lo[i]);                           \
             }                                                                             \
         }                                                                                 \
-        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
-            for (ptrdiff_t c = 0; c < nc; c++) {                                          \
-                sum_g[c] += (double)gs[p * nc + c];                                       \
-                sum_gd[c] += (double)ps[p * nc + c];                                      \
-            }                                                                             \
+        FN_FOLD_LANES(per_lane, nc, gs, ps, sum_g, sum_gd);                               \
     } while (0)
 
 #define FN_DEFINE_COLUMN_KERNELS(T, SUFFIX)                                              \
@@ -951,11 +956,7 @@ static inline ptrdiff_t fn_column_rows_per_lane(ptrdiff_t nc, ptrdiff_t stride) 
                 q[i] += a * a;                                                            \
             }                                                                             \
         }                                                                                 \
-        for (ptrdiff_t p = 0; p < per_lane; p++)                                          \
-            for (ptrdiff_t c = 0; c < nc; c++) {                                          \
-                s1[c] += (double)d[p * nc + c];                                           \
-                s2[c] += (double)q[p * nc + c];                                           \
-            }                                                                             \
+        FN_FOLD_LANES(per_lane, nc, d, q, s1, s2);                                        \
     }                                                                                     \
     /* Exact per-channel moments of the rows: two passes (the rows stay in cache), the   \
      * second about the first's mean. mean[c], m2[c] = mean and sum of squared          \
