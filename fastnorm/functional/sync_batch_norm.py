@@ -187,16 +187,16 @@ def sync_batch_norm_backward(grad_output, input, save_mean, save_invstd, count, 
     grad_view = kernel_view(grad_output, channels_last)
     grad_input, grad_input_view = output_for(x, channels_last)
     local = np.zeros(2 * channels)  # [sum(dy) | sum(dy * (x - mean))] of this process
-    if x.size > 0 and act:
-        # the sums of g = dy * act'(z), g stored where grad_input goes, in dy's place after
+    if x.size > 0:
+        # with an activation, the sums are of g = dy * act'(z), which the kernel also
+        # stores where grad_input goes: g then takes dy's place
+        scale = _per_channel(weight, channels, 1.0) * invstd if act else None
+        shift = _per_channel(bias, channels, 0.0) if act else None
         kernels.channel_grad_sums(view, grad_view, mean, local[:channels], local[channels:],
-                                  threads_for(x.size), act,
-                                  _per_channel(weight, channels, 1.0) * invstd,
-                                  _per_channel(bias, channels, 0.0), grad_input_view)
-        grad_view = grad_input_view
-    elif x.size > 0:
-        kernels.channel_grad_sums(view, grad_view, mean, local[:channels], local[channels:],
-                                  threads_for(x.size))
+                                  threads_for(x.size), act, scale, shift,
+                                  grad_input_view if act else None)
+        if act:
+            grad_view = grad_input_view
     _, sums = _exchange(allreduce, BACKWARD, x, x.size // channels,
                         _fingerprint(mean, invstd, count), local)
     k_dy, k_x, k_0 = np.empty(channels), np.empty(channels), np.empty(channels)
