@@ -75,10 +75,11 @@ cdef extern from "_activations.h" nogil:
                                    double* sum_gd)
     void fn_affine_act_streamed_f32(const float* x, float* y, const float* w, const float* b,
                                     Py_ssize_t n, float mean_hi, float mean_lo, float scale,
-                                    float shift, int act)
+                                    float shift, int act, Py_ssize_t ahead)
     void fn_affine_act_streamed_f64(const double* x, double* y, const double* w,
                                     const double* b, Py_ssize_t n, double mean_hi,
-                                    double mean_lo, double scale, double shift, int act)
+                                    double mean_lo, double scale, double shift, int act,
+                                    Py_ssize_t ahead)
 
 
 cdef inline void run_activate(floating* y, Py_ssize_t n, int act) noexcept nogil:
@@ -103,16 +104,17 @@ cdef inline void run_act_grad(const floating* z, const floating* dy, floating* g
 cdef inline void run_affine_act(const floating* x, floating* y, const floating* w,
                                 const floating* b, Py_ssize_t n, floating mean_hi,
                                 floating mean_lo, floating scale, floating shift, int act,
-                                bint stream) noexcept nogil:
+                                bint stream, Py_ssize_t ahead=0) noexcept nogil:
     """y = act(z) over n contiguous values, z = ((x - mean_hi) - mean_lo) * scale * w + b
     (w, b per element) or ((x - mean_hi) - mean_lo) * scale + shift (w NULL). stream:
     non-temporal stores (same values; with an activation through an L1 scratch, see
-    fn_affine_act_streamed in _activations.h)."""
+    fn_affine_act_streamed in _activations.h), which then also prefetches x's lines
+    `ahead` values further into L2 (0: none)."""
     if act != ACT_NONE and stream:
         if floating is float:
-            fn_affine_act_streamed_f32(x, y, w, b, n, mean_hi, mean_lo, scale, shift, act)
+            fn_affine_act_streamed_f32(x, y, w, b, n, mean_hi, mean_lo, scale, shift, act, ahead)
         else:
-            fn_affine_act_streamed_f64(x, y, w, b, n, mean_hi, mean_lo, scale, shift, act)
+            fn_affine_act_streamed_f64(x, y, w, b, n, mean_hi, mean_lo, scale, shift, act, ahead)
     elif act == ACT_RELU:   # in one sweep (the others: a second sweep while y is in L1)
         if floating is float:
             fn_affine_relu_f32(x, y, w, b, n, mean_hi, mean_lo, scale, shift)

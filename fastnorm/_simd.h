@@ -1413,6 +1413,12 @@ FN_DEFINE_LRN075(float, f32)
  * inlined into the task loop, the transposes spilled registers (slower). */
 #define FN_TILE_BLOCK 8
 
+/* the cache lines of bytes from p, into L2 only (prefetcht2): data for later, which
+ * must not push the current work out of L1 */
+static inline void fn_prefetch_lines_l2(const void* p, ptrdiff_t bytes) {
+    for (ptrdiff_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char*)p + i, 0, 1);
+}
+
 /* the cache lines of bytes from p, to be read or (write) written */
 static inline void fn_prefetch_lines(const void* p, ptrdiff_t bytes, int write) {
     for (ptrdiff_t i = 0; i < bytes; i += 64) {
