@@ -41,7 +41,8 @@ from fastnorm._common cimport (
     FN_COLUMN_BLOCK, FN_COLUMN_ROWS, MAX_STRIPES, STREAM_BYTES, STREAM_RUN_BYTES, UNIT_ELEMS,
     Moments, block_moments,
     affine_coefficients, chan_merge, channels_affine, channels_backward, cols_grad_sums,
-    cols_moments, cols_shifted_sums, fence_if, fn_column_rows_per_lane, fold_mean_tail,
+    cols_moments, cols_shifted_sums, fence_if, fn_column_rows_per_lane, fn_line_twin,
+    fn_prefetch_lines_l2, fn_stream_copy, fold_mean_tail,
     row_centered_sums, run_affine_backward, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
@@ -131,6 +132,9 @@ cdef enum:
     # Values of a call small enough that rows_affine and rows_affine_backward skip their
     # parallel region at one thread (the plain loop compiled 8% slower for large calls)
     SMALL_CALL_VALUES = 1 << 16
+    # A streamed channels-last output with an activation is formed this many bytes at a
+    # time in an L1 scratch (rows_act_streamed)
+    ACT_STREAM_CHUNK_BYTES = 1024
 
 
 cdef inline bint use_runs(Py_ssize_t N, Py_ssize_t S, Py_ssize_t itemsize) noexcept nogil:
@@ -575,13 +579,71 @@ cdef inline void affine_rows_chunk(const floating* x, floating* y, Py_ssize_t R,
                     stream)
 
 
+cdef inline bint streams_act_rows(const void* y, Py_ssize_t C, Py_ssize_t itemsize) noexcept nogil:
+    """Whether rows_affine can stream an activated output: rows of whole lines of a
+    line-aligned y, so that no line is shared by two chunks (rows_act_streamed)."""
+    return <size_t>y % 64 == 0 and (C * itemsize) % 64 == 0
+
+
+cdef inline void act_chunk_streamed(const floating* x, floating* y, Py_ssize_t m, Py_ssize_t n,
+                                    double* buf, const floating* hi, const floating* scale,
+                                    const floating* shift, int act,
+                                    Py_ssize_t ahead) noexcept nogil:
+    """One chunk of rows_act_streamed: m rows of n channels (m > 1 only for whole rows)."""
+    cdef floating* z = <floating*>fn_line_twin(buf, y)
+    if ahead != 0:
+        fn_prefetch_lines_l2(x + ahead, m * n * sizeof(floating))
+    channels_affine(x, z, m, n, hi, scale, shift)
+    run_activate(z, m * n, act)
+    fn_stream_copy(y, z, m * n * sizeof(floating))
+
+
+cdef void rows_act_streamed(const floating* x, floating* y, Py_ssize_t r0, Py_ssize_t r1,
+                            Py_ssize_t C, const floating* hi, const floating* scale,
+                            const floating* shift, int act, Py_ssize_t ahead) noexcept nogil:
+    """Rows [r0, r1) of rows_affine with an activation, streamed: a chunk of at most
+    ACT_STREAM_CHUNK_BYTES (whole rows, or a piece of a longer row) is formed in an L1
+    scratch (z, then act(z) in place) and copied out with non-temporal stores
+    (fn_stream_copy), so that y's lines are never read for ownership; same values as
+    row_affine_act. ahead (values, 0: none): each chunk also prefetches x's lines that far
+    ahead into L2, a few at a time. Out of line: the scratch stays in this frame."""
+    cdef double buf[(ACT_STREAM_CHUNK_BYTES >> 3) + 8]    # a chunk, and a line to align it
+    cdef Py_ssize_t chunk = ACT_STREAM_CHUNK_BYTES // sizeof(floating)
+    cdef Py_ssize_t rows = max(1, chunk // C)    # whole rows per chunk
+    cdef Py_ssize_t r, c0, m, n
+    r = r0
+    while r < r1:
+        m = min(rows, r1 - r)
+        c0 = 0
+        while c0 < C:    # one pass for whole rows, pieces of chunk values of longer ones
+            n = min(C - c0, chunk) if m == 1 else C
+            act_chunk_streamed(x + r * C + c0, y + r * C + c0, m, n, buf,
+                               NULL if hi == NULL else hi + c0, scale + c0, shift + c0, act,
+                               ahead)
+            c0 += n
+        r += m
+
+
 cdef void rows_affine(const floating* x, floating* y, Py_ssize_t R, Py_ssize_t C,
                       const floating* hi, const floating* scale, const floating* shift,
-                      int act, int n_threads, bint stream=False) noexcept nogil:
+                      int act, int n_threads, bint stream=False,
+                      Py_ssize_t ahead=0) noexcept nogil:
     """y = act(z) over every row and channel (row_affine_act). A plain forward
     goes AFFINE_ROWS rows per call (one call per row cost 8% more instructions at 128
-    channels); stream (without an activation): non-temporal stores, one fence per thread."""
+    channels); stream: non-temporal stores, one fence per thread (with an activation
+    only for whole-line rows, streams_act_rows, and then ahead as in rows_act_streamed)."""
     cdef Py_ssize_t r, t
+    if act != ACT_NONE and stream and streams_act_rows(y, C, sizeof(floating)):
+        if n_threads == 1:
+            rows_act_streamed(x, y, 0, R, C, hi, scale, shift, act, ahead)
+            fence_if(True)
+            return
+        with parallel(num_threads=n_threads):
+            for t in prange((R + AFFINE_ROWS - 1) // AFFINE_ROWS, schedule="static"):
+                rows_act_streamed(x, y, t * AFFINE_ROWS, min(R, (t + 1) * AFFINE_ROWS), C, hi,
+                                  scale, shift, act, ahead)
+            fence_if(True)
+        return
     if act == ACT_NONE:
         # no parallel region for a small call at one thread (see rows_moments); larger
         # ones keep the parallel loop, whose outlined body gcc compiles tighter (the plain
@@ -618,24 +680,35 @@ cdef floating* affine_rows_coefficients(const double* mean, const double* scale,
     return NULL if centered else out
 
 
+cdef inline void row_backward_ahead(const floating* x, const floating* dy, floating* dx,
+                                    Py_ssize_t r, Py_ssize_t C, const floating* mean_hi,
+                                    const floating* k_dy, const floating* k_x,
+                                    const floating* k_0, bint stream,
+                                    Py_ssize_t ahead) noexcept nogil:
+    """Row r of rows_affine_backward."""
+    if ahead != 0:
+        fn_prefetch_lines_l2(x + r * C + ahead, C * sizeof(floating))
+        fn_prefetch_lines_l2(dy + r * C + ahead, C * sizeof(floating))
+    channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0, stream)
+
+
 cdef void rows_affine_backward(const floating* x, const floating* dy, floating* dx,
                                Py_ssize_t R, Py_ssize_t C, const floating* mean_hi,
                                const floating* k_dy, const floating* k_x, const floating* k_0,
-                               int n_threads, bint stream=False) noexcept nogil:
+                               int n_threads, bint stream=False, Py_ssize_t ahead=0) noexcept nogil:
     """dx = k_dy * dy + k_x * (x - mean_hi) + k_0 per channel over (R, C) rows, k_0 with
     the mean's tail folded in (see channels_backward); stream: non-temporal stores, one
-    fence per thread."""
+    fence per thread; ahead (values, 0: none): also prefetch x's and dy's rows that far
+    ahead into L2, a row at a time."""
     cdef Py_ssize_t r
     if n_threads == 1 and R * C <= SMALL_CALL_VALUES:   # see rows_affine
         for r in range(R):
-            channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0,
-                              stream)
+            row_backward_ahead(x, dy, dx, r, C, mean_hi, k_dy, k_x, k_0, stream, ahead)
         fence_if(stream)
         return
     with parallel(num_threads=n_threads):
         for r in prange(R, schedule="static"):
-            channels_backward(x + r * C, dy + r * C, dx + r * C, C, mean_hi, k_dy, k_x, k_0,
-                              stream)
+            row_backward_ahead(x, dy, dx, r, C, mean_hi, k_dy, k_x, k_0, stream, ahead)
         fence_if(stream)
 
 

@@ -121,6 +121,7 @@ cdef extern from "_simd.h" nogil:
                                 const float* x, const float* own, float* dx, Py_ssize_t n,
                                 float coef, bint stream)
     void fn_prefetch_lines(const void* p, Py_ssize_t bytes, int write)
+    void fn_prefetch_lines_l2(const void* p, Py_ssize_t bytes)
     void* fn_line_twin(void* buf, const void* dst)
     void fn_stream_copy(void* dst, const void* src, size_t nbytes)
     void fn_transpose_f32(const float* s, Py_ssize_t ss, float* d, Py_ssize_t ds,

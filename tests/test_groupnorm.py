@@ -219,13 +219,18 @@ def test_large_output_written_with_streaming_stores_is_bitwise_the_same(layout, 
 
 
 @pytest.mark.parametrize("activation", ["relu", "silu", "gelu"])
-@pytest.mark.parametrize("shape", [(9, 64, 96, 77), (17, 128, 33, 61)])
-def test_streamed_activation_output_is_bitwise_the_plain_one(shape, activation):
+@pytest.mark.parametrize("layout, shape", [("contiguous", (9, 64, 96, 77)),
+                                           ("contiguous", (17, 128, 33, 61)),
+                                           ("channels_last", (9, 64, 96, 77)),
+                                           ("channels_last", (3, 640, 48, 48))])
+def test_streamed_activation_output_is_bitwise_the_plain_one(layout, shape, activation):
     """With a fused activation, a streamed output is formed in an L1 scratch placed at
     its line offset, then copied out (fn_stream_copy): the same bits as one sample
     alone, written in place with plain stores. Runs of 7392 values make units of 4096
-    and 3296; runs of 2013 values, units of two whole runs."""
-    x = make_input(shape, np.float32, seed=22)
+    and 3296; runs of 2013 values, units of two whole runs. Channels-last rows of 64
+    floats go four to a chunk (rows_act_streamed); rows of 640, in pieces of 256, 256
+    and 128."""
+    x = make_input(shape, np.float32, layout, seed=22)
     layer = fn.GroupNorm(8, shape[1], activation=activation)
     randomize_parameters(layer)
     big = layer(x)
