@@ -57,7 +57,7 @@
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange, threadid
 
-from fastnorm._activations cimport ACT_NONE, run_affine_act, run_affine_act_grad
+from fastnorm._activations cimport ACT_NONE, ACT_RELU, run_affine_act, run_affine_act_grad
 
 from fastnorm._common cimport (
     FN_ROW_GROUP, FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_DX_BYTES, STREAM_DX_ROW_BYTES,
@@ -366,9 +366,9 @@ cdef inline void forward_row(const floating* x, const floating* res, floating* h
     with an activation, that pass is long enough to be worth overlapping with the next
     row's reads: it prefetches row r + 1 into L2 as it goes (g.prefetch_next, rows of at
     most PREFETCH_ROW_BYTES; with static scheduling a thread's next row is r + 1).
-    Kernel A/B, cold, GroupNorm/InstanceNorm shapes with rows of 64-256 KiB: silu
-    1.08-1.15x faster at 1 thread and 1.11-1.24x at 2, gelu_tanh 1.09-1.20x, relu
-    1.03-1.09x (2 threads 0.99-1.27x); same bits."""
+    Kernel A/B, cold, geometric means of 4 runs in both orders, GroupNorm/InstanceNorm
+    shapes with rows of 64-128 KiB: silu 1.06-1.16x faster at 1 thread, 1.05-1.12x at 2;
+    same bits. relu computes too little to gain (0.90-1.07x): not for relu."""
     cdef Moments acc
     cdef Py_ssize_t u
     cdef const floating* src = x if res == NULL else h    # what is normalized
@@ -791,7 +791,7 @@ def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t 
                 >= STREAM_BYTES
                 and streams_runs((g.S if per_channel else g.D) * cnp.PyArray_ITEMSIZE(x),
                                  cnp.PyArray_DATA(y), p_h, act))
-    g.prefetch_next = (g.stream and act != ACT_NONE and residual is None
+    g.prefetch_next = (g.stream and act != ACT_NONE and act != ACT_RELU and residual is None
                        and g.D * cnp.PyArray_ITEMSIZE(x) <= PREFETCH_ROW_BYTES
                        and not split_by_unit(&g, n_threads))
     if split_by_unit(&g, n_threads):
