@@ -256,11 +256,12 @@ def test_nan_poisons_only_its_channel():
 
 
 @pytest.mark.parametrize("shape", [(32, 16, 300), (4096, 24), (2, 3, 5000), (6, 40, 50, 20),
-                                   (64, 2, 9000), (16, 5, 300)])
+                                   (64, 2, 9000), (16, 5, 300), (5, 300, 9, 11)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_bitwise_identical_for_any_thread_count(shape, layout, monkeypatch):
     """Per-channel and split paths, every strategy: identical bits for 1, 2, 3 threads.
-    (16, 5, 300): runs order, backward fused per channel at 1 and 2 threads, split at 3."""
+    (16, 5, 300): runs order, backward fused per channel at 1 and 2 threads, split at 3.
+    (5, 300, 9, 11) channels-last: the column sums' register tiles."""
     monkeypatch.setattr(fn._threads, "MIN_VALUES_PER_THREAD", 1)  # threads even for small inputs
     if layout == "channels_last" and len(shape) < 3:
         pytest.skip("2-D input has no channels-last form")

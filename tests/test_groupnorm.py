@@ -25,6 +25,8 @@ CASES = [
     ((2, 4, 2, 3, 5), 2),
     ((1, 2, 4099), 1),           # a row longer than one unit
     ((1, 6, 2, 4099), 3),        # runs longer than one unit
+    ((2, 300, 9, 7), 10),        # channels-last rows of 1 KiB and more: the column sums'
+                                 # register tiles (FN_COLUMN_TILE), 12 channels left over
 ]
 
 
@@ -131,6 +133,7 @@ def test_hard_data_far_from_zero(layout, dtype):
     ((64, 8, 15, 15), 4, "contiguous"),           # many short rows
     ((3, 24, 41, 37), 6, "channels_last"),       # threads take whole samples
     ((1, 24, 71, 67), 6, "channels_last"),        # one sample: its kernels in parallel
+    ((3, 300, 11, 13), 10, "channels_last"),      # column sums in register tiles
 ])
 def test_bitwise_identical_for_any_thread_count(shape, groups, layout):
     x = make_input(shape, np.float32, layout, seed=16, mean=2.0)
