@@ -221,9 +221,12 @@ def test_fused_bitwise_identical_for_any_thread_count(shape, name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_sync_batchnorm_activation_with_a_communicator(dtype):
-    """The synchronized path (one process, a summing callable) equals BatchNorm's."""
-    x = make_input((3, 4, 5, 2), dtype, "channels_last", seed=7)
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_sync_batchnorm_activation_with_a_communicator(dtype, layout):
+    """The synchronized path (one process, a summing callable) equals BatchNorm's, on
+    channels-last rows and channels-first runs (its backward keeps g in dx for every
+    activation; BatchNorm forms relu's g again in the dx pass over runs)."""
+    x = make_input((3, 4, 5, 2), dtype, layout, seed=7)
     dy = make_input((3, 4, 5, 2), dtype, seed=8)
     for name in ACTIVATIONS:
         sync = fn.SyncBatchNorm(4, activation=name, comm=lambda a: a.copy(), dtype=dtype)
