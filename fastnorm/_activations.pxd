@@ -24,6 +24,8 @@ cdef extern from "_activations.h" nogil:
         ACT_SILU "FN_ACT_SILU"
         ACT_GELU "FN_ACT_GELU"
         ACT_GELU_TANH "FN_ACT_GELU_TANH"
+        # bytes of a streamed activated output formed at a time in an L1 scratch
+        STREAM_ACT_CHUNK_BYTES "FN_STREAM_ACT_CHUNK_BYTES"
     void fn_activate_f32(float* y, Py_ssize_t n, int act)
     void fn_activate_f64(double* y, Py_ssize_t n, int act)
     void fn_act_grad_f32(const float* z, const float* dy, float* g, Py_ssize_t n, int act)

@@ -46,9 +46,9 @@ from fastnorm._common cimport (
     row_centered_sums, run_affine_backward, split_hi_lo, stripe_start,
 )
 from fastnorm._activations cimport (
-    ACT_NONE, ACT_RELU, act_grad_is_cheap, act_rows_interleave, channels_act_grad,
-    channels_relu, cols_act_grad_sums, run_act_affine_backward, run_act_grad_sums,
-    run_activate, run_affine_act,
+    ACT_NONE, ACT_RELU, STREAM_ACT_CHUNK_BYTES, act_grad_is_cheap, act_rows_interleave,
+    channels_act_grad, channels_relu, cols_act_grad_sums, run_act_affine_backward,
+    run_act_grad_sums, run_activate, run_affine_act,
 )
 
 # A channel up to this size is normalized straight after its statistics,
@@ -132,9 +132,6 @@ cdef enum:
     # Values of a call small enough that rows_affine and rows_affine_backward skip their
     # parallel region at one thread (the plain loop compiled 8% slower for large calls)
     SMALL_CALL_VALUES = 1 << 16
-    # A streamed channels-last output with an activation is formed this many bytes at a
-    # time in an L1 scratch (rows_act_streamed)
-    ACT_STREAM_CHUNK_BYTES = 1024
 
 
 cdef inline bint use_runs(Py_ssize_t N, Py_ssize_t S, Py_ssize_t itemsize) noexcept nogil:
@@ -602,13 +599,14 @@ cdef void rows_act_streamed(const floating* x, floating* y, Py_ssize_t r0, Py_ss
                             Py_ssize_t C, const floating* hi, const floating* scale,
                             const floating* shift, int act, Py_ssize_t ahead) noexcept nogil:
     """Rows [r0, r1) of rows_affine with an activation, streamed: a chunk of at most
-    ACT_STREAM_CHUNK_BYTES (whole rows, or a piece of a longer row) is formed in an L1
+    STREAM_ACT_CHUNK_BYTES (whole rows, or a piece of a longer row) is formed in an L1
     scratch (z, then act(z) in place) and copied out with non-temporal stores
     (fn_stream_copy), so that y's lines are never read for ownership; same values as
-    row_affine_act. ahead (values, 0: none): each chunk also prefetches x's lines that far
-    ahead into L2, a few at a time. Out of line: the scratch stays in this frame."""
-    cdef double buf[(ACT_STREAM_CHUNK_BYTES >> 3) + 8]    # a chunk, and a line to align it
-    cdef Py_ssize_t chunk = ACT_STREAM_CHUNK_BYTES // sizeof(floating)
+    row_affine_act, and the chunk size of the rows family's fn_affine_act_streamed. ahead
+    (values, 0: none): each chunk also prefetches x's lines that far ahead into L2, a few
+    at a time. Out of line: the scratch stays in this frame."""
+    cdef double buf[(STREAM_ACT_CHUNK_BYTES >> 3) + 8]    # a chunk, and a line to align it
+    cdef Py_ssize_t chunk = STREAM_ACT_CHUNK_BYTES // sizeof(floating)
     cdef Py_ssize_t rows = max(1, chunk // C)    # whole rows per chunk
     cdef Py_ssize_t r, c0, m, n
     r = r0
