@@ -864,6 +864,16 @@ static inline void fn_row_backward_coefficients(double rstd, double sum_g, doubl
 
 
 
+/* the cache lines of bytes from p, to be read or (write) written */
+static inline void fn_prefetch_lines(const void* p, ptrdiff_t bytes, int write) {
+    for (ptrdiff_t i = 0; i < bytes; i += 64) {
+        if (write)
+            __builtin_prefetch((const char*)p + i, 1, 3);
+        else
+            __builtin_prefetch((const char*)p + i, 0, 3);
+    }
+}
+
 /* the cache lines of bytes from p, into L2 only (prefetcht2): data for later, which
  * must not push the current work out of L1 */
 static inline void fn_prefetch_lines_l2(const void* p, ptrdiff_t bytes) {
@@ -1002,8 +1012,9 @@ static inline ptrdiff_t fn_column_rows_per_lane(ptrdiff_t nc, ptrdiff_t stride) 
         }                                                                                 \
         for (ptrdiff_t r = 0; r < nrows; r += per_lane) {                                 \
             const T* row = x + r * stride;                                                \
-            const ptrdiff_t n = r / per_lane < full ? width : (nrows - r) * nc;          \
-            for (ptrdiff_t i = r / per_lane < full ? c0 : 0; i < n; i++) {                \
+            const int whole = r / per_lane < full; /* else the last, partial lane-row */ \
+            const ptrdiff_t n = whole ? width : (nrows - r) * nc;                         \
+            for (ptrdiff_t i = whole ? c0 : 0; i < n; i++) {                              \
                 T a = row[i] - k[i];                                                      \
                 d[i] += a;                                                                \
                 q[i] += a * a;                                                            \
@@ -1465,16 +1476,6 @@ FN_DEFINE_LRN075(float, f32)
  * memory while it computes the previous tile (see _lrn.pxi). Not inlined:
  * inlined into the task loop, the transposes spilled registers (slower). */
 #define FN_TILE_BLOCK 8
-
-/* the cache lines of bytes from p, to be read or (write) written */
-static inline void fn_prefetch_lines(const void* p, ptrdiff_t bytes, int write) {
-    for (ptrdiff_t i = 0; i < bytes; i += 64) {
-        if (write)
-            __builtin_prefetch((const char*)p + i, 1, 3);
-        else
-            __builtin_prefetch((const char*)p + i, 0, 3);
-    }
-}
 
 /* d[c * ds + r] = s[r * ss + c] for r < nr, c < nc */
 #define FN_TRANSPOSE_LOOP(s, ss, d, ds, nr, nc)                                          \
