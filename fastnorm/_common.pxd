@@ -132,6 +132,13 @@ cdef extern from "_simd.h" nogil:
     void fn_lrn_tile_in_f64(const double* rows, double* tile, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_out_f32(const float* tile, float* rows, Py_ssize_t C, Py_ssize_t w)
     void fn_lrn_tile_out_f64(const double* tile, double* rows, Py_ssize_t C, Py_ssize_t w)
+    enum: FN_LRN_ROWS_MAX_SIZE
+    Py_ssize_t fn_lrn_rows_scratch(Py_ssize_t C)
+    void fn_lrn_rows_forward075_f32(const float* x, float* y, Py_ssize_t nrows, Py_ssize_t C,
+                                    int lo, int hi, double k, double a, float* scratch)
+    void fn_lrn_rows_backward075_f32(const float* x, const float* dy, float* dx,
+                                     Py_ssize_t nrows, Py_ssize_t C, int lo, int hi, double k,
+                                     double a, float coef, float* scratch)
     void fn_block_moments_f32(const float* x, Py_ssize_t nrows, Py_ssize_t ncols,
                               Py_ssize_t stride, double* mean, double* m2)
     void fn_block_moments_f64(const double* x, Py_ssize_t nrows, Py_ssize_t ncols,

@@ -61,7 +61,8 @@ from fastnorm._common cimport (
     fn_lrn_backward075_f32, fn_lrn_backward075_f64, fn_lrn_forward075_f32, fn_lrn_forward075_f64,
     fn_lrn_window_term_f32, fn_lrn_window_term_f64,
     fn_lrn_tile_in_f32, fn_lrn_tile_in_f64, fn_lrn_tile_out_f32, fn_lrn_tile_out_f64,
-    fn_prefetch_lines, fn_stream_fence, STREAM_BYTES, STREAM_RUN_BYTES,
+    fn_lrn_rows_backward075_f32, fn_lrn_rows_forward075_f32, fn_lrn_rows_scratch,
+    fn_prefetch_lines, fn_stream_fence, FN_LRN_ROWS_MAX_SIZE, STREAM_BYTES, STREAM_RUN_BYTES,
 )
 
 ctypedef fused acc_t:
@@ -102,6 +103,8 @@ cdef struct Lrn:
 cdef struct LrnPlan:
     Py_ssize_t N, C, S
     bint rows             # S == 1: channels-last rows, transposed in tiles
+    bint direct           # rows of float32 data, beta = 0.75 and size <= FN_LRN_ROWS_MAX_SIZE:
+                          # no tiles, fn_lrn_rows_*075_f32 on the rows themselves (_simd.h)
     Py_ssize_t block      # positions per block (a window's width; rows: per tile)
     Py_ssize_t width      # positions per task (rows: whole tiles)
     Py_ssize_t per_n      # tasks per n (channels-first)
@@ -420,15 +423,18 @@ cdef Lrn lrn_params(Py_ssize_t C, Py_ssize_t size, double alpha, double beta,
 
 
 cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
-                      Py_ssize_t item_bytes, Py_ssize_t acc_bytes, bint backward) noexcept nogil:
+                      Py_ssize_t item_bytes, Py_ssize_t acc_bytes, bint backward,
+                      bint fast_rows) noexcept nogil:
     """Tasks and scratch sizes; fixed by the shape, size, data and accumulator
-    types (the result of an element never depends on them anyway)."""
+    types (the result of an element never depends on them anyway). fast_rows: float32
+    data with beta = 0.75 (channels-last rows may then take the direct route)."""
     cdef LrnPlan q
     cdef Py_ssize_t tiles, positions, width
     q.N = N
     q.C = C
     q.S = S
     q.rows = S == 1
+    q.direct = q.rows and fast_rows and size <= FN_LRN_ROWS_MAX_SIZE
     q.ring = min(size, C)
     q.own_rows = size // 2 + 1
     positions = N if q.rows else N * S
@@ -460,7 +466,9 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
         q.n_sums = (q.ring + 2) * row_pitch(q.block)
         q.n_work = 0
         tiles = 2       # x, y
-    if q.rows:
+    if q.direct:
+        q.n_work = row_pitch(fn_lrn_rows_scratch(C))
+    elif q.rows:
         q.n_work = row_pitch(q.n_work + tiles * C * q.block)   # threads' scratch stays aligned
     q.stream = (not q.rows and N * C * S * item_bytes >= STREAM_BYTES
                 and q.width * item_bytes >= STREAM_RUN_BYTES)
@@ -522,6 +530,11 @@ cdef void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p, Py_ss
     cdef floating* x_tile = work
     cdef floating* y_tile = work + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
+    if floating is float:
+        if q.direct:
+            fn_lrn_rows_forward075_f32(x + offset, y + offset, w, q.C, p.lo, p.hi, p.k, p.a,
+                                       work)
+            return
     if not q.rows:
         ahead = rows_ahead(x + offset + (p.hi + 1) * stride, NULL, stride * sizeof(floating), p)
         forward_block(x + offset, y + offset, stride, w, p, sums, &ahead, q.stream)
@@ -548,6 +561,11 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
     cdef floating* dy_tile = x_tile + q.C * q.block
     cdef floating* dx_tile = dy_tile + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
+    if floating is float:
+        if q.direct:
+            fn_lrn_rows_backward075_f32(x + offset, dy + offset, dx + offset, w, q.C, p.lo,
+                                        p.hi, p.k, p.a, <float>p.coef, work)
+            return
     if not q.rows:
         ahead = rows_ahead(x + offset + (p.hi + 1) * stride, dy + offset + stride,
                            stride * sizeof(floating), p)
@@ -611,7 +629,7 @@ def lrn_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y, Py_ssize_t s
     cdef Lrn p = lrn_params(x.shape[1], size, alpha, beta, k)
     cdef bint float_sums = floating is float and size <= FLOAT_SUMS_MAX_SIZE
     cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, sizeof(floating),
-                              4 if float_sums else 8, False)
+                              4 if float_sums else 8, False, floating is float and p.beta_075)
     cdef floating[:, ::1] work
     cdef float[:, ::1] sums32
     cdef double[:, ::1] sums64
@@ -641,7 +659,7 @@ def lrn_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     cdef Lrn p = lrn_params(x.shape[1], size, alpha, beta, k)
     cdef bint float_sums = floating is float and size <= FLOAT_SUMS_MAX_SIZE
     cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, sizeof(floating),
-                              4 if float_sums else 8, True)
+                              4 if float_sums else 8, True, floating is float and p.beta_075)
     cdef floating[:, ::1] work
     cdef float[:, ::1] sums32
     cdef double[:, ::1] sums64

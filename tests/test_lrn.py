@@ -248,18 +248,69 @@ def test_channels_last_in_place_and_kept(shape, dtype):
     check_backward(dx, x, dy, 4, 0.2, 0.75, 1.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("size", [5, 11])
-def test_channels_last_bitwise_like_channels_first(size, dtype):
-    """Channels-last rows go through transposed tiles, several per task (the
-    next one prefetched while one is computed), a partial one at the end; every
-    element still gets exactly the arithmetic of channels-first memory."""
+@pytest.mark.parametrize("dtype,size,beta", [(np.float32, 11, 0.75), (np.float32, 5, 0.6),
+                                             (np.float64, 5, 0.75), (np.float64, 11, 0.75)])
+def test_channels_last_tiles_bitwise_like_channels_first(dtype, size, beta):
+    """Channels-last rows outside the direct route (float64, beta != 0.75, size > 8) go
+    through transposed tiles, several per task (the next one prefetched while one is
+    computed), a partial one at the end; every element still gets exactly the
+    arithmetic of channels-first memory."""
     x = make((8, 13, 40, 41), dtype)
     dy = make(x.shape, dtype, seed=1)
-    assert np.array_equal(local_response_norm(channels_last(x), size),
-                          local_response_norm(x, size))
-    assert np.array_equal(local_response_norm_backward(channels_last(dy), channels_last(x), size),
-                          local_response_norm_backward(dy, x, size))
+    assert np.array_equal(local_response_norm(channels_last(x), size, 1e-4, beta),
+                          local_response_norm(x, size, 1e-4, beta))
+    assert np.array_equal(
+        local_response_norm_backward(channels_last(dy), channels_last(x), size, 1e-4, beta),
+        local_response_norm_backward(dy, x, size, 1e-4, beta))
+
+
+@pytest.mark.parametrize("C", [1, 3, 8, 13, 17, 96])
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8])
+def test_channels_last_direct_route(size, C):
+    """float32 channels-last rows with beta = 0.75 and size <= 8 are computed on the rows
+    themselves (window sums of neighbouring channels in a zero-padded scratch row, eight
+    rows per pass): channel counts below, at and between whole vectors, odd and even
+    windows, partial row groups (3 * 5 * 7 rows). Within float rounding of the reference
+    and of channels-first memory (the sums are added in another order)."""
+    x = make((3, C, 5, 7), np.float32)
+    dy = make(x.shape, np.float32, seed=1, scale=1.0)
+    for alpha, k in ((1e-4, 1.0), (2.0, 0.5)):
+        y = local_response_norm(channels_last(x), size, alpha, 0.75, k)
+        assert np.moveaxis(y, 1, -1).flags.c_contiguous
+        check_forward(y, x, size, alpha, 0.75, k)
+        np.testing.assert_allclose(y, local_response_norm(x, size, alpha, 0.75, k),
+                                   rtol=2 * forward_tol(np.float32), atol=1e-30)
+        dx = local_response_norm_backward(channels_last(dy), channels_last(x), size, alpha,
+                                          0.75, k)
+        check_backward(dx, x, dy, size, alpha, 0.75, k)
+
+
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_nan_inf_and_zero_scales_in_either_layout(layout, torch):
+    """The direct channels-last route's special values (NaN windows, s = 0 with k = 0,
+    s = inf) match channels-first memory and torch."""
+    x = np.zeros((2, 13, 19), np.float32)
+    x[0, 1, 1] = 2.0
+    x[0, 0, 3] = np.inf
+    x[0, 12, 4] = np.inf
+    x[0, 3, 9] = np.nan
+    x[1, 2, 5] = 1e20
+    x[1, :, 10:] = 0.5
+    dy = np.ones_like(x)
+    if layout == "last":  # (N, C, L) memory as (N, L, C): rows of 13 channels
+        x = np.ascontiguousarray(x.transpose(0, 2, 1)).transpose(0, 2, 1)
+        dy = np.ascontiguousarray(dy.transpose(0, 2, 1)).transpose(0, 2, 1)
+    for k in (0.0, 1.0):
+        y = local_response_norm(x, 3, 1e-4, 0.75, k)
+        y_t = torch.nn.functional.local_response_norm(torch.tensor(np.ascontiguousarray(x)), 3,
+                                                      1e-4, 0.75, k).numpy()
+        np.testing.assert_allclose(y, y_t, rtol=1e-5, atol=0, equal_nan=True)
+        dx = local_response_norm_backward(dy, x, 3, 1e-4, 0.75, k)
+        dx_first = local_response_norm_backward(np.ascontiguousarray(dy), np.ascontiguousarray(x),
+                                                3, 1e-4, 0.75, k)
+        np.testing.assert_allclose(dx, dx_first, rtol=1e-5, atol=0, equal_nan=True)
+        if k > 0:  # an overflowing window (s = inf) has zero gradient, not inf * 0 = NaN
+            assert np.isfinite(dx[1, :, 5]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
