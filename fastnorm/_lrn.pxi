@@ -30,7 +30,11 @@
 # vectorize along them:
 #   * channels-first (N, C, S), S > 1: channel c of a task is x[n, c, s0:s0+width],
 #     ideally a whole channel plane, so that a task streams through memory;
-#   * channels-last rows (R, C, 1): a tile of `block` rows is transposed into
+#   * channels-last rows (R, C, 1), float32 with beta = 0.75 and size <=
+#     FN_LRN_ROWS_MAX_SIZE (the direct route, LrnPlan.direct): a task's rows go
+#     to fn_lrn_rows_*075_f32 (_simd.h), which sums each window from the
+#     neighbouring squares of its own row, in L1, without the machinery below;
+#   * other channels-last rows: a tile of `block` rows is transposed into
 #     a (C, block) scratch (fn_lrn_tile_in/out: in-register 8x8 transposes),
 #     processed like channels-first, and transposed back. A task is a run of
 #     tiles: while a tile is computed, the memory of the next one is
