@@ -139,6 +139,11 @@ cdef extern from "_simd.h" nogil:
     void fn_lrn_rows_backward075_f32(const float* x, const float* dy, float* dx,
                                      Py_ssize_t nrows, Py_ssize_t C, int lo, int hi, double k,
                                      double a, float coef, float* scratch)
+    void fn_lrn_planes_forward075_f32(const float* x, float* y, Py_ssize_t stride, Py_ssize_t w,
+                                      Py_ssize_t C, int lo, int hi, double k, double a)
+    void fn_lrn_planes_backward075_f32(const float* x, const float* dy, float* dx,
+                                       Py_ssize_t stride, Py_ssize_t w, Py_ssize_t C, int lo,
+                                       int hi, double k, double a, float coef)
     void fn_block_moments_f32(const float* x, Py_ssize_t nrows, Py_ssize_t ncols,
                               Py_ssize_t stride, double* mean, double* m2)
     void fn_block_moments_f64(const double* x, Py_ssize_t nrows, Py_ssize_t ncols,

@@ -26,15 +26,20 @@
 #
 # Every position (n, spatial) is independent, so the arithmetic of an element
 # never depends on how positions are grouped into tasks, nor on the thread count.
-# Positions are processed in rows of `width` values so that inner loops
+# The direct route (LrnPlan.direct: float32, beta = 0.75, size <= FN_LRN_ROWS_MAX_SIZE,
+# the common case) needs none of the window machinery below: each window sum is its
+# size neighbouring squares added in channel order (at most 8 non-negative terms).
+# Channels-last rows go to fn_lrn_rows_*075_f32 (a position's channels are
+# contiguous: in L1, eight rows per pass), channels-first memory to
+# fn_lrn_planes_*075_f32 (strips of 8 positions walked down the channels, the
+# window's squares, t and own parts in registers, the rows ahead prefetched). Both
+# give every element the same operations, so the two layouts give the same bits.
+#
+# Otherwise positions are processed in rows of `width` values so that inner loops
 # vectorize along them:
 #   * channels-first (N, C, S), S > 1: channel c of a task is x[n, c, s0:s0+width],
 #     ideally a whole channel plane, so that a task streams through memory;
-#   * channels-last rows (R, C, 1), float32 with beta = 0.75 and size <=
-#     FN_LRN_ROWS_MAX_SIZE (the direct route, LrnPlan.direct): a task's rows go
-#     to fn_lrn_rows_*075_f32 (_simd.h), which sums each window from the
-#     neighbouring squares of its own row, in L1, without the machinery below;
-#   * other channels-last rows: a tile of `block` rows is transposed into
+#   * channels-last rows: a tile of `block` rows is transposed into
 #     a (C, block) scratch (fn_lrn_tile_in/out: in-register 8x8 transposes),
 #     processed like channels-first, and transposed back. A task is a run of
 #     tiles: while a tile is computed, the memory of the next one is
@@ -65,6 +70,7 @@ from fastnorm._common cimport (
     fn_lrn_backward075_f32, fn_lrn_backward075_f64, fn_lrn_forward075_f32, fn_lrn_forward075_f64,
     fn_lrn_window_term_f32, fn_lrn_window_term_f64,
     fn_lrn_tile_in_f32, fn_lrn_tile_in_f64, fn_lrn_tile_out_f32, fn_lrn_tile_out_f64,
+    fn_lrn_planes_backward075_f32, fn_lrn_planes_forward075_f32,
     fn_lrn_rows_backward075_f32, fn_lrn_rows_forward075_f32, fn_lrn_rows_scratch,
     fn_prefetch_lines, fn_stream_fence, FN_LRN_ROWS_MAX_SIZE, STREAM_BYTES, STREAM_RUN_BYTES,
 )
@@ -107,8 +113,9 @@ cdef struct Lrn:
 cdef struct LrnPlan:
     Py_ssize_t N, C, S
     bint rows             # S == 1: channels-last rows, transposed in tiles
-    bint direct           # rows of float32 data, beta = 0.75 and size <= FN_LRN_ROWS_MAX_SIZE:
-                          # no tiles, fn_lrn_rows_*075_f32 on the rows themselves (_simd.h)
+    bint direct           # float32 data, beta = 0.75 and size <= FN_LRN_ROWS_MAX_SIZE: no window
+                          # storage; rows: fn_lrn_rows_*075_f32 on the rows themselves, no
+                          # tiles; channels-first: fn_lrn_planes_*075_f32 (_simd.h)
     Py_ssize_t block      # positions per block (a window's width; rows: per tile)
     Py_ssize_t width      # positions per task (rows: whole tiles)
     Py_ssize_t per_n      # tasks per n (channels-first)
@@ -438,7 +445,7 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
     q.C = C
     q.S = S
     q.rows = S == 1
-    q.direct = q.rows and fast_rows and size <= FN_LRN_ROWS_MAX_SIZE
+    q.direct = fast_rows and size <= FN_LRN_ROWS_MAX_SIZE
     q.ring = min(size, C)
     q.own_rows = size // 2 + 1
     positions = N if q.rows else N * S
@@ -471,7 +478,7 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
         q.n_work = 0
         tiles = 2       # x, y
     if q.direct:
-        q.n_work = row_pitch(fn_lrn_rows_scratch(C))
+        q.n_work = row_pitch(fn_lrn_rows_scratch(C)) if q.rows else 0
     elif q.rows:
         q.n_work = row_pitch(q.n_work + tiles * C * q.block)   # threads' scratch stays aligned
     q.stream = (not q.rows and N * C * S * item_bytes >= STREAM_BYTES
@@ -535,9 +542,13 @@ cdef void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p, Py_ss
     cdef floating* y_tile = work + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
     if floating is float:
-        if q.direct:
+        if q.direct and q.rows:
             fn_lrn_rows_forward075_f32(x + offset, y + offset, w, q.C, p.lo, p.hi, p.k, p.a,
                                        work)
+            return
+        if q.direct:
+            fn_lrn_planes_forward075_f32(x + offset, y + offset, stride, w, q.C, p.lo, p.hi,
+                                         p.k, p.a)
             return
     if not q.rows:
         ahead = rows_ahead(x + offset + (p.hi + 1) * stride, NULL, stride * sizeof(floating), p)
@@ -566,9 +577,13 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
     cdef floating* dx_tile = dy_tile + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
     if floating is float:
-        if q.direct:
+        if q.direct and q.rows:
             fn_lrn_rows_backward075_f32(x + offset, dy + offset, dx + offset, w, q.C, p.lo,
                                         p.hi, p.k, p.a, <float>p.coef, work)
+            return
+        if q.direct:
+            fn_lrn_planes_backward075_f32(x + offset, dy + offset, dx + offset, stride, w, q.C,
+                                          p.lo, p.hi, p.k, p.a, <float>p.coef)
             return
     if not q.rows:
         ahead = rows_ahead(x + offset + (p.hi + 1) * stride, dy + offset + stride,

@@ -1820,6 +1820,248 @@ static inline void fn_lrn_rows_backward075_f32(const float* x, const float* dy, 
     }
 }
 
+/* Channels-first memory through the same arithmetic: strips of 8 positions walked down
+ * the C channels (rows `stride` apart), the window's squares, and in the backward t and
+ * the channel's own part, kept in registers as they slide; no scratch. Each value gets
+ * exactly the rows route's operations in the same order, so both layouts give the same
+ * bits. The strips lose the hardware prefetchers (one piece of 32 bytes per channel row),
+ * so every channel step prefetches its rows FN_LRN_STRIP_AHEAD positions ahead: x and dy
+ * to read, y or dx to write (without the write prefetch, each output line was fetched
+ * on demand). (32,96,55,55) at 1 thread, C driver: forward 4.6, backward 6.2 ms against
+ * the van Herk blocks' 5.3-5.7 and 10.5-11.6 ms; transposing strided channel rows into
+ * the rows route instead took 2x the time. Tasks: fn_lrn_planes_*075_f32. */
+#define FN_LRN_STRIP_AHEAD 64
+
+#if defined(__AVX2__) && defined(__FMA__)
+/* the lanes of v (or of a) where v (or a) is NaN, within the strip's m positions */
+static inline int fn_lrn_nan_mask(__m256 v, ptrdiff_t m) {
+    __m256 nan = fn_nan_lanes(v);
+    return _mm256_movemask_ps(m >= 8 ? nan : _mm256_and_ps(nan, fn_lanes_below(m)));
+}
+
+/* The squares' window of a strip: q[j] is the square of channel c - lo + j. Primed for
+ * c = 0 (channels 0 .. hi - 1 in q[lo + 1 ..]), then slid by one channel per step, the
+ * newest row (0 past the last channel) prefetched ahead. */
+FN_LRN_STEP void fn_lrn_strip_prime(__m256* q, const float* x, ptrdiff_t stride, ptrdiff_t C,
+                                    ptrdiff_t m, int lo, int hi) {
+    for (int j = 0; j < lo + hi + 1; j++) q[j] = _mm256_setzero_ps();
+    for (int j = 0; j < hi && j < C; j++) {
+        __m256 v = fn_load8(x + j * stride, m);
+        q[lo + 1 + j] = _mm256_mul_ps(v, v);
+    }
+}
+
+/* slides q to channel c and returns s = k + a * (q[0] + ... + q[size - 1], in order) */
+FN_LRN_STEP __m256 fn_lrn_strip_scale(__m256* q, const float* x, ptrdiff_t stride, ptrdiff_t C,
+                                      ptrdiff_t c, ptrdiff_t m, double k, double a, int lo,
+                                      int hi) {
+    const int size = lo + hi + 1;
+    for (int j = 0; j + 1 < size; j++) q[j] = q[j + 1];
+    q[size - 1] = _mm256_setzero_ps();
+    if (c + hi < C) {
+        const float* xn = x + (c + hi) * stride;
+        __m256 v = fn_load8(xn, m);
+        q[size - 1] = _mm256_mul_ps(v, v);
+        __builtin_prefetch(xn + FN_LRN_STRIP_AHEAD, 0, 3);
+    }
+    __m256 s = q[0];
+    for (int j = 1; j < size; j++) s = _mm256_add_ps(s, q[j]);
+    return _mm256_fmadd_ps(_mm256_set1_ps((float)a), s, _mm256_set1_ps((float)k));
+}
+
+/* y of one strip: m <= 8 positions of C channel rows; fix: NaN outputs as the portable
+ * route gives them (an infinite or NaN s, or a NaN x). Returns whether an output, before
+ * any fix, was NaN. */
+FN_LRN_STEP int fn_lrn_strip_forward(const float* x, float* y, ptrdiff_t stride, ptrdiff_t C,
+                                     ptrdiff_t m, double k, double a, int checked, int fix,
+                                     int lo, int hi) {
+    __m256 nan = _mm256_setzero_ps(), q[FN_LRN_ROWS_MAX_SIZE];
+    fn_lrn_strip_prime(q, x, stride, C, m, lo, hi);
+    for (ptrdiff_t c = 0; c < C; c++) {
+        __m256 s = fn_lrn_strip_scale(q, x, stride, C, c, m, k, a, lo, hi);
+        __m256 xc = fn_load8(x + c * stride, m);
+        __m256 v = _mm256_mul_ps(xc, fn_pow075_8(s, checked, NULL));
+        int bad = fix ? fn_lrn_nan_mask(v, m) : 0;
+        nan = _mm256_or_ps(nan, fn_nan_lanes(v));
+        if (bad) {   /* an infinite or NaN s, or a NaN x: as the portable route gives them */
+            float sv[8], xv[8], out[8];
+            _mm256_storeu_ps(sv, s);
+            _mm256_storeu_ps(xv, xc);
+            _mm256_storeu_ps(out, v);
+            for (int l = 0; l < 8; l++)
+                if (bad >> l & 1) out[l] = xv[l] * fn_pow075_portable(sv[l], 0);
+            v = _mm256_loadu_ps(out);
+        }
+        fn_store8(y + c * stride, v, m);
+        __builtin_prefetch(y + c * stride + FN_LRN_STRIP_AHEAD, 1, 3);
+    }
+    return fn_lrn_nan_mask(nan, m);
+}
+
+/* dx of one strip (see fn_lrn_rows_backward075_f32): at step c, channel c's own part and
+ * t join their rings and channel c - lo, whose mirrored window then has every t it needs,
+ * gets its dx. fix: a NaN own or t is first formed as the portable route gives it. Returns
+ * whether a dx was NaN (a NaN own or t always makes one). */
+FN_LRN_STEP int fn_lrn_strip_backward(const float* x, const float* dy, float* dx,
+                                      ptrdiff_t stride, ptrdiff_t C, ptrdiff_t m, double k,
+                                      double a, float coef, int checked, int fix, int lo,
+                                      int hi) {
+    const int size = lo + hi + 1;
+    __m256 q[FN_LRN_ROWS_MAX_SIZE];            /* q[j]: square of channel c - lo + j */
+    __m256 t[FN_LRN_ROWS_MAX_SIZE];            /* t[j]: t of channel c - lo - hi + j */
+    __m256 own[FN_LRN_ROWS_MAX_SIZE / 2 + 1];  /* own[j]: own part of channel c - lo + j */
+    __m256 nan = _mm256_setzero_ps();
+    fn_lrn_strip_prime(q, x, stride, C, m, lo, hi);
+    for (int j = 0; j < size; j++) t[j] = _mm256_setzero_ps();
+    for (int j = 0; j <= lo; j++) own[j] = _mm256_setzero_ps();
+    for (ptrdiff_t c = 0; c < C + lo; c++) {
+        for (int j = 0; j + 1 < size; j++) t[j] = t[j + 1];
+        for (int j = 0; j < lo; j++) own[j] = own[j + 1];
+        t[size - 1] = own[lo] = _mm256_setzero_ps();
+        if (c < C) {
+            __m256 s = fn_lrn_strip_scale(q, x, stride, C, c, m, k, a, lo, hi);
+            __m256 p175, g = fn_load8(dy + c * stride, m), xc = fn_load8(x + c * stride, m);
+            __builtin_prefetch(dy + c * stride + FN_LRN_STRIP_AHEAD, 0, 3);
+            __m256 d = _mm256_mul_ps(g, fn_pow075_8(s, checked, &p175));
+            __m256 tv = _mm256_mul_ps(_mm256_mul_ps(g, xc), p175);
+            int bad = fix ? fn_lrn_nan_mask(_mm256_or_ps(fn_nan_lanes(d), fn_nan_lanes(tv)), m)
+                          : 0;
+            if (bad) {   /* as the portable route gives them, before any dx uses them */
+                float sv[8], gv[8], xv[8], dv[8], t1[8];
+                _mm256_storeu_ps(sv, s);
+                _mm256_storeu_ps(gv, g);
+                _mm256_storeu_ps(xv, xc);
+                _mm256_storeu_ps(dv, d);
+                _mm256_storeu_ps(t1, tv);
+                for (int l = 0; l < 8; l++)
+                    if (bad >> l & 1) {
+                        dv[l] = gv[l] * fn_pow075_portable(sv[l], 0);
+                        t1[l] = gv[l] * xv[l] * fn_pow075_portable(sv[l], 1);
+                    }
+                d = _mm256_loadu_ps(dv);
+                tv = _mm256_loadu_ps(t1);
+            }
+            own[lo] = d;
+            t[size - 1] = tv;
+        }
+        if (c >= lo) {
+            ptrdiff_t j0 = c - lo;
+            __m256 sum = t[0];
+            for (int j = 1; j < size; j++) sum = _mm256_add_ps(sum, t[j]);
+            __m256 v = _mm256_fnmadd_ps(_mm256_mul_ps(_mm256_set1_ps(coef),
+                                                      fn_load8(x + j0 * stride, m)),
+                                        sum, own[0]);
+            nan = _mm256_or_ps(nan, fn_nan_lanes(v));   /* a NaN own or t reaches a dx */
+            fn_store8(dx + j0 * stride, v, m);
+            __builtin_prefetch(dx + j0 * stride + FN_LRN_STRIP_AHEAD, 1, 3);
+        }
+    }
+    return fn_lrn_nan_mask(nan, m);
+}
+
+/* Whole strips with m = 8 as a constant (a variable m, even >= 8, kept fn_load8's
+ * branch and buffer in the loop: backward 8.6 against 6.1 ms), then the rest. A strip
+ * runs without the NaN fix-ups first (their test at every step cost 0.9 ms of 7.4) and
+ * returns whether an output came out NaN; only then is it run again with them. The
+ * outputs are written only, never read, so the second run gives what one would have. */
+#define FN_LRN_STRIPS_FORWARD(x, y, stride, w, C, k, a, checked, lo, hi)                 \
+    do {                                                                                 \
+        ptrdiff_t i_ = 0;                                                                \
+        for (; i_ + 8 <= (w); i_ += 8)                                                   \
+            if (fn_lrn_strip_forward(x + i_, y + i_, stride, C, 8, k, a, checked, 0, lo,  \
+                                     hi))                                                \
+                fn_lrn_strip_forward(x + i_, y + i_, stride, C, 8, k, a, checked, 1, lo,  \
+                                     hi);                                                \
+        if (i_ < (w))                                                                    \
+            fn_lrn_strip_forward(x + i_, y + i_, stride, C, (w) - i_, k, a, checked, 1,  \
+                                 lo, hi);                                                \
+    } while (0)
+#define FN_LRN_STRIPS_BACKWARD(x, dy, dx, stride, w, C, k, a, coef, checked, lo, hi)     \
+    do {                                                                                 \
+        ptrdiff_t i_ = 0;                                                                \
+        for (; i_ + 8 <= (w); i_ += 8)                                                   \
+            if (fn_lrn_strip_backward(x + i_, dy + i_, dx + i_, stride, C, 8, k, a, coef, \
+                                      checked, 0, lo, hi))                               \
+                fn_lrn_strip_backward(x + i_, dy + i_, dx + i_, stride, C, 8, k, a, coef, \
+                                      checked, 1, lo, hi);                               \
+        if (i_ < (w))                                                                    \
+            fn_lrn_strip_backward(x + i_, dy + i_, dx + i_, stride, C, (w) - i_, k, a,   \
+                                  coef, checked, 1, lo, hi);                             \
+    } while (0)
+#define FN_LRN_STRIPS_SIZED_FORWARD(x, y, stride, w, C, k, a, lo, hi)                    \
+    FN_LRN_STRIPS_FORWARD(x, y, stride, w, C, k, a, 0, lo, hi)
+#define FN_LRN_STRIPS_SIZED_BACKWARD(x, dy, dx, stride, w, C, k, a, coef, lo, hi)        \
+    FN_LRN_STRIPS_BACKWARD(x, dy, dx, stride, w, C, k, a, coef, 0, lo, hi)
+#endif
+
+/* y for positions [0, w) of C channel rows stride apart (channels-first memory) */
+static inline void fn_lrn_planes_forward075_f32(const float* x, float* y, ptrdiff_t stride,
+                                                ptrdiff_t w, ptrdiff_t C, int lo, int hi,
+                                                double k, double a) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (fn_pow075_s_is_normal(k, a))
+        fn_lrn_rows_sized(lo, hi, FN_LRN_STRIPS_SIZED_FORWARD, x, y, stride, w, C, k, a);
+    else
+        FN_LRN_STRIPS_FORWARD(x, y, stride, w, C, k, a, 1, lo, hi);
+#else
+    /* position by position, each a row of C values as the rows route sums it */
+    float q[FN_LRN_ROWS_MAX_SIZE];
+    const int size = lo + hi + 1;
+    for (ptrdiff_t i = 0; i < w; i++) {
+        for (int j = 0; j < size; j++) q[j] = 0;
+        for (int j = 0; j < hi && j < C; j++) q[lo + 1 + j] = x[j * stride + i] * x[j * stride + i];
+        for (ptrdiff_t c = 0; c < C; c++) {
+            for (int j = 0; j + 1 < size; j++) q[j] = q[j + 1];
+            q[size - 1] = c + hi < C ? x[(c + hi) * stride + i] * x[(c + hi) * stride + i] : 0;
+            float s = q[0];
+            for (int j = 1; j < size; j++) s += q[j];
+            y[c * stride + i] = x[c * stride + i] * fn_pow075_portable(fmaf((float)a, s, (float)k), 0);
+        }
+    }
+#endif
+}
+
+/* dx for positions [0, w) of C channel rows stride apart (channels-first memory) */
+static inline void fn_lrn_planes_backward075_f32(const float* x, const float* dy, float* dx,
+                                                 ptrdiff_t stride, ptrdiff_t w, ptrdiff_t C,
+                                                 int lo, int hi, double k, double a,
+                                                 float coef) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (fn_pow075_s_is_normal(k, a))
+        fn_lrn_rows_sized(lo, hi, FN_LRN_STRIPS_SIZED_BACKWARD, x, dy, dx, stride, w, C, k, a,
+                          coef);
+    else
+        FN_LRN_STRIPS_BACKWARD(x, dy, dx, stride, w, C, k, a, coef, 1, lo, hi);
+#else
+    float q[FN_LRN_ROWS_MAX_SIZE], t[FN_LRN_ROWS_MAX_SIZE], own[FN_LRN_ROWS_MAX_SIZE / 2 + 1];
+    const int size = lo + hi + 1;
+    for (ptrdiff_t i = 0; i < w; i++) {
+        for (int j = 0; j < size; j++) q[j] = t[j] = 0;
+        for (int j = 0; j <= lo; j++) own[j] = 0;
+        for (int j = 0; j < hi && j < C; j++) q[lo + 1 + j] = x[j * stride + i] * x[j * stride + i];
+        for (ptrdiff_t c = 0; c < C + lo; c++) {
+            for (int j = 0; j + 1 < size; j++) q[j] = q[j + 1], t[j] = t[j + 1];
+            for (int j = 0; j < lo; j++) own[j] = own[j + 1];
+            q[size - 1] = c + hi < C ? x[(c + hi) * stride + i] * x[(c + hi) * stride + i] : 0;
+            t[size - 1] = own[lo] = 0;
+            if (c < C) {
+                float s = q[0];
+                for (int j = 1; j < size; j++) s += q[j];
+                s = fmaf((float)a, s, (float)k);
+                float g = dy[c * stride + i];
+                own[lo] = g * fn_pow075_portable(s, 0);
+                t[size - 1] = g * x[c * stride + i] * fn_pow075_portable(s, 1);
+            }
+            if (c >= lo) {
+                float sum = t[0];
+                for (int j = 1; j < size; j++) sum += t[j];
+                dx[(c - lo) * stride + i] = own[0] - coef * x[(c - lo) * stride + i] * sum;
+            }
+        }
+    }
+#endif
+}
+
 /* Short float rows in groups: the moments of FN_LANE_ROWS = 8 rows of at most 64 values
  * at once (attention heads, QK-norm). Row by row, each short row's moments are one chain
  * of dependent steps (the pilot and its horizontal sum, a division, the centered sums,

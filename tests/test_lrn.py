@@ -249,12 +249,16 @@ def test_channels_last_in_place_and_kept(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype,size,beta", [(np.float32, 11, 0.75), (np.float32, 5, 0.6),
-                                             (np.float64, 5, 0.75), (np.float64, 11, 0.75)])
-def test_channels_last_tiles_bitwise_like_channels_first(dtype, size, beta):
-    """Channels-last rows outside the direct route (float64, beta != 0.75, size > 8) go
+                                             (np.float64, 5, 0.75), (np.float64, 11, 0.75),
+                                             (np.float32, 5, 0.75), (np.float32, 4, 0.75),
+                                             (np.float32, 1, 0.75), (np.float32, 8, 0.75)])
+def test_channels_last_bitwise_like_channels_first(dtype, size, beta):
+    """Both layouts give every element exactly the same arithmetic. Float32 with beta =
+    0.75 and size <= 8 takes the direct route: rows of channels in L1 for channels-last
+    memory, strips of 8 positions walked down the channels for channels-first memory
+    (40 x 41 positions: whole strips and a partial one). Otherwise channels-last rows go
     through transposed tiles, several per task (the next one prefetched while one is
-    computed), a partial one at the end; every element still gets exactly the
-    arithmetic of channels-first memory."""
+    computed), a partial one at the end, into channels-first's van Herk blocks."""
     x = make((8, 13, 40, 41), dtype)
     dy = make(x.shape, dtype, seed=1)
     assert np.array_equal(local_response_norm(channels_last(x), size, 1e-4, beta),
@@ -267,22 +271,28 @@ def test_channels_last_tiles_bitwise_like_channels_first(dtype, size, beta):
 @pytest.mark.parametrize("C", [1, 3, 8, 13, 17, 96])
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_channels_last_direct_route(size, C):
-    """float32 channels-last rows with beta = 0.75 and size <= 8 are computed on the rows
-    themselves (window sums of neighbouring channels in a zero-padded scratch row, eight
-    rows per pass): channel counts below, at and between whole vectors, odd and even
-    windows, partial row groups (3 * 5 * 7 rows). Within float rounding of the reference
-    and of channels-first memory (the sums are added in another order)."""
+    """float32 with beta = 0.75 and size <= 8 (the direct route): channels-last rows are
+    computed on the rows themselves (window sums of neighbouring channels in a
+    zero-padded scratch row, eight rows per pass), channels-first memory in strips of 8
+    positions walked down the channels: channel counts below, at and between whole
+    vectors, odd and even windows, partial row groups (3 * 5 * 7 rows) and a partial
+    strip (35 positions). Within float rounding of the reference, and the same bits in
+    both layouts."""
     x = make((3, C, 5, 7), np.float32)
     dy = make(x.shape, np.float32, seed=1, scale=1.0)
     for alpha, k in ((1e-4, 1.0), (2.0, 0.5)):
         y = local_response_norm(channels_last(x), size, alpha, 0.75, k)
         assert np.moveaxis(y, 1, -1).flags.c_contiguous
         check_forward(y, x, size, alpha, 0.75, k)
-        np.testing.assert_allclose(y, local_response_norm(x, size, alpha, 0.75, k),
-                                   rtol=2 * forward_tol(np.float32), atol=1e-30)
+        y_first = local_response_norm(x, size, alpha, 0.75, k)
+        check_forward(y_first, x, size, alpha, 0.75, k)
+        assert np.array_equal(y, y_first)
         dx = local_response_norm_backward(channels_last(dy), channels_last(x), size, alpha,
                                           0.75, k)
         check_backward(dx, x, dy, size, alpha, 0.75, k)
+        dx_first = local_response_norm_backward(dy, x, size, alpha, 0.75, k)
+        check_backward(dx_first, x, dy, size, alpha, 0.75, k)
+        assert np.array_equal(dx, dx_first)
 
 
 @pytest.mark.parametrize("layout", ["first", "last"])
@@ -308,7 +318,9 @@ def test_nan_inf_and_zero_scales_in_either_layout(layout, torch):
         dx = local_response_norm_backward(dy, x, 3, 1e-4, 0.75, k)
         dx_first = local_response_norm_backward(np.ascontiguousarray(dy), np.ascontiguousarray(x),
                                                 3, 1e-4, 0.75, k)
-        np.testing.assert_allclose(dx, dx_first, rtol=1e-5, atol=0, equal_nan=True)
+        assert np.array_equal(dx, dx_first, equal_nan=True)
+        assert np.array_equal(y, local_response_norm(np.ascontiguousarray(x), 3, 1e-4, 0.75, k),
+                              equal_nan=True)
         if k > 0:  # an overflowing window (s = inf) has zero gradient, not inf * 0 = NaN
             assert np.isfinite(dx[1, :, 5]).all()
 
