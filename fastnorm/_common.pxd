@@ -103,14 +103,7 @@ cdef extern from "_simd.h" nogil:
     void fn_lrn_forward075_f64(const double* suffix, double* prefix, const float* grow,
                                const float* x, float* y, Py_ssize_t n, double k, double a,
                                const float* prefetch, bint stream)
-    void fn_lrn_forward075_f32(const float* suffix, float* prefix, const float* grow,
-                               const float* x, float* y, Py_ssize_t n, double k, double a,
-                               const float* prefetch, bint stream)
     void fn_lrn_backward075_f64(const double* suffix, double* prefix, const float* grow,
-                                const float* x, const float* dy, float* dx, float* t,
-                                Py_ssize_t n, double k, double a, const float* prefetch,
-                                const float* prefetch2)
-    void fn_lrn_backward075_f32(const float* suffix, float* prefix, const float* grow,
                                 const float* x, const float* dy, float* dx, float* t,
                                 Py_ssize_t n, double k, double a, const float* prefetch,
                                 const float* prefetch2)

@@ -46,8 +46,8 @@
 #     prefetched (read, and for writing), so that the transposes find it in
 #     cache instead of waiting for memory in bursts (2-3x slower).
 #
-# Speed of the common case (float32, beta = 0.75): the power and the outputs
-# come from fused AVX2 primitives (fn_lrn_forward075_*, fn_lrn_backward075_* in
+# Speed of float32 with beta = 0.75 and windows past the direct route's: the power and
+# the outputs come from fused AVX2 primitives (fn_lrn_forward075_f64, fn_lrn_backward075_f64 in
 # _simd.h: rsqrt estimate + correction, a few ulp). The x^2 window leaves the
 # growth of its prefix to them (window_next's `grow`), so that a channel's
 # first reads from memory overlap their arithmetic, and they prefetch the rows
@@ -67,7 +67,7 @@ from libc.math cimport pow, sqrt
 from libc.string cimport memset
 
 from fastnorm._common cimport (
-    fn_lrn_backward075_f32, fn_lrn_backward075_f64, fn_lrn_forward075_f32, fn_lrn_forward075_f64,
+    fn_lrn_backward075_f64, fn_lrn_forward075_f64,
     fn_lrn_window_term_f32, fn_lrn_window_term_f64,
     fn_lrn_tile_in_f32, fn_lrn_tile_in_f64, fn_lrn_tile_out_f32, fn_lrn_tile_out_f64,
     fn_lrn_planes_backward075_f32, fn_lrn_planes_forward075_f32,
@@ -190,18 +190,16 @@ cdef inline void lrn_row_forward(const acc_t* suffix, acc_t* prefix, const float
     """y = x * s^-beta, s = k + a * (suffix + prefix), after prefix += grow**2
     when grow is not NULL (the growth window_next left to its caller).
 
-    float32 with beta = 0.75 goes to fn_lrn_forward075_*, which also adds grow
+    float32 with beta = 0.75 (float64 sums) goes to fn_lrn_forward075_f64, which also adds grow
     inside its loop, prefetches the row at prefetch for the next call (spread
     over its loop; the plain loops ask for it at once) and, with stream, writes
     y with non-temporal stores (the plain loops ignore stream)."""
     cdef Py_ssize_t i
     if floating is float:
-        if p.beta_075:
-            if acc_t is float:
-                fn_lrn_forward075_f32(suffix, prefix, grow, x, y, w, p.k, p.a, prefetch, stream)
-            else:
+        if acc_t is double:   # (float sums with beta = 0.75 take the direct route)
+            if p.beta_075:
                 fn_lrn_forward075_f64(suffix, prefix, grow, x, y, w, p.k, p.a, prefetch, stream)
-            return
+                return
     if prefetch != NULL:
         fn_prefetch_lines(prefetch, w * sizeof(floating), False)
     if grow != NULL:
@@ -219,19 +217,16 @@ cdef inline void row_backward_own(const acc_t* suffix, acc_t* prefix, const floa
     grow as in lrn_row_forward. s^-(beta+1) is s^-beta / s, never s^-beta * s^-1,
     so that s = inf gives 0, not inf * 0.
 
-    float32 with beta = 0.75 goes to fn_lrn_backward075_*; the rows at prefetch
+    float32 with beta = 0.75 (float64 sums) goes to fn_lrn_backward075_f64; the rows at prefetch
     and prefetch2 are prefetched as in lrn_row_forward."""
     cdef Py_ssize_t i
     cdef double k = p.k, a = p.a
     if floating is float:
-        if p.beta_075:
-            if acc_t is float:
-                fn_lrn_backward075_f32(suffix, prefix, grow, x, dy, dx, t, w, p.k, p.a,
-                                       prefetch, prefetch2)
-            else:
+        if acc_t is double:   # (float sums with beta = 0.75 take the direct route)
+            if p.beta_075:
                 fn_lrn_backward075_f64(suffix, prefix, grow, x, dy, dx, t, w, p.k, p.a,
                                        prefetch, prefetch2)
-            return
+                return
     if prefetch != NULL:
         fn_prefetch_lines(prefetch, w * sizeof(floating), False)
     if prefetch2 != NULL:

@@ -1193,13 +1193,6 @@ static inline __attribute__((always_inline)) void fn_lrn_grow8_f64(double* prefi
 }
 
 /* prefix += grow^2, then s, for the m (<= 8) positions from here */
-static inline __m256 fn_lrn_scale8_f32(const float* suffix, float* prefix, const float* grow,
-                                       ptrdiff_t m, double k, double a) {
-    __m256 p = fn_lrn_grow8_f32(prefix, grow, m, 1);
-    return _mm256_fmadd_ps(_mm256_set1_ps((float)a), _mm256_add_ps(fn_load8(suffix, m), p),
-                           _mm256_set1_ps((float)k));
-}
-
 static inline __m256 fn_lrn_scale8_f64(const double* suffix, double* prefix, const float* grow,
                                        ptrdiff_t m, double k, double a) {
     __m256d kv = _mm256_set1_pd(k), av = _mm256_set1_pd(a), plo, phi;
@@ -1223,11 +1216,6 @@ static inline __m256 fn_lrn_window8_f64(const double* suffix, double* prefix, co
     __m256d lo = _mm256_add_pd(fn_load4d(suffix, m), plo);
     __m256d hi = _mm256_add_pd(fn_load4d(suffix + 4, m - 4), phi);
     return _mm256_set_m128(_mm256_cvtpd_ps(hi), _mm256_cvtpd_ps(lo));
-}
-
-static inline float fn_lrn_scale1_f32(const float* suffix, const float* prefix, double k,
-                                      double a) {
-    return fmaf((float)a, *suffix + *prefix, (float)k);
 }
 
 static inline float fn_lrn_scale1_f64(const double* suffix, const double* prefix, double k,
@@ -1341,26 +1329,6 @@ static inline fn_row_stream* fn_row_stream_or_null(fn_row_stream* st, float* y, 
                     y[j] = x[j] * fn_pow075_portable(                                    \
                         fn_lrn_scale1_##SUFFIX(suffix + j, prefix + j, k, a), 0);        \
     }                                                                                    \
-    FN_LRN_STEP void fn_lrn_term_step_##SUFFIX(const T* suffix, T* prefix,               \
-                                               const float* grow, const float* x,        \
-                                               const float* own, float* dx,              \
-                                               fn_row_stream* st, __m256 coef,           \
-                                               ptrdiff_t i, ptrdiff_t m, int how) {      \
-        __m256 s = fn_lrn_window8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
-                                           m);                                           \
-        fn_row_put(st, dx, i,                                                            \
-                   _mm256_fnmadd_ps(_mm256_mul_ps(coef, fn_load8(x + i, m)), s,          \
-                                    fn_load8(own + i, m)),                               \
-                   m, how);                                                              \
-    }                                                                                    \
-    static inline void fn_lrn_window_term_##SUFFIX(const T* suffix, T* prefix,          \
-                                                   const float* grow, const float* x,   \
-                                                   const float* own, float* dx,         \
-                                                   ptrdiff_t n, float coef, int stream) { \
-        fn_row_stream st_, *st = fn_row_stream_or_null(&st_, dx, n, stream);            \
-        FN_ROW_STEPS(st, n, fn_lrn_term_step_##SUFFIX, suffix, prefix, grow, x, own, dx, \
-                     st, _mm256_set1_ps(coef));                                          \
-    }                                                                                    \
     FN_LRN_STEP __m256 fn_lrn_backward8_##SUFFIX(const T* suffix, T* prefix,             \
                                                  const float* grow, const float* x,      \
                                                  const float* dy, float* dx, float* t,   \
@@ -1418,6 +1386,27 @@ static inline fn_row_stream* fn_row_stream_or_null(fn_row_stream* st, float* y, 
                     t[j] = dy[j] * x[j] * fn_pow075_portable(sj, 1);                     \
                 }                                                                        \
     }
+#define FN_DEFINE_LRN_TERM(T, SUFFIX)                                                    \
+    FN_LRN_STEP void fn_lrn_term_step_##SUFFIX(const T* suffix, T* prefix,               \
+                                               const float* grow, const float* x,        \
+                                               const float* own, float* dx,              \
+                                               fn_row_stream* st, __m256 coef,           \
+                                               ptrdiff_t i, ptrdiff_t m, int how) {      \
+        __m256 s = fn_lrn_window8_##SUFFIX(suffix + i, prefix + i, grow ? grow + i : NULL, \
+                                           m);                                           \
+        fn_row_put(st, dx, i,                                                            \
+                   _mm256_fnmadd_ps(_mm256_mul_ps(coef, fn_load8(x + i, m)), s,          \
+                                    fn_load8(own + i, m)),                               \
+                   m, how);                                                              \
+    }                                                                                    \
+    static inline void fn_lrn_window_term_##SUFFIX(const T* suffix, T* prefix,          \
+                                                   const float* grow, const float* x,   \
+                                                   const float* own, float* dx,         \
+                                                   ptrdiff_t n, float coef, int stream) { \
+        fn_row_stream st_, *st = fn_row_stream_or_null(&st_, dx, n, stream);            \
+        FN_ROW_STEPS(st, n, fn_lrn_term_step_##SUFFIX, suffix, prefix, grow, x, own, dx, \
+                     st, _mm256_set1_ps(coef));                                          \
+    }
 #else
 #define FN_DEFINE_LRN075(T, SUFFIX)                                                      \
     static inline float fn_lrn_scale1_##SUFFIX(const T* suffix, T* prefix, const float* grow, \
@@ -1449,7 +1438,8 @@ static inline fn_row_stream* fn_row_stream_or_null(fn_row_stream* st, float* y, 
             dx[i] = dy[i] * fn_pow075_portable(s, 0);                                    \
             t[i] = dy[i] * x[i] * fn_pow075_portable(s, 1);                              \
         }                                                                                \
-    }                                                                                    \
+    }
+#define FN_DEFINE_LRN_TERM(T, SUFFIX)                                                   \
     static inline void fn_lrn_window_term_##SUFFIX(const T* suffix, T* prefix,          \
                                                    const float* grow, const float* x,   \
                                                    const float* own, float* dx,         \
@@ -1462,10 +1452,15 @@ static inline fn_row_stream* fn_row_stream_or_null(fn_row_stream* st, float* y, 
     }
 #endif
 
+/* The van Herk blocks' fused primitives: float data with beta = 0.75 takes them only
+ * with float64 sums (size > FN_LRN_ROWS_MAX_SIZE; smaller windows take the direct
+ * route); the window term also serves float sums with other betas. */
 FN_DEFINE_LRN075(double, f64)
-FN_DEFINE_LRN075(float, f32)
+FN_DEFINE_LRN_TERM(double, f64)
+FN_DEFINE_LRN_TERM(float, f32)
 
 #undef FN_DEFINE_LRN075
+#undef FN_DEFINE_LRN_TERM
 
 /* Channels-last LRN tiles: w positions of C contiguous channels in memory <->
  * a tile of C rows of w positions, tile[c * w + r] = rows[r * C + c]. Walked
@@ -2015,7 +2010,8 @@ static inline void fn_lrn_planes_forward075_f32(const float* x, float* y, ptrdif
             q[size - 1] = c + hi < C ? x[(c + hi) * stride + i] * x[(c + hi) * stride + i] : 0;
             float s = q[0];
             for (int j = 1; j < size; j++) s += q[j];
-            y[c * stride + i] = x[c * stride + i] * fn_pow075_portable(fmaf((float)a, s, (float)k), 0);
+            y[c * stride + i] =
+                x[c * stride + i] * fn_pow075_portable(fmaf((float)a, s, (float)k), 0);
         }
     }
 #endif
