@@ -680,7 +680,8 @@ def lrn_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
     n_threads = max(1, min(n_threads, q.n_tasks))
-    work = line_aligned(n_threads, q.n_work, np.float32 if floating is float else np.float64)
+    work = line_aligned(n_threads, max(1, q.n_work),
+                        np.float32 if floating is float else np.float64)
     if float_sums:
         sums32 = line_aligned(n_threads, q.n_sums, np.float32)
         with nogil:
