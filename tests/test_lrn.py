@@ -268,17 +268,18 @@ def test_channels_last_bitwise_like_channels_first(dtype, size, beta):
         local_response_norm_backward(dy, x, size, 1e-4, beta))
 
 
+@pytest.mark.parametrize("spatial", [(5, 7), (3, 9)])
 @pytest.mark.parametrize("C", [1, 3, 8, 13, 17, 96])
 @pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 6, 7, 8])
-def test_channels_last_direct_route(size, C):
+def test_direct_route(size, C, spatial):
     """float32 with beta = 0.75 and size <= 8 (the direct route): channels-last rows are
     computed on the rows themselves (window sums of neighbouring channels in a
     zero-padded scratch row, eight rows per pass), channels-first memory in strips of 8
     positions walked down the channels: channel counts below, at and between whole
-    vectors, odd and even windows, partial row groups (3 * 5 * 7 rows) and a partial
-    strip (35 positions). Within float rounding of the reference, and the same bits in
+    vectors, odd and even windows, partial row groups (3 * 5 * 7 rows) and partial strips
+    (35 and 27 positions). Within float rounding of the reference, and the same bits in
     both layouts."""
-    x = make((3, C, 5, 7), np.float32)
+    x = make((3, C) + spatial, np.float32)
     dy = make(x.shape, np.float32, seed=1, scale=1.0)
     for alpha, k in ((1e-4, 1.0), (2.0, 0.5)):
         y = local_response_norm(channels_last(x), size, alpha, 0.75, k)
