@@ -1822,13 +1822,14 @@ static inline void fn_lrn_rows_backward075_f32(const float* x, const float* dy, 
  * bits. The strips lose the hardware prefetchers (one piece of 32 bytes per channel row),
  * so every channel step prefetches its rows FN_LRN_STRIP_AHEAD positions ahead: x and dy
  * to read, y or dx to write (without the write prefetch, each output line was fetched
- * on demand). (32,96,55,55) at 1 thread, C driver: forward 4.6, backward 6.2 ms against
- * the van Herk blocks' 5.3-5.7 and 10.5-11.6 ms; transposing strided channel rows into
- * the rows route instead took 2x the time. Tasks: fn_lrn_planes_*075_f32. */
+ * on demand; 64 positions ahead beat 32, 128 and 256). Kernels A/B at 1 thread against
+ * the van Herk blocks: (32,96,3025) forward 1.28x, backward 1.41x; (32,256,729) 1.13x,
+ * 1.32x. Transposing the strided channel rows into the rows route took 2x the time
+ * instead. Tasks: fn_lrn_planes_*075_f32. */
 #define FN_LRN_STRIP_AHEAD 64
 
 #if defined(__AVX2__) && defined(__FMA__)
-/* the lanes of v (or of a) where v (or a) is NaN, within the strip's m positions */
+/* the NaN lanes of v among a strip's first m positions, as a bit mask */
 static inline int fn_lrn_nan_mask(__m256 v, ptrdiff_t m) {
     __m256 nan = fn_nan_lanes(v);
     return _mm256_movemask_ps(m >= 8 ? nan : _mm256_and_ps(nan, fn_lanes_below(m)));
