@@ -112,7 +112,7 @@ cdef struct Lrn:
 
 cdef struct LrnPlan:
     Py_ssize_t N, C, S
-    bint rows             # S == 1: channels-last rows, transposed in tiles
+    bint rows             # S == 1: channels-last rows (off the direct route: in tiles)
     bint direct           # float32 data, beta = 0.75 and size <= FN_LRN_ROWS_MAX_SIZE: no window
                           # storage; rows: fn_lrn_rows_*075_f32 on the rows themselves, no
                           # tiles; channels-first: fn_lrn_planes_*075_f32 (_simd.h)
@@ -430,17 +430,18 @@ cdef Lrn lrn_params(Py_ssize_t C, Py_ssize_t size, double alpha, double beta,
 
 cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
                       Py_ssize_t item_bytes, Py_ssize_t acc_bytes, bint backward,
-                      bint fast_rows) noexcept nogil:
+                      bint float_075) noexcept nogil:
     """Tasks and scratch sizes; fixed by the shape, size, data and accumulator
-    types (the result of an element never depends on them anyway). fast_rows: float32
-    data with beta = 0.75 (channels-last rows may then take the direct route)."""
+    types (the result of an element never depends on them anyway). float_075: float32
+    data with beta = 0.75 (both layouts then take the direct route for windows of at
+    most FN_LRN_ROWS_MAX_SIZE)."""
     cdef LrnPlan q
     cdef Py_ssize_t tiles, positions, width
     q.N = N
     q.C = C
     q.S = S
     q.rows = S == 1
-    q.direct = fast_rows and size <= FN_LRN_ROWS_MAX_SIZE
+    q.direct = float_075 and size <= FN_LRN_ROWS_MAX_SIZE
     q.ring = min(size, C)
     q.own_rows = size // 2 + 1
     positions = N if q.rows else N * S
@@ -472,7 +473,8 @@ cdef LrnPlan lrn_plan(Py_ssize_t N, Py_ssize_t C, Py_ssize_t S, Py_ssize_t size,
         q.n_sums = (q.ring + 2) * row_pitch(q.block)
         q.n_work = 0
         tiles = 2       # x, y
-    if q.direct:
+    if q.direct:   # no window storage; rows: their squares' scratch, channels-first: none
+        q.n_sums = 0
         q.n_work = row_pitch(fn_lrn_rows_scratch(C)) if q.rows else 0
     elif q.rows:
         q.n_work = row_pitch(q.n_work + tiles * C * q.block)   # threads' scratch stays aligned
@@ -537,13 +539,13 @@ cdef void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p, Py_ss
     cdef floating* y_tile = work + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
     if floating is float:
-        if q.direct and q.rows:
-            fn_lrn_rows_forward075_f32(x + offset, y + offset, w, q.C, p.lo, p.hi, p.k, p.a,
-                                       work)
-            return
         if q.direct:
-            fn_lrn_planes_forward075_f32(x + offset, y + offset, stride, w, q.C, p.lo, p.hi,
-                                         p.k, p.a)
+            if q.rows:
+                fn_lrn_rows_forward075_f32(x + offset, y + offset, w, q.C, p.lo, p.hi, p.k,
+                                           p.a, work)
+            else:
+                fn_lrn_planes_forward075_f32(x + offset, y + offset, stride, w, q.C, p.lo,
+                                             p.hi, p.k, p.a)
             return
     if not q.rows:
         ahead = rows_ahead(x + offset + (p.hi + 1) * stride, NULL, stride * sizeof(floating), p)
@@ -572,13 +574,13 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
     cdef floating* dx_tile = dy_tile + q.C * q.block
     task_span(q, task, &offset, &stride, &w)
     if floating is float:
-        if q.direct and q.rows:
-            fn_lrn_rows_backward075_f32(x + offset, dy + offset, dx + offset, w, q.C, p.lo,
-                                        p.hi, p.k, p.a, <float>p.coef, work)
-            return
         if q.direct:
-            fn_lrn_planes_backward075_f32(x + offset, dy + offset, dx + offset, stride, w, q.C,
-                                          p.lo, p.hi, p.k, p.a, <float>p.coef)
+            if q.rows:
+                fn_lrn_rows_backward075_f32(x + offset, dy + offset, dx + offset, w, q.C,
+                                            p.lo, p.hi, p.k, p.a, <float>p.coef, work)
+            else:
+                fn_lrn_planes_backward075_f32(x + offset, dy + offset, dx + offset, stride, w,
+                                              q.C, p.lo, p.hi, p.k, p.a, <float>p.coef)
             return
     if not q.rows:
         ahead = rows_ahead(x + offset + (p.hi + 1) * stride, dy + offset + stride,
@@ -653,11 +655,11 @@ def lrn_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y, Py_ssize_t s
     work = line_aligned(n_threads, max(1, q.n_work),
                         np.float32 if floating is float else np.float64)
     if float_sums:
-        sums32 = line_aligned(n_threads, q.n_sums, np.float32)
+        sums32 = line_aligned(n_threads, max(1, q.n_sums), np.float32)
         with nogil:
             run_forward(&x[0, 0, 0], &y[0, 0, 0], &q, &p, &sums32[0, 0], &work[0, 0], n_threads)
     else:
-        sums64 = line_aligned(n_threads, q.n_sums, np.float64)
+        sums64 = line_aligned(n_threads, max(1, q.n_sums), np.float64)
         with nogil:
             run_forward(&x[0, 0, 0], &y[0, 0, 0], &q, &p, &sums64[0, 0], &work[0, 0], n_threads)
 
@@ -683,12 +685,12 @@ def lrn_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     work = line_aligned(n_threads, max(1, q.n_work),
                         np.float32 if floating is float else np.float64)
     if float_sums:
-        sums32 = line_aligned(n_threads, q.n_sums, np.float32)
+        sums32 = line_aligned(n_threads, max(1, q.n_sums), np.float32)
         with nogil:
             run_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &q, &p, &sums32[0, 0],
                          &work[0, 0], n_threads)
     else:
-        sums64 = line_aligned(n_threads, q.n_sums, np.float64)
+        sums64 = line_aligned(n_threads, max(1, q.n_sums), np.float64)
         with nogil:
             run_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &q, &p, &sums64[0, 0],
                          &work[0, 0], n_threads)
