@@ -87,14 +87,12 @@ cdef enum:
     # plainly.
     STREAMED_H_MIN_BYTES = 1024
     STREAMED_H_MAX_BYTES = 8192
-    # A row group is dx'ed together while its x and dy (read for the gradient sums just
-    # before) take at most this much: they are then still in L2. Longer rows go one by one.
-    GROUP_BYTES = 256 << 10
     # A forward with an activation, by row, prefetches row r + 1 into L2 while it
     # activates row r (RowGeom.prefetch_next) for rows of at most this many bytes: both
     # rows then stay in L2 (1 MiB here).
     PREFETCH_ROW_BYTES = 256 << 10
-    # Rows between these two sizes go one by one too (row_by_row)
+    # Elementwise rows of more than GROUP_ROW_BYTES are dx'ed one by one (backward_block),
+    # those of at most ROW_BY_ROW_BYTES also never streamed (row_by_row)
     GROUP_ROW_BYTES = 512
     ROW_BY_ROW_BYTES = 2048
 
@@ -491,34 +489,15 @@ cdef void forward_by_unit(const floating* x, const floating* res, floating* h, f
 # ----------------------------------------------------------- backward
 
 cdef inline bint row_by_row(RowGeom* g, Py_ssize_t itemsize) noexcept nogil:
-    """Whether the backward forms each elementwise row's dx right after that row's gradient
-    sums, rather than a row group's sums first and then their dx together, column by
-    column: rows of more than GROUP_ROW_BYTES and at most ROW_BY_ROW_BYTES. The group's dx
-    pass walks 24 streams (x, dy and dx of 8 rows) that do not all stay in L1 and, at
-    some offsets of dx, alias each other modulo 4 KiB. LayerNorm backward, 1 thread,
-    8-32 MiB arrays, dx 16 or 2048 bytes into a page (numpy's and the layers' large
-    arrays), one by one against groups: float rows of 160-384 values 1.16-1.90x faster,
-    of 512 1.12-1.16x, double rows of 128-256 1.07-1.37x. Rows of 512 bytes took
-    0.77-0.91x at the layers' offset (1.07-1.51x at numpy's), float rows of 768-4096
-    values 0.74-0.99x at either, so both stay in groups. Never streamed: non-temporal
+    """Whether elementwise rows are dx'ed one by one (as all rows of more than
+    GROUP_ROW_BYTES are, backward_block) and never streamed: rows of more than
+    GROUP_ROW_BYTES and at most ROW_BY_ROW_BYTES. Also tells the short-rows kernels to
+    form each row's dx right after its sums. LayerNorm backward, 1 thread, 8-32 MiB
+    arrays, one by one against groups: float rows of 160-384 values 1.16-1.90x faster,
+    of 512 1.12-1.16x, double rows of 128-256 1.07-1.37x. Never streamed: non-temporal
     stores between a row's reads ran rows of 384 from 1.14x faster to 1.28x slower by
     dx's offset, and plain stores did not swing."""
     return (not g.per_channel and GROUP_ROW_BYTES < g.D * itemsize <= ROW_BY_ROW_BYTES)
-
-
-cdef inline bint rows_alias(const void* x, const void* src, Py_ssize_t row_bytes) noexcept nogil:
-    """Whether a group's dx pass would find its x and g (src) rows all at one offset
-    modulo 4 KiB: rows a whole number of pages long, x and src within a line of the
-    same page offset (numpy's large arrays all start 16 bytes into a page, the output
-    pool's 2048). Its 16 or more same-offset streams then overflow L1's 8 ways and stall
-    on 4K aliasing; one row at a time they do not. LayerNorm backward, 1 thread, 24-32
-    MiB arrays, one by one against groups at offsets (x, dy, dx) of (16, 16, 2048),
-    (16, 16, 16) and (2048, 2048, 2048): rows of 2048-3072 floats 1.09-1.28x faster,
-    of 4096 1.21-1.40x, of 1024 0.98-1.41x; at (2048, 0, 1024) groups stay 1.0-1.25x
-    faster. (Rows of 768, 1536 or 2560 floats, never whole pages, run faster in groups
-    at every offset: 1.1-1.6x.) The route never changes a result."""
-    cdef Py_ssize_t apart = (<Py_ssize_t>x - <Py_ssize_t>src) & 4095
-    return row_bytes % 4096 == 0 and (apart < 64 or apart > 4096 - 64)
 
 
 cdef inline void backward_row(const floating* x, const floating* dy, floating* dx,
@@ -586,9 +565,17 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
                             g.D, g.centered, mean + first if g.centered else NULL, rstd + first,
                             acc, wacc, g.row_by_row, g.stream)
         return
-    rows_per_step = (1 if g.row_by_row or 2 * ROW_GROUP * g.D * sizeof(floating) > GROUP_BYTES
-                     or rows_alias(x, dx if g.act != ACT_NONE else dy, g.D * sizeof(floating))
-                     else ROW_GROUP)
+    # Rows of more than GROUP_ROW_BYTES go one by one: each row's dx right after its
+    # sums, from L1. A group's dx pass walks 24-32 streams (x, dy, dx, gh of 8 rows),
+    # more than L1's 8 ways hold wherever rows a few KiB long put several at one offset
+    # modulo 4 KiB. Kernels, float32 rows of 768-4096 values, 32 MiB arrays, offsets
+    # (x, dy) of (16, 16), (2048, 16) and (16, 1040) with dx at the pool's 2048, one by
+    # one (streamed) against groups, medians of 5 interleaved rounds, on a Zen 3: 1 thread
+    # 1.21-3.19x faster (rows of 4096 at (2048, 16), the residual backward's h and dy:
+    # 11.3 against 35.4 ms); 2 threads, rows of 1536 and 4096 1.33-3.46x, of 768
+    # 0.93-1.02x. (A Zen 4 had found groups 1.1-1.6x faster for rows of 768, 1536 and
+    # 2560 values at offsets where no two arrays met.)
+    rows_per_step = 1 if g.D * sizeof(floating) > GROUP_ROW_BYTES else ROW_GROUP
     row_sums = sums + 2 * k
     r0 = first
     while r0 < stop:

@@ -331,8 +331,8 @@ def _placed(a, offset):
     (fn.LayerNorm, np.float32, 2600, 1024, None),   # dx streamed, next rows prefetched
 ])
 def test_row_route_by_page_offset_is_bitwise_the_same(cls, dtype, rows, size, activation):
-    """Rows of whole pages whose x and dy (or g in dx) lie at one page offset are dx'ed
-    one by one (rows_alias in _rows.pxi), others in groups: same dx and parameter
+    """Rows of whole pages at every placement of x and dy (modulo 4 KiB, where the
+    kernels' speed depends on it, backward_block in _rows.pxi): same dx and parameter
     gradients whatever the placement."""
     x = make_input((rows, size), dtype, seed=size, mean=50.0)
     dy = make_input((rows, size), dtype, seed=size + 3)
