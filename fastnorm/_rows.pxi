@@ -983,12 +983,12 @@ cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx
                              Py_ssize_t n, Py_ssize_t S, Py_ssize_t C, Py_ssize_t G,
                              const floating* w, const floating* b, const double* mean,
                              const double* rstd, double* sums, double* scratch,
-                             floating* vec, int act, int n_threads,
+                             floating* vec, int act, int n_threads, bint stream,
                              Py_ssize_t ahead) noexcept nogil:
     """Sample n. sums: this sample's 2*C float64 (sum(dy), sum(dy*(x-mean)) per
     channel, kept for the weight/bias gradients); vec: 6*C coefficients. With an
     activation, g = dy * act'(z) is formed in dx during the sums and replaces dy.
-    ahead: see rows_affine_backward (cl_backward)."""
+    stream, ahead: see rows_affine_backward (cl_backward)."""
     cdef Py_ssize_t grp, c, cg = C // G, D = cg * S
     cdef double sum_g, sum_gd, r, k_d, k_0
     cdef floating* z_hi = NULL
@@ -1017,7 +1017,7 @@ cdef void cl_backward_sample(const floating* x, const floating* dy, floating* dx
             vec[3 * C + c] = <floating>k_d
             fold_mean_tail(mean[n * G + grp], k_d, k_0, &vec[c], &vec[4 * C + c])
     rows_affine_backward(x + n * S * C, dy + n * S * C, dx + n * S * C, S, C, vec, vec + 2 * C,
-                         vec + 3 * C, vec + 4 * C, n_threads, False, ahead)
+                         vec + 3 * C, vec + 4 * C, n_threads, stream, ahead)
 
 
 cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N,
@@ -1028,19 +1028,28 @@ cdef void cl_backward(const floating* x, const floating* dy, floating* dx, Py_ss
     """sums: 2*C per sample; scratch, vec: one set per thread. At one thread and without
     an activation, sample n's dx pass prefetches sample n + 1's x and dy, as cl_forward
     does (plain, 1 thread, cold, same shapes: 1.01x, 1.15x, 1.09x). With an activation
-    the sums pass computes enough to hide its own reads: prefetching measured 0.95-1.0x."""
+    the sums pass computes enough to hide its own reads: prefetching measured 0.95-1.0x.
+    Without an activation, dx of STREAM_BYTES and more is streamed, as BatchNorm's: its
+    lines are then not read first. Kernels A/B, 1 thread, GroupNorm(32) (8,256,56,56),
+    (8,128,64,64), (16,512,16,16), 6 interleaved rounds, two runs: 1.11-1.15x, 1.12-1.36x,
+    1.09-1.10x; 2 threads 1.06-1.15x, 1.05-1.16x, 1.12-1.16x (the last, 8 MiB, stays
+    below STREAM_BYTES with BatchNorm's). With an activation dx holds g, read just
+    before: streamed 0.79-0.99x at 1 thread."""
     cdef RowPlan p = row_plan(S, C)
     cdef Py_ssize_t n, t, c, cg = C // G
     cdef double tw, tb
+    cdef bint stream = (act == ACT_NONE
+                        and N * S * C * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
     if by_sample(N, n_threads):
         for n in prange(N, num_threads=n_threads, schedule="static"):
             t = threadid()
             cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, b, mean, rstd, sums + 2 * C * n,
-                               scratch + rows_scratch(&p, 2) * t, vec + 6 * C * t, act, 1, 0)
+                               scratch + rows_scratch(&p, 2) * t, vec + 6 * C * t, act, 1,
+                               stream, 0)
     else:
         for n in range(N):
             cl_backward_sample(x, dy, dx, &p, n, S, C, G, w, b, mean, rstd, sums + 2 * C * n,
-                               scratch, vec, act, n_threads,
+                               scratch, vec, act, n_threads, stream,
                                S * C if n + 1 < N and n_threads == 1 and act == ACT_NONE else 0)
     # weight/bias gradients: samples folded in order
     for c in range(C):

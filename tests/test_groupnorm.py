@@ -241,19 +241,24 @@ def test_streamed_activation_output_is_bitwise_the_plain_one(layout, shape, acti
         assert np.array_equal(big[n:n + 1], layer(x[n:n + 1]))
 
 
-@pytest.mark.parametrize("cls", ["GroupNorm", "InstanceNorm2d"])
-def test_streamed_backward_matches_cached(cls):
+@pytest.mark.parametrize("cls, layout, shape", [
+    ("GroupNorm", "contiguous", (8, 128, 41, 100)),          # 16.02 MiB of float32 per array
+    ("InstanceNorm2d", "contiguous", (8, 128, 41, 100)),
+    ("GroupNorm", "channels_last", (8, 128, 41, 100)),       # rows of 512 bytes: streamed
+    ("GroupNorm", "channels_last", (8, 66, 80, 100)),        # rows of 264 bytes: plain
+])
+def test_streamed_backward_matches_cached(cls, layout, shape):
     """A per-channel backward whose dx reaches 16 MiB writes it with non-temporal
     stores: every sample's dx is bitwise what the sample alone gives, a small pass with
     plain stores. Runs of 41 * 100 values start at either 32-byte alignment and end in
-    half a vector."""
-    shape = (8, 128, 41, 100)                     # 16.02 MiB of float32 per array
-    x = make_input(shape, seed=11, mean=3.0)
-    dy = make_input(shape, seed=12)
+    half a vector; channels-last rows are streamed when they are whole 16-byte pieces."""
+    x = make_input(shape, np.float32, layout, seed=11, mean=3.0)
+    dy = make_input(shape, np.float32, layout, seed=12)
+    C = shape[1]
     if cls == "GroupNorm":
-        big, small = fn.GroupNorm(32, 128), fn.GroupNorm(32, 128)
+        big, small = fn.GroupNorm(2 if C % 32 else 32, C), fn.GroupNorm(2 if C % 32 else 32, C)
     else:
-        big, small = fn.InstanceNorm2d(128, affine=True), fn.InstanceNorm2d(128, affine=True)
+        big, small = fn.InstanceNorm2d(C, affine=True), fn.InstanceNorm2d(C, affine=True)
     randomize_parameters(big)
     small.load_state_dict(big.state_dict())
     big(x)
