@@ -22,6 +22,7 @@ CASES = [
     (fn.BatchNorm2d, (2, 17, 1, 1)),
     (fn.BatchNorm2d, (4, 6, 9, 1)),
     (fn.BatchNorm3d, (2, 3, 2, 3, 5)),
+    (fn.BatchNorm1d, (8, 3, 2100)),   # float32 runs of 8400 bytes: fused per channel (use_runs)
 ]
 CASE_IDS = [f"{cls.__name__}-{'x'.join(map(str, shape))}" for cls, shape in CASES]
 
@@ -256,11 +257,12 @@ def test_nan_poisons_only_its_channel():
 
 
 @pytest.mark.parametrize("shape", [(32, 16, 300), (4096, 24), (2, 3, 5000), (6, 40, 50, 20),
-                                   (64, 2, 9000), (16, 5, 300), (5, 300, 9, 11)])
+                                   (64, 2, 9000), (16, 5, 300), (5, 300, 9, 11), (8, 5, 2100)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_bitwise_identical_for_any_thread_count(shape, layout, monkeypatch):
     """Per-channel and split paths, every strategy: identical bits for 1, 2, 3 threads.
-    (16, 5, 300): runs order, backward fused per channel at 1 and 2 threads, split at 3.
+    (16, 5, 300): runs order. (8, 5, 2100): runs of 8400 bytes in channels that fit in
+    cache, so segments (use_runs), fused per channel at 1 and 2 threads, split at 3.
     (5, 300, 9, 11) channels-last: the column sums' register tiles."""
     monkeypatch.setattr(fn._threads, "MIN_VALUES_PER_THREAD", 1)  # threads even for small inputs
     if layout == "channels_last" and len(shape) < 3:
