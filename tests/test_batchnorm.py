@@ -347,6 +347,26 @@ def test_large_rows_backward_written_with_streaming_stores_is_bitwise_the_same(d
         assert np.array_equal(big[part], small)
 
 
+@pytest.mark.parametrize("dtype, shape", [(np.float32, (32, 64, 3136)),
+                                          (np.float64, (16, 48, 3000))])
+def test_fused_channel_backward_streamed_dx_is_bitwise_the_same(dtype, shape):
+    """A dx of 16 MiB and more formed per channel (runs of more than 8 KiB in channels
+    that fit in cache, use_runs) is written with non-temporal stores; the first four
+    channels alone, a call below 16 MiB, take plain stores: same bits."""
+    x = make_input(shape, dtype, seed=12, mean=3.0)
+    dy = make_input(shape, dtype, seed=13)
+    big = fn.BatchNorm1d(shape[1], dtype=dtype)
+    randomize_affine(big)
+    big(x)
+    dx = big.backward(dy)
+    small = fn.BatchNorm1d(4, dtype=dtype)
+    small.weight[...] = big.weight[:4]
+    small.bias[...] = big.bias[:4]
+    small(x[:, :4])
+    assert np.array_equal(small.backward(dy[:, :4]), dx[:, :4])
+    assert np.array_equal(small.grads["weight"], big.grads["weight"][:4])
+
+
 @pytest.mark.smoke
 def test_channels_last_input_gives_channels_last_output_without_copy():
     x = make_input((2, 5, 4, 3), np.float32, "channels_last")
