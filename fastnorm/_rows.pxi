@@ -74,7 +74,8 @@ cnp.import_array()
 cdef enum:
     # Elementwise weight/bias gradient partials are summed over this many rows in
     # working precision before going into float64 (fewer stores than float64 per row);
-    # the rows of such a group are dx'ed together (fn_group_backward_* in _simd.h)
+    # the rows of such a group are dx'ed together when they are at most GROUP_ROW_BYTES
+    # long (fn_group_backward_* in _simd.h), longer ones one by one (backward_block)
     ROW_GROUP = FN_ROW_GROUP
     # Rows per task of the short-rows forward (takes_short_rows)
     SHORT_ROWS_PER_TASK = 64
