@@ -1172,14 +1172,14 @@ cdef _backward(const floating* x, const floating* dy, floating* dx, Py_ssize_t N
     cdef double* k0
     cdef double* scale
     cdef floating z_scale, z_shift
-    cdef bint keep_g
-    # Per channel, dx of STREAM_BYTES and more is streamed without an activation (with
-    # one, g sits in dx's lines, just written and read). Kernels A/B, 6 interleaved
-    # rounds, BatchNorm2d (32,64,56,56) and BatchNorm1d (32,64,3000): 1.20-1.24x at 1
-    # thread, 1.22x at 2; with relu or silu 0.77-0.88x.
-    cdef bint stream = (act == ACT_NONE
-                        and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
+    cdef bint keep_g, stream
     if S > 1 and fuse_per_channel(&sp, sizeof(floating), 2, n_threads):
+        # Per channel, dx of STREAM_BYTES and more is streamed without an activation
+        # (with one, g sits in dx's lines, just written and read). Kernels A/B, 6
+        # interleaved rounds, BatchNorm2d (32,64,56,56) and BatchNorm1d (32,64,3000):
+        # 1.20-1.24x at 1 thread, 1.22x at 2; with relu or silu 0.77-0.88x.
+        stream = (act == ACT_NONE
+                  and N * C * S * <Py_ssize_t>sizeof(floating) >= STREAM_BYTES)
         with nogil:
             for c in prange(C, num_threads=n_threads, schedule="static"):
                 z_scale = <floating>(weight[c] * invstd[c]) if act != ACT_NONE else 0

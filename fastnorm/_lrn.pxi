@@ -627,9 +627,11 @@ cdef void run_backward(const floating* x, const floating* dy, floating* dx, LrnP
 # -------------------------------------------------------------- public API
 
 def line_aligned(Py_ssize_t rows, Py_ssize_t n, dtype):
-    """Uninitialized (rows, n) scratch starting on a 64-byte boundary (each
-    thread's row too when n is a whole number of lines, as lrn_plan makes it)."""
+    """Uninitialized (rows, max(1, n)) scratch starting on a 64-byte boundary (each
+    thread's row too when n is a whole number of lines, as lrn_plan makes it). At least
+    one column, so that &a[0, 0] exists when a route needs none (the direct one)."""
     cdef Py_ssize_t itemsize = np.dtype(dtype).itemsize
+    n = max(1, n)
     flat = np.empty(rows * n + 64 // itemsize, dtype)
     skip = (-flat.__array_interface__["data"][0] % 64) // itemsize
     return flat[skip:skip + rows * n].reshape(rows, n)
@@ -652,14 +654,14 @@ def lrn_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y, Py_ssize_t s
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
     n_threads = max(1, min(n_threads, q.n_tasks))
-    work = line_aligned(n_threads, max(1, q.n_work),
+    work = line_aligned(n_threads, q.n_work,
                         np.float32 if floating is float else np.float64)
     if float_sums:
-        sums32 = line_aligned(n_threads, max(1, q.n_sums), np.float32)
+        sums32 = line_aligned(n_threads, q.n_sums, np.float32)
         with nogil:
             run_forward(&x[0, 0, 0], &y[0, 0, 0], &q, &p, &sums32[0, 0], &work[0, 0], n_threads)
     else:
-        sums64 = line_aligned(n_threads, max(1, q.n_sums), np.float64)
+        sums64 = line_aligned(n_threads, q.n_sums, np.float64)
         with nogil:
             run_forward(&x[0, 0, 0], &y[0, 0, 0], &q, &p, &sums64[0, 0], &work[0, 0], n_threads)
 
@@ -682,15 +684,15 @@ def lrn_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
     n_threads = max(1, min(n_threads, q.n_tasks))
-    work = line_aligned(n_threads, max(1, q.n_work),
+    work = line_aligned(n_threads, q.n_work,
                         np.float32 if floating is float else np.float64)
     if float_sums:
-        sums32 = line_aligned(n_threads, max(1, q.n_sums), np.float32)
+        sums32 = line_aligned(n_threads, q.n_sums, np.float32)
         with nogil:
             run_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &q, &p, &sums32[0, 0],
                          &work[0, 0], n_threads)
     else:
-        sums64 = line_aligned(n_threads, max(1, q.n_sums), np.float64)
+        sums64 = line_aligned(n_threads, q.n_sums, np.float64)
         with nogil:
             run_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &q, &p, &sums64[0, 0],
                          &work[0, 0], n_threads)

@@ -541,8 +541,8 @@ cdef inline void backward_block(const floating* x, const floating* dy, floating*
                                 floating* wacc) noexcept nogil:
     """Rows of block k in order. Elementwise mode: acc (2*D) gets the block's
     weight/bias partials (through wacc, see group_end); the gradient sums of a group's
-    rows (or of one row: row_by_row, or a group would not stay in cache) come first, then
-    their dx together. Per-channel mode: one block per row, sums hold the row's per-run sums
+    rows (or of one row: rows of more than GROUP_ROW_BYTES) come first, then their dx
+    together. Per-channel mode: one block per row, sums hold the row's per-run sums
     afterwards."""
     cdef Py_ssize_t first, stop, r, r0, r1, i, u, nsum = sums_per_row(g)
     cdef Py_ssize_t rows_per_step
