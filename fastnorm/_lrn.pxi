@@ -60,10 +60,11 @@
 #   lrn_forward   IN x                 OUT y
 #   lrn_backward  IN x, dy             OUT dx   (s recomputed from x: x is read anyway)
 
-import numpy as np
+cimport numpy as cnp
 from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.math cimport pow, sqrt
+from libc.stdlib cimport free, malloc
 from libc.string cimport memset
 
 from fastnorm._common cimport (
@@ -531,8 +532,10 @@ cdef inline Ahead tile_ahead(const void* x, const void* dy, void* out, Py_ssize_
     return a
 
 
-cdef void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p, Py_ssize_t task,
-                       acc_t* sums, floating* work) noexcept nogil:
+# (The task functions are inline because Cython also generates their never-called
+# float64-data, float32-sums specializations, which gcc reports unless inline.)
+cdef inline void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p,
+                              Py_ssize_t task, acc_t* sums, floating* work) noexcept nogil:
     cdef Py_ssize_t offset, stride, w, i, t0, tw
     cdef Ahead ahead
     cdef floating* x_tile = work
@@ -564,8 +567,9 @@ cdef void forward_task(const floating* x, floating* y, LrnPlan* q, Lrn* p, Py_ss
         tile_scatter(y_tile, y + t0 * q.C, q.C, tw)
 
 
-cdef void backward_task(const floating* x, const floating* dy, floating* dx, LrnPlan* q, Lrn* p,
-                        Py_ssize_t task, acc_t* sums, floating* work) noexcept nogil:
+cdef inline void backward_task(const floating* x, const floating* dy, floating* dx, LrnPlan* q,
+                               Lrn* p, Py_ssize_t task, acc_t* sums,
+                               floating* work) noexcept nogil:
     cdef Py_ssize_t offset, stride, w, i, t0, tw
     cdef Ahead ahead
     cdef floating* own = work + q.ring * row_pitch(q.block)
@@ -604,95 +608,92 @@ cdef void backward_task(const floating* x, const floating* dy, floating* dx, Lrn
         tile_scatter(dx_tile, dx + t0 * q.C, q.C, tw)
 
 
-cdef void run_forward(const floating* x, floating* y, LrnPlan* q, Lrn* p, acc_t* sums,
-                      floating* work, int n_threads) noexcept nogil:
-    """Every task; thread i uses row i of the (n_threads, n_sums/n_work) scratch.
-    Tasks are handed out dynamically: an element's arithmetic never depends on
-    which thread runs its task, and a core busy with other work then delays
-    only its current task, not a fixed share of them."""
+cdef void run_lrn(const floating* x, const floating* dy, floating* out, LrnPlan* q, Lrn* p,
+                  acc_t* sums, floating* work, int n_threads) noexcept nogil:
+    """Every task of the forward (dy NULL: out = y) or of the backward (out = dx);
+    thread i uses row i of the (n_threads, n_sums/n_work) scratch. Tasks are handed
+    out dynamically: an element's arithmetic never depends on which thread runs its
+    task, and a core busy with other work then delays only its current task, not a
+    fixed share of them."""
     cdef Py_ssize_t task, tid
     for task in prange(q.n_tasks, num_threads=n_threads, schedule="dynamic"):
         tid = threadid()
-        forward_task(x, y, q, p, task, sums + tid * q.n_sums, work + tid * q.n_work)
-
-
-cdef void run_backward(const floating* x, const floating* dy, floating* dx, LrnPlan* q, Lrn* p,
-                       acc_t* sums, floating* work, int n_threads) noexcept nogil:
-    cdef Py_ssize_t task, tid
-    for task in prange(q.n_tasks, num_threads=n_threads, schedule="dynamic"):
-        tid = threadid()
-        backward_task(x, dy, dx, q, p, task, sums + tid * q.n_sums, work + tid * q.n_work)
+        if dy == NULL:
+            forward_task(x, out, q, p, task, sums + tid * q.n_sums, work + tid * q.n_work)
+        else:
+            backward_task(x, dy, out, q, p, task, sums + tid * q.n_sums,
+                          work + tid * q.n_work)
 
 
 # -------------------------------------------------------------- public API
 
-def line_aligned(Py_ssize_t rows, Py_ssize_t n, dtype):
-    """Uninitialized (rows, max(1, n)) scratch starting on a 64-byte boundary (each
-    thread's row too when n is a whole number of lines, as lrn_plan makes it). At least
-    one column, so that &a[0, 0] exists when a route needs none (the direct one)."""
-    cdef Py_ssize_t itemsize = np.dtype(dtype).itemsize
-    n = max(1, n)
-    flat = np.empty(rows * n + 64 // itemsize, dtype)
-    skip = (-flat.__array_interface__["data"][0] % 64) // itemsize
-    return flat[skip:skip + rows * n].reshape(rows, n)
+cdef inline Py_ssize_t whole_lines(Py_ssize_t n_bytes) noexcept nogil:
+    return (n_bytes + 63) // 64 * 64
 
 
-def lrn_forward(const floating[:, :, ::1] x, floating[:, :, ::1] y, Py_ssize_t size, double alpha,
-                double beta, double k, int n_threads):
+cdef lrn_call(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray out, Py_ssize_t size, double alpha,
+              double beta, double k, int n_threads):
+    """lrn_forward (dy None) or lrn_backward. Dispatches on the dtype here rather than
+    through fused memoryview arguments, and takes the threads' scratch from malloc: a
+    tiny call spent 13 us in those two (fused signature matching, NumPy scratch
+    arrays), several times its arithmetic."""
+    cdef bint is_float = cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
+    cdef bint float_sums = is_float and size <= FLOAT_SUMS_MAX_SIZE
+    cdef Py_ssize_t item_bytes = 4 if is_float else 8
+    cdef Py_ssize_t acc_bytes = 4 if float_sums else 8
+    cdef Lrn p = lrn_params(x.shape[1], size, alpha, beta, k)
+    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, item_bytes, acc_bytes,
+                              dy is not None, is_float and p.beta_075)
+    cdef void* x_data = cnp.PyArray_DATA(x)
+    cdef void* dy_data = NULL if dy is None else cnp.PyArray_DATA(dy)
+    cdef void* out_data = cnp.PyArray_DATA(out)
+    cdef Py_ssize_t sums_bytes, scratch_bytes
+    cdef void* block
+    cdef char* sums
+    cdef char* work
+    if q.N * q.C * q.S == 0:
+        return
+    n_threads = max(1, min(n_threads, q.n_tasks))
+    # thread i's scratch: row i of (n_threads, n_sums) accumulators, then of (n_threads,
+    # n_work) working-precision values; lrn_plan makes both rows whole lines, and the
+    # block starts on a line, so that every row does (the kernels load them aligned)
+    sums_bytes = whole_lines(n_threads * q.n_sums * acc_bytes)
+    scratch_bytes = sums_bytes + n_threads * q.n_work * item_bytes
+    block = malloc(scratch_bytes + 64)
+    if block == NULL:
+        raise MemoryError(f"LocalResponseNorm scratch of {scratch_bytes} bytes")
+    sums = <char*>block + (-<size_t>block % 64)
+    work = sums + sums_bytes
+    with nogil:
+        if not is_float:
+            run_lrn(<double*>x_data, <double*>dy_data, <double*>out_data, &q, &p,
+                    <double*>sums, <double*>work, n_threads)
+        elif float_sums:
+            run_lrn(<float*>x_data, <float*>dy_data, <float*>out_data, &q, &p,
+                    <float*>sums, <float*>work, n_threads)
+        else:
+            run_lrn(<float*>x_data, <float*>dy_data, <float*>out_data, &q, &p,
+                    <double*>sums, <float*>work, n_threads)
+    free(block)
+
+
+def lrn_forward(cnp.ndarray x, cnp.ndarray y, Py_ssize_t size, double alpha, double beta,
+                double k, int n_threads):
     """Local response norm forward.
 
-    IN  x: (N, C, S) channels-first, or (R, C, 1) channels-last rows; size >= 1.
+    IN  x: (N, C, S) channels-first, or (R, C, 1) channels-last rows, C-contiguous
+        and aligned float32/float64 (validated by the caller); size >= 1.
     OUT y: like x.
     """
-    cdef Lrn p = lrn_params(x.shape[1], size, alpha, beta, k)
-    cdef bint float_sums = floating is float and size <= FLOAT_SUMS_MAX_SIZE
-    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, sizeof(floating),
-                              4 if float_sums else 8, False, floating is float and p.beta_075)
-    cdef floating[:, ::1] work
-    cdef float[:, ::1] sums32
-    cdef double[:, ::1] sums64
-    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
-        return
-    n_threads = max(1, min(n_threads, q.n_tasks))
-    work = line_aligned(n_threads, q.n_work,
-                        np.float32 if floating is float else np.float64)
-    if float_sums:
-        sums32 = line_aligned(n_threads, q.n_sums, np.float32)
-        with nogil:
-            run_forward(&x[0, 0, 0], &y[0, 0, 0], &q, &p, &sums32[0, 0], &work[0, 0], n_threads)
-    else:
-        sums64 = line_aligned(n_threads, q.n_sums, np.float64)
-        with nogil:
-            run_forward(&x[0, 0, 0], &y[0, 0, 0], &q, &p, &sums64[0, 0], &work[0, 0], n_threads)
+    lrn_call(x, None, y, size, alpha, beta, k, n_threads)
 
 
-def lrn_backward(const floating[:, :, ::1] x, const floating[:, :, ::1] dy,
-                 floating[:, :, ::1] dx, Py_ssize_t size, double alpha, double beta, double k,
-                 int n_threads):
+def lrn_backward(cnp.ndarray x, cnp.ndarray dy, cnp.ndarray dx, Py_ssize_t size, double alpha,
+                 double beta, double k, int n_threads):
     """Local response norm backward (the scale is recomputed from x).
 
-    IN  x, dy: (N, C, S) channels-first, or (R, C, 1) channels-last rows; size >= 1.
+    IN  x, dy: (N, C, S) channels-first, or (R, C, 1) channels-last rows, as in
+        lrn_forward; size >= 1.
     OUT dx: like x.
     """
-    cdef Lrn p = lrn_params(x.shape[1], size, alpha, beta, k)
-    cdef bint float_sums = floating is float and size <= FLOAT_SUMS_MAX_SIZE
-    cdef LrnPlan q = lrn_plan(x.shape[0], x.shape[1], x.shape[2], size, sizeof(floating),
-                              4 if float_sums else 8, True, floating is float and p.beta_075)
-    cdef floating[:, ::1] work
-    cdef float[:, ::1] sums32
-    cdef double[:, ::1] sums64
-    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
-        return
-    n_threads = max(1, min(n_threads, q.n_tasks))
-    work = line_aligned(n_threads, q.n_work,
-                        np.float32 if floating is float else np.float64)
-    if float_sums:
-        sums32 = line_aligned(n_threads, q.n_sums, np.float32)
-        with nogil:
-            run_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &q, &p, &sums32[0, 0],
-                         &work[0, 0], n_threads)
-    else:
-        sums64 = line_aligned(n_threads, q.n_sums, np.float64)
-        with nogil:
-            run_backward(&x[0, 0, 0], &dy[0, 0, 0], &dx[0, 0, 0], &q, &p, &sums64[0, 0],
-                         &work[0, 0], n_threads)
+    lrn_call(x, dy, dx, size, alpha, beta, k, n_threads)

@@ -1,9 +1,10 @@
 """LocalResponseNorm: PyTorch's local response normalization layer for NumPy arrays."""
-from . import functional as F
 from ._layout import kernel_ready
 from ._module import NormLayer
-from ._validation import check_count, check_float_array
-from .functional.local_response_norm import check_coefficient
+from ._validation import check_count
+from .functional.local_response_norm import (
+    check_coefficient, check_input, lrn_backward, lrn_forward,
+)
 
 __all__ = ["LocalResponseNorm"]
 
@@ -31,15 +32,14 @@ class LocalResponseNorm(NormLayer):
 
     def forward(self, input, out=None):
         """y = LRN(input), a new array in input's layout (or out)."""
-        check_float_array(input)
+        check_input(input)
         x = kernel_ready(input)  # strided input: copied once, for forward and backward
-        y = F.local_response_norm(x, self.size, self.alpha, self.beta, self.k, out=out)
+        y = lrn_forward(x, self.size, self.alpha, self.beta, self.k, out)
         self._saved = x
         return y
 
     def _backward(self, grad_output, saved):
-        grad_input = F.local_response_norm_backward(grad_output, saved, self.size, self.alpha,
-                                                    self.beta, self.k)
+        grad_input = lrn_backward(grad_output, saved, self.size, self.alpha, self.beta, self.k)
         return grad_input, {}
 
     def extra_repr(self):

@@ -26,14 +26,8 @@ def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0, *, out=None):
     Returns the output: a new array in the input's layout (channels-last memory
     stays channels-last), or out.
     """
-    x = input
-    size, alpha, beta, k = _check_arguments(x, size, alpha, beta, k)
-    check_out(x, out)
-    view, channels_last = input_view(x)
-    target, y_view = output_for(x, channels_last, out)
-    if x.size > 0:
-        kernels.lrn_forward(view, y_view, size, alpha, beta, k, threads_for(x.size))
-    return deliver(target, out)
+    size, alpha, beta, k = _check_arguments(input, size, alpha, beta, k)
+    return lrn_forward(input, size, alpha, beta, k, out)
 
 
 def local_response_norm_backward(grad_output, input, size, alpha=1e-4, beta=0.75, k=1.0):
@@ -47,8 +41,27 @@ def local_response_norm_backward(grad_output, input, size, alpha=1e-4, beta=0.75
     over the channels c whose window contains j (c from j - (size-1)//2 to
     j + size//2). The scale s is recomputed from input rather than stored.
     """
-    x = input
-    size, alpha, beta, k = _check_arguments(x, size, alpha, beta, k)
+    size, alpha, beta, k = _check_arguments(input, size, alpha, beta, k)
+    return lrn_backward(grad_output, input, size, alpha, beta, k)
+
+
+# ------------------------------------------------------------------ helpers
+# (LocalResponseNorm, whose coefficients were checked at construction, calls
+# check_input, lrn_forward and lrn_backward directly: a tiny call's time is mostly
+# Python.)
+
+def lrn_forward(x, size, alpha, beta, k, out=None):
+    """local_response_norm of a checked input (check_input) and arguments."""
+    check_out(x, out)
+    view, channels_last = input_view(x)
+    target, y_view = output_for(x, channels_last, out)
+    if x.size > 0:
+        kernels.lrn_forward(view, y_view, size, alpha, beta, k, threads_for(x.size))
+    return deliver(target, out)
+
+
+def lrn_backward(grad_output, x, size, alpha, beta, k):
+    """local_response_norm_backward of a checked input (check_input) and arguments."""
     check_grad_output(grad_output, x)
     view, channels_last = input_view(x)
     grad_view = kernel_view(grad_output, channels_last)
@@ -59,21 +72,26 @@ def local_response_norm_backward(grad_output, input, size, alpha=1e-4, beta=0.75
     return grad_input
 
 
-# ------------------------------------------------------------------ helpers
-
 def check_coefficient(name, value):
     """alpha, beta or k: a real number."""
+    if type(value) is float:   # the common case, without the costlier ABC check
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     return float(value)
 
 
-def _check_arguments(x, size, alpha, beta, k):
+def check_input(x):
+    """A float array of shape (N, C, *) with at least 3 dimensions."""
     check_float_array(x, "input")
     if x.ndim < 3:
         raise ValueError(
             f"local_response_norm expects an input of shape (N, C, *) with at least 3 "
             f"dimensions, got {x.ndim}-D shape {x.shape}"
         )
+
+
+def _check_arguments(x, size, alpha, beta, k):
+    check_input(x)
     return (check_count("size", size), check_coefficient("alpha", alpha),
             check_coefficient("beta", beta), check_coefficient("k", k))
