@@ -30,8 +30,13 @@ cdef enum:
     # InstanceNorm/GroupNorm/LayerNorm forwards; at 8 MiB plain stores were up to
     # 1.7x faster at 2 threads (input and output stay in cache), and below that always.
     # (An earlier "16 MiB ran 2x slower streamed" came from plain stores to reach
-    # 32-byte alignment sharing lines with the streamed ones.)
-    STREAM_BYTES = 16 << 20
+    # 32-byte alignment sharing lines with the streamed ones.) That was a Zen 4 VM; on a
+    # Zen 3 VM whose caches keep less (same 32 MiB L3 reported), 12 MiB outputs streamed
+    # against plain ran 1.26-1.67x faster at 1 thread and 1.11-1.37x at 2 (LayerNorm,
+    # RMSNorm, GroupNorm both layouts, InstanceNorm, BatchNorm3d train/eval/backward;
+    # kernels A/B, 8 interleaved rounds), and LayerNorm's 9 MiB 1.30-1.40x (6 MiB:
+    # 0.95-1.02x). 12 MiB is where both machines gained.
+    STREAM_BYTES = 12 << 20
     # Shortest contiguous run streamed by a forward (channels-first runs, rows):
     # fn_affine_out's plain peel and tail share lines with the streamed stores. (Each
     # thread fences once, fence_if; a fence per run had cost 10x at 64 values.)

@@ -352,7 +352,7 @@ def test_large_rows_backward_written_with_streaming_stores_is_bitwise_the_same(d
 def test_fused_channel_backward_streamed_dx_is_bitwise_the_same(dtype, shape):
     """A dx of 16 MiB and more formed per channel (runs of more than 8 KiB in channels
     that fit in cache, use_runs) is written with non-temporal stores; the first four
-    channels alone, a call below 16 MiB, take plain stores: same bits."""
+    channels alone, a call below STREAM_BYTES, take plain stores: same bits."""
     x = make_input(shape, dtype, seed=12, mean=3.0)
     dy = make_input(shape, dtype, seed=13)
     big = fn.BatchNorm1d(shape[1], dtype=dtype)
