@@ -20,7 +20,7 @@ cdef enum:
     # by the thread count, so partial results always merge the same way.
     MAX_STRIPES = 16
     # Outputs (forward y, backward dx) of at least this size are written with
-    # non-temporal stores (row and channels-first forwards: 32-byte stores after a
+    # non-temporal stores (row and channels-first forwards: whole lines after a
     # short plain peel, fn_affine_out; channels-last rows and dx: 16-byte stores over
     # whole rows, fn_row_streamable in _simd.h): they would not stay in cache anyway,
     # and the stores then skip reading each output line first (a third of the
@@ -37,10 +37,18 @@ cdef enum:
     # kernels A/B, 8 interleaved rounds), and LayerNorm's 9 MiB 1.30-1.40x (6 MiB:
     # 0.95-1.02x). 12 MiB is where both machines gained.
     STREAM_BYTES = 12 << 20
-    # Shortest contiguous run streamed by a forward (channels-first runs, rows):
-    # fn_affine_out's plain peel and tail share lines with the streamed stores. (Each
-    # thread fences once, fence_if; a fence per run had cost 10x at 64 values.)
+    # Shortest contiguous run streamed by a forward (channels-first runs, rows, with or
+    # without a fused activation). (Each thread fences once, fence_if; a fence per run
+    # had cost 10x at 64 values.)
     STREAM_RUN_BYTES = 4096
+    # Row forwards without an activation stream runs of this many bytes wherever they lie
+    # (streams_runs in _rows.pxi): fn_affine_out streams only whole lines, so a run's two
+    # partial end lines, shared with its neighbours, are the only plain ones. Kernels
+    # A/B, 8 interleaved rounds, misaligned rows streamed against plain: LayerNorm rows of
+    # 768 floats into a numpy out= (16 bytes off a line) 1.36x faster at 1 thread, 1.49x
+    # at 2; of 520 floats (2080 bytes) 1.17x, 1.24x; of 260 and 130 floats 0.91x and 0.85x
+    # (two plain lines in 17 and in 9), so shorter runs stream only as whole lines.
+    STREAM_SPLIT_RUN_BYTES = 2048
     # Row forwards (LayerNorm/RMSNorm rows, GroupNorm/InstanceNorm runs) stream y from
     # runs of this many bytes when they are whole lines (streams_runs in _rows.pxi).
     # Kernels, 1 thread, x at numpy's page offset, y (and h) at the pool's, 16-64 MiB

@@ -61,7 +61,7 @@ from fastnorm._activations cimport ACT_NONE, ACT_RELU, run_affine_act, run_affin
 
 from fastnorm._common cimport (
     FN_ROW_GROUP, FN_SHORT_ROW, MAX_STRIPES, STREAM_BYTES, STREAM_DX_BYTES, STREAM_DX_ROW_BYTES,
-    STREAM_ROW_BYTES, STREAM_RUN_BYTES, UNIT_ELEMS, Moments,
+    STREAM_ROW_BYTES, STREAM_RUN_BYTES, STREAM_SPLIT_RUN_BYTES, UNIT_ELEMS, Moments,
     affine_coefficients, block_moments, chan_merge, fn_row_backward_coefficients,
     fn_short_rows_forward_f32, fence_if, fn_short_rows_forward_f64, fn_store_row_stats,
     fold_mean_tail, fn_line_twin, fn_stream_copy, group_backward, row_grad_sums, row_sum_squares,
@@ -733,20 +733,21 @@ cdef inline double* f64_ptr(object a):
 cdef inline bint streams_runs(Py_ssize_t run_bytes, const void* y, const void* h,
                               int act) noexcept nogil:
     """Whether a large forward's contiguous runs (elementwise rows, or per-channel runs of S
-    values) are long enough to write with non-temporal stores: runs of STREAM_RUN_BYTES,
-    or of STREAM_ROW_BYTES when they are whole lines of line-aligned outputs (y, and h when
-    not NULL), so that no line is shared by two runs, and without a fused activation. A
-    shared line takes the plain stores of one run's end and the streamed ones of the
-    next: LayerNorm forward, rows of 130 and 260 floats, ran 2.9x and 1.8x slower
-    streamed, per-channel runs of 196 floats 1.9-2.7x; whole-line runs of 512-3072 bytes
-    ran 1.05-1.28x faster (see STREAM_ROW_BYTES). An activated output streams through an
-    L1 scratch and a copy (fn_affine_act_streamed): rows of 256-768 floats ran 0.94-0.98x
-    with silu and gelu, 0.85-1.10x with relu."""
+    values) are long enough to write with non-temporal stores: runs of STREAM_RUN_BYTES;
+    without a fused activation, runs of STREAM_SPLIT_RUN_BYTES anywhere, and runs of
+    STREAM_ROW_BYTES when they are whole lines of line-aligned outputs (y, and h when not
+    NULL), so that no line is shared by two runs. Shorter runs' shared end lines, plain,
+    cost more than streaming saves (see STREAM_SPLIT_RUN_BYTES); whole-line runs of
+    512-3072 bytes ran 1.05-1.28x faster (see STREAM_ROW_BYTES). An activated output streams
+    through an L1 scratch and a copy (fn_affine_act_streamed): rows of 256-768 floats ran
+    0.94-0.98x with silu and gelu, 0.85-1.10x with relu."""
     if run_bytes >= STREAM_RUN_BYTES:
         return True
-    return (run_bytes >= STREAM_ROW_BYTES and run_bytes % 64 == 0
-            and act == ACT_NONE
-            and <size_t>y % 64 == 0 and (h == NULL or <size_t>h % 64 == 0))
+    if act != ACT_NONE:
+        return False
+    return run_bytes >= STREAM_SPLIT_RUN_BYTES or (
+        run_bytes >= STREAM_ROW_BYTES and run_bytes % 64 == 0
+        and <size_t>y % 64 == 0 and (h == NULL or <size_t>h % 64 == 0))
 
 
 def row_forward(cnp.ndarray x, cnp.ndarray weight, cnp.ndarray bias, Py_ssize_t R,

@@ -416,24 +416,29 @@ static inline void fn_row_stream_put(fn_row_stream* s, ptrdiff_t i, __m256 v, pt
 }
 #endif
 
-/* FN_AFFINE_OUT_STREAMED: with stream, the vectors from y's first 32-byte boundary on,
- * written with non-temporal stores (the steps before it use the scalar formula); it
- * advances i, and the loops after it finish the row. The callers stream only rows of at
- * least STREAM_RUN_BYTES, so that the plain stores of a row's ends share few lines with
- * streamed ones. (Kept in this shape: every variant with 16-byte streams and a streamed
- * half-vector tail, inline or out of line, made LayerNorm (8,512,768) forward, which is
- * never streamed, run 1.2-1.6 ms instead of 0.9-1.0 ms into out= at 1 thread, medians of
- * 300 calls over six bisected builds, the same instruction count.) */
+/* FN_AFFINE_OUT_STREAMED: with stream, y's whole 64-byte lines written with non-temporal
+ * stores, two vectors per line; the values before y's first line boundary use the scalar
+ * formula, and the loops after it finish the row's last partial line plainly. So no line
+ * takes both kinds of store, whatever y's alignment: a line shared with the neighbouring
+ * run is partial, so plain, in both. (Peeled only to a 32-byte boundary, half-lines were
+ * streamed next to plain ones: into a numpy out= 16 bytes off a line, the runs were kept
+ * plain, and LayerNorm (8,512,768) forward ran 1.36x slower at 1 thread, 1.49x at 2,
+ * than with this peel; see STREAM_SPLIT_RUN_BYTES.) (Kept in this shape: every variant with
+ * 16-byte streams and a streamed half-vector tail, inline or out of line, made LayerNorm
+ * (8,512,768) forward, unstreamed, run 1.2-1.6 ms instead of 0.9-1.0 ms into out= at 1
+ * thread, medians of 300 calls over six bisected builds, the same instruction count.) */
 #if FN_HAVE_STREAM
 #define FN_AFFINE_OUT_STREAMED(VT, LANES, SET1, LOADU, SUB, MUL, FMADD, STREAM)                     \
     if (stream) {                                                                                   \
-        for (; i < n && ((size_t)(y + i) & 31); i++)                                                \
+        for (; i < n && ((size_t)(y + i) & 63); i++)                                                \
             y[i] = w ? ((x[i] - mean_hi) - mean_lo) * scale * w[i] + b[i]                           \
                      : ((x[i] - mean_hi) - mean_lo) * scale + shift;                                \
         VT hi = SET1(mean_hi), lo = SET1(mean_lo), sc = SET1(scale), sh = SET1(shift);              \
-        for (; i + LANES <= n; i += LANES) {                                                        \
-            VT d = SUB(SUB(LOADU(x + i), hi), lo);                                                  \
-            STREAM(y + i, w ? FMADD(MUL(d, sc), LOADU(w + i), LOADU(b + i)) : FMADD(d, sc, sh));    \
+        for (; i + 2 * LANES <= n; i += 2 * LANES) {                                                \
+            VT d0 = SUB(SUB(LOADU(x + i), hi), lo), d1 = SUB(SUB(LOADU(x + i + LANES), hi), lo);    \
+            STREAM(y + i, w ? FMADD(MUL(d0, sc), LOADU(w + i), LOADU(b + i)) : FMADD(d0, sc, sh));  \
+            STREAM(y + i + LANES, w ? FMADD(MUL(d1, sc), LOADU(w + i + LANES), LOADU(b + i + LANES))\
+                                    : FMADD(d1, sc, sh));                                           \
         }                                                                                           \
     }
 #else

@@ -235,7 +235,8 @@ def test_state_dict_round_trip_with_torch():
                                    (65600, 64)])
 def test_large_output_written_with_streaming_stores_is_bitwise_the_same(shape):
     """Outputs of 16 MiB and more take the non-temporal store path: same values. Rows of
-    1028 or 130 floats end in part of a vector and start at any alignment; rows of 64
+    1028 or 130 floats end in part of a vector and start at any alignment (those of 130
+    stay plain: shorter than STREAM_SPLIT_RUN_BYTES, not whole lines); rows of 64
     (shorter than STREAM_ROW_BYTES) stay plain."""
     x = make_input(shape, np.float32, seed=20)
     layer = fn.LayerNorm(shape[1])
@@ -243,6 +244,25 @@ def test_large_output_written_with_streaming_stores_is_bitwise_the_same(shape):
     big = layer(x)
     assert np.array_equal(big[:7], layer(x[:7]))
     assert np.array_equal(big[-5:], layer(x[-5:]))
+
+
+@pytest.mark.parametrize("dtype, shape", [(np.float32, (4100, 768)), (np.float32, (6100, 520)),
+                                          (np.float64, (3100, 520)), (np.float64, (1600, 1031))])
+@pytest.mark.parametrize("offset", [1, 3])
+def test_streamed_output_into_misaligned_out_is_bitwise_the_same(dtype, shape, offset):
+    """An out= that starts off a cache line (here 1 or 3 values off) still takes the
+    streamed path for rows of 2 KiB and more (STREAM_SPLIT_RUN_BYTES), streaming only
+    each row's whole lines: the same values as a few rows alone, written plainly."""
+    x = make_input(shape, dtype, seed=21)
+    layer = fn.LayerNorm(shape[1], dtype=dtype)
+    randomize_parameters(layer)
+    flat = np.empty(x.size + 64, dtype)
+    skip = (-flat.__array_interface__["data"][0] % 64) // flat.itemsize + offset
+    out = flat[skip:skip + x.size].reshape(shape)
+    assert layer(x, out=out) is out
+    assert np.array_equal(out[:7], layer(x[:7]))
+    assert np.array_equal(out[1000:1013], layer(x[1000:1013]))
+    assert np.array_equal(out[-5:], layer(x[-5:]))
 
 
 @pytest.mark.parametrize("cls", [fn.LayerNorm, fn.RMSNorm])
