@@ -17,6 +17,8 @@ from ._activation import activation_repr, check_activation
 from ._layout import kernel_ready
 from ._module import ChannelStatsLayer
 from ._validation import check_channels, check_float_array, check_out
+from .functional._rows import check_param
+from .functional.group_norm import check_instance_arrays, instance_forward
 
 __all__ = ["InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d"]
 
@@ -47,13 +49,17 @@ class _InstanceNorm(ChannelStatsLayer):
         check_out(input, out)
         x = input if batched else input[None]
         check_channels(x, self.num_features, type(self).__name__)
+        check_param(x, self.weight, "weight", (self.num_features,))
+        check_param(x, self.bias, "bias", (self.num_features,))
         use_input_stats = self.training or not self.track_running_stats
         updates = self.training and self.track_running_stats
+        check_instance_arrays(x, self.running_mean, self.running_var, use_input_stats)
         x = kernel_ready(x)
-        y, mean, rstd = F.native_instance_norm(
+        # the rest of native_instance_norm's checks hold by construction (__init__)
+        y, mean, rstd = instance_forward(
             x, self.running_mean, self.running_var, self.weight, self.bias, use_input_stats,
-            self._momentum_now() if updates else 0.0, self.eps, activation=self.activation,
-            out=out if batched or out is None else out[None],
+            self._momentum_now() if updates else 0.0, self.eps, self.activation,
+            out if batched or out is None else out[None],
         )
         if updates and x.size and self.momentum is None:   # the cumulative average's count
             self.num_batches_tracked += 1

@@ -100,11 +100,21 @@ def native_instance_norm(input, running_mean=None, running_var=None, weight=None
     x = input
     check_instance_input(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
                          eps)
-    act = activation_code(check_activation(activation))
+    activation = check_activation(activation)
     check_out(x, out)
+    return instance_forward(x, running_mean, running_var, weight, bias, use_input_stats,
+                            momentum, eps, activation, out)
+
+
+def instance_forward(x, running_mean, running_var, weight, bias, use_input_stats, momentum, eps,
+                     activation, out):
+    """native_instance_norm of checked arguments (activation: a checked name or None).
+    The InstanceNorm layers call it directly: their parameters, eps and momentum were
+    checked at construction, and a tiny call's time is mostly Python."""
     if not use_input_stats:
         return native_batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
                                  activation=activation, out=out)
+    act = activation_code(activation)
     channels = x.shape[1]
     tracking = running_mean is not None
     y, mean, rstd, var = groups_forward(x, channels, weight, bias, eps, out, want_var=tracking,
@@ -161,23 +171,32 @@ def check_group_input(x, num_groups, weight, bias, what):
 def check_instance_input(x, running_mean, running_var, weight, bias, use_input_stats, momentum,
                          eps):
     check_group_input(x, 1, weight, bias, "instance_norm")
-    channels = x.shape[1]
-    check_param(x, running_mean, "running_mean", (channels,))
-    check_param(x, running_var, "running_var", (channels,))
     check_eps_value(eps)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together")
+    if not use_input_stats and running_mean is None:
+        raise ValueError("running_mean and running_var are required when use_input_stats=False")
+    if use_input_stats and running_mean is not None and (
+            momentum is None or not 0.0 <= momentum <= 1.0):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    check_instance_arrays(x, running_mean, running_var, use_input_stats)
+
+
+def check_instance_arrays(x, running_mean, running_var, use_input_stats):
+    """The checks of an instance norm that depend on the input (the layers' share of
+    check_instance_input): running statistics of its dtype and channels, more than one
+    spatial element when normalizing with its own statistics, and running statistics
+    that can then be updated in place."""
+    channels = x.shape[1]
+    check_param(x, running_mean, "running_mean", (channels,))
+    check_param(x, running_var, "running_var", (channels,))
     if not use_input_stats:
-        if running_mean is None:
-            raise ValueError("running_mean and running_var are required when use_input_stats=False")
         return
     if prod(x.shape[2:]) == 1:
         raise ValueError(
             f"Expected more than 1 spatial element when training, got input of shape {x.shape}"
         )
     if running_mean is not None:
-        if momentum is None or not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
         for name, buf in (("running_mean", running_mean), ("running_var", running_var)):
             if not buf.flags.writeable:
                 raise ValueError(f"{name} is read-only but use_input_stats updates it in place")
