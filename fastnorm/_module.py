@@ -166,6 +166,11 @@ class ChannelStatsLayer(NormLayer):
             self.running_var[...] = 1
             self.num_batches_tracked[...] = 0
 
+    def _count_batch(self):
+        """num_batches_tracked += 1, in place: through the scalar, 0.2 us; `+=` on the
+        0-d array takes 2.5 us, a tenth of a tiny training call."""
+        self.num_batches_tracked[()] = self.num_batches_tracked[()] + 1
+
 
 # ------------------------------------------------- constructor argument checks
 

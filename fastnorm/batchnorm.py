@@ -51,7 +51,7 @@ class _BatchNorm(ChannelStatsLayer):
             self._momentum_now() if updates else 0.0, self.eps, activation=self.activation, out=out,
         )
         if updates and x.size > 0:
-            self.num_batches_tracked += 1
+            self._count_batch()
         self._saved = (x, mean, invstd, use_batch_stats)
         return y
 

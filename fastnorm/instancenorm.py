@@ -62,7 +62,7 @@ class _InstanceNorm(ChannelStatsLayer):
             out if batched or out is None else out[None],
         )
         if updates and x.size and self.momentum is None:   # the cumulative average's count
-            self.num_batches_tracked += 1
+            self._count_batch()
         self._saved = (x, mean, rstd, use_input_stats, batched)
         if out is not None:
             return out

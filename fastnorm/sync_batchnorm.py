@@ -74,7 +74,7 @@ class SyncBatchNorm(_BatchNorm):
         )
         if count > 0:
             if tracking:
-                self.num_batches_tracked += 1
+                self._count_batch()
             self._shift = np.where(np.isfinite(mean), mean, 0.0)  # a NaN must not stick
         self._saved = _Synced(x, mean, invstd, count)
         return y
