@@ -56,7 +56,8 @@
 # Channels-first outputs of STREAM_BYTES and more (y, and dx, each written once)
 # bypass the caches (fn_row_stream in _simd.h), 8-12% faster at one thread.
 #
-# Public entry points (inputs validated in Python; no GIL, never raise):
+# Public entry points (inputs validated in Python; the kernels run without the GIL and
+# never raise, only a failed scratch allocation raises MemoryError first):
 #   lrn_forward   IN x                 OUT y
 #   lrn_backward  IN x, dy             OUT dx   (s recomputed from x: x is read anyway)
 

@@ -256,7 +256,8 @@ def test_streamed_backward_matches_cached(cls, layout, shape):
     dy = make_input(shape, np.float32, layout, seed=12)
     C = shape[1]
     if cls == "GroupNorm":
-        big, small = fn.GroupNorm(2 if C % 32 else 32, C), fn.GroupNorm(2 if C % 32 else 32, C)
+        groups = 2 if C % 32 else 32
+        big, small = fn.GroupNorm(groups, C), fn.GroupNorm(groups, C)
     else:
         big, small = fn.InstanceNorm2d(C, affine=True), fn.InstanceNorm2d(C, affine=True)
     randomize_parameters(big)
