@@ -1,8 +1,10 @@
-"""Loads the compiled kernels: the AVX2+FMA build when the CPU has it, else the baseline.
+"""Loads the compiled kernels: the widest build the CPU can run, else the baseline.
 
-Both builds compile the same sources (see setup.py). FASTNORM_ISA=generic forces
-the baseline build, e.g. to compare the two.
+The builds compile the same sources (see setup.py): avx512, then avx2 (AVX2+FMA), then
+generic. FASTNORM_ISA=generic or FASTNORM_ISA=avx2 caps the choice, e.g. to compare
+builds or to test the narrower ones on a wide CPU.
 """
+import importlib
 import os
 
 try:
@@ -14,14 +16,27 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "editing a .pyx/.pxi/.pxd file)."
     ) from exc
 
-kernels = generic
-ISA = "generic"
-if os.environ.get("FASTNORM_ISA", "").strip().lower() != "generic" and generic.cpu_has_avx2_fma():
-    try:
-        from . import _ext_avx2 as kernels
+# widest first: (name, whether this CPU runs it)
+BUILDS = (("avx512", generic.cpu_has_avx512), ("avx2", generic.cpu_has_avx2_fma),
+          ("generic", lambda: True))
 
-        ISA = "avx2"
-    except ImportError:  # pragma: no cover - built without the variant
-        pass
+
+def _pick_build(cap):
+    """(name, module) of the widest build at or below `cap` that is built and runs here."""
+    names = [name for name, _ in BUILDS]
+    if cap not in names:
+        cap = names[0]
+    for name, runs_here in BUILDS[names.index(cap):]:
+        if name == "generic":
+            return name, generic
+        if runs_here():
+            try:
+                return name, importlib.import_module(f"._ext_{name}", __package__)
+            except ImportError:  # pragma: no cover - built without the variant
+                continue
+    return "generic", generic  # pragma: no cover - the loop always ends at generic
+
+
+ISA, kernels = _pick_build(os.environ.get("FASTNORM_ISA", "").strip().lower())
 
 OPENMP_ENABLED = kernels.OPENMP_ENABLED

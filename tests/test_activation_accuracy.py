@@ -1,6 +1,7 @@
 """The float32 activation math of _activations.h against float64 references, on
 both kernel builds: dense over |z| <= 100, over a sweep of float32 bit patterns
 (huge values, subnormals, NaNs with either sign), and at the limits."""
+import importlib
 import math
 
 import numpy as np
@@ -16,12 +17,15 @@ TOL = {"silu": (4e-7, 4e-7), "gelu": (4e-7, 6e-7), "gelu_tanh": (4e-7, 4e-7)}
 
 def _builds():
     builds = [pytest.param(_ext_generic, id="generic")]
-    try:
-        from fastnorm import _ext_avx2
-    except ImportError:  # pragma: no cover - built without the variant
-        return builds
-    mark = pytest.mark.skipif(not _ext_generic.cpu_has_avx2_fma(), reason="no AVX2+FMA")
-    return builds + [pytest.param(_ext_avx2, id="avx2", marks=mark)]
+    for name, runs_here in (("avx2", _ext_generic.cpu_has_avx2_fma),
+                            ("avx512", _ext_generic.cpu_has_avx512)):
+        try:
+            module = importlib.import_module(f"fastnorm._ext_{name}")
+        except ImportError:  # pragma: no cover - built without the variant
+            continue
+        mark = pytest.mark.skipif(not runs_here(), reason=f"the CPU cannot run {name}")
+        builds.append(pytest.param(module, id=name, marks=mark))
+    return builds
 
 
 _erfc = np.vectorize(math.erfc, otypes=[np.float64])

@@ -119,17 +119,43 @@ def test_show_config_reports_build(capsys):
     assert "-ffast-math" not in text
 
 
-def test_avx2_and_generic_builds_agree_to_rounding():
-    """Both instruction-set builds compute the same maths."""
-    generic = fn._kernels.generic
-    if fn._kernels.kernels is generic:
-        pytest.skip("only the generic build is in use")
+def _runnable_builds():
+    """{name: module} of every kernel build compiled here that this CPU runs."""
+    return {name: module for name, module in
+            (fn._kernels._pick_build(cap) for cap, _ in fn._kernels.BUILDS)}
+
+
+def test_instruction_set_builds_agree_to_rounding():
+    """Every instruction-set build computes the same maths."""
+    builds = _runnable_builds()
+    if len(builds) == 1:
+        pytest.skip("only the generic build runs here")
     x = make_input((8, 5, 300), np.float32, seed=4, mean=100.0).reshape(8, 5, 300)
     outputs = []
-    for module in (generic, fn._kernels.kernels):
+    for module in builds.values():
         y, mean, var = np.empty_like(x), np.empty(5), np.empty(5)
         module.channel_forward_train(x, np.ones(5), np.zeros(5), 1e-5, y, mean, var, 1)
         outputs.append((y, mean, var))
-    np.testing.assert_allclose(outputs[0][0], outputs[1][0], atol=2e-6)
-    np.testing.assert_allclose(outputs[0][1], outputs[1][1], rtol=1e-12)
-    np.testing.assert_allclose(outputs[0][2], outputs[1][2], rtol=1e-6)
+    for other in outputs[1:]:
+        np.testing.assert_allclose(outputs[0][0], other[0], atol=2e-6)
+        np.testing.assert_allclose(outputs[0][1], other[1], rtol=1e-12)
+        np.testing.assert_allclose(outputs[0][2], other[2], rtol=1e-6)
+
+
+@pytest.mark.smoke
+def test_isa_cap_picks_the_widest_build_at_or_below_it():
+    """FASTNORM_ISA caps the build: each cap gives itself when built and runnable here,
+    else the next narrower one; no cap (or an unknown name) gives the widest."""
+    generic = fn._kernels.generic
+    assert fn._kernels._pick_build("generic") == ("generic", generic)
+    widest = fn._kernels._pick_build("")
+    assert fn._kernels._pick_build("no-such-isa") == widest
+    assert widest[0] == fn._kernels.ISA or os.environ.get("FASTNORM_ISA")
+    runs = {"avx512": generic.cpu_has_avx512(), "avx2": generic.cpu_has_avx2_fma()}
+    assert not runs["avx512"] or runs["avx2"]   # AVX-512 here implies AVX2+FMA
+    for cap in ("avx512", "avx2"):
+        name, module = fn._kernels._pick_build(cap)
+        names = [n for n, _ in fn._kernels.BUILDS]
+        assert names.index(name) >= names.index(cap)
+        if name != "generic":
+            assert runs[name] and module.__name__ == f"fastnorm._ext_{name}"
