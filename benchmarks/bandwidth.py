@@ -18,14 +18,18 @@ def last_level_cache_bytes(default=32 * MIB):
     """Size of the largest CPU cache (Linux sysfs), or `default` when unknown."""
     sizes = []
     base = "/sys/devices/system/cpu/cpu0/cache"
+    units = {"K": 2 ** 10, "M": MIB, "G": 2 ** 30}
     try:
-        for entry in os.listdir(base):
+        entries = [entry for entry in os.listdir(base) if entry.startswith("index")]
+    except OSError:
+        entries = []
+    for entry in entries:  # index0, index1, ...; the folder also holds a 'uevent' file
+        try:
             with open(os.path.join(base, entry, "size")) as f:
                 text = f.read().strip()
-            units = {"K": 2 ** 10, "M": MIB, "G": 2 ** 30}
             sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
-    except (OSError, ValueError):
-        pass
+        except (OSError, ValueError):
+            continue
     return max(sizes) if sizes else default
 
 
