@@ -55,6 +55,41 @@ from fastnorm._activations cimport (
 # while it is still in cache: one read of x from memory instead of two.
 cdef Py_ssize_t FUSE_CHANNEL_BYTES = 1 << 20
 
+cdef extern from *:
+    """
+    #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    static int fn_cpu_is_intel(void) { __builtin_cpu_init(); return __builtin_cpu_is("intel"); }
+    #else
+    static int fn_cpu_is_intel(void) { return 0; }
+    #endif
+    """
+    int fn_cpu_is_intel() noexcept nogil
+
+# Whether channels of short runs (FUSED_RUN_BYTES or less) that fit in cache are fused
+# per channel too (use_runs). Which walk wins depends on the CPU, so the choice is made
+# once per process, from the CPU's vendor: results then depend on the shape and the
+# machine, never on the thread count. Kernels A/B, 8 interleaved rounds, float32,
+# caches flushed before each call (a 96 MiB sweep), fused against runs:
+# - Intel Xeon (Sapphire Rapids class) VM, BatchNorm1d (64,128,512), (32,64,1024),
+#   (16,256,256), BatchNorm2d (64,64,28,28), (32,128,14,14): train 1.24-1.72x at
+#   1 thread, 1.08-1.52x at 2; backward 1.12-1.39x and 0.97-1.20x (the smallest shape the
+#   lower end); eval unchanged. With warm caches (repeated calls) train 1.34-1.78x,
+#   backward 1.23-1.34x at 1 thread; SyncBatchNorm (one process) train 1.22-1.42x,
+#   backward 1.03-1.16x. This L3 serves one core at ~20 GB/s, little more
+#   than memory (11-15 GB/s), so the runs' second read costs almost a read from memory.
+# - AMD Zen 3 VM (session 13): runs of 512 or 196 values fused ran 0.62-0.83x, runs of
+#   1024 values 0.88-1.07x: there the channel-major walk's short runs cost more.
+cdef bint FUSE_SHORT_RUNS = fn_cpu_is_intel()
+
+
+def _set_fuse_short_runs(bint fuse):
+    """Override the CPU's choice of walk for short runs (tests run both); returns the
+    previous setting."""
+    global FUSE_SHORT_RUNS
+    previous = FUSE_SHORT_RUNS
+    FUSE_SHORT_RUNS = fuse
+    return previous
+
 # ---------------------------------------------------------------- planning
 
 cdef struct SegmentPlan:
@@ -125,8 +160,9 @@ cdef enum:
     # a page per run; longer runs amortize that).
     RUNS_MIN_SAMPLES = 8
     RUNS_MAX_BYTES = 16384
-    # ... except runs of more than this many bytes in channels that fit in cache
-    # (use_runs): those read well channel by channel, and fuse per channel instead
+    # ... except runs of more than this many bytes (of any length where FUSE_SHORT_RUNS)
+    # in channels that fit in cache (use_runs): those read well channel by channel, and
+    # fuse per channel instead
     FUSED_RUN_BYTES = 8192
     # Rows whose mean is the shift of a stripe's one-pass sums (rows strategy)
     PILOT_ROWS = 8
@@ -147,9 +183,11 @@ cdef inline bint use_runs(Py_ssize_t N, Py_ssize_t S, Py_ssize_t itemsize) noexc
     and 1.10-1.19x at 2, backward 1.12-1.21x and 1.09-1.23x (with relu the larger);
     BatchNorm1d (32,64,3000) train 1.15-1.30x, backward 0.94-1.31x. Shorter runs stay
     in runs: (32,64,1024) backward fused 0.88-1.07x, (32,64,2048) 0.97-1.27x, and runs of
-    512 or 196 values 0.62-0.83x. The choice depends on the shape alone."""
+    512 or 196 values 0.62-0.83x (AMD Zen 3); on Intel CPUs, where those fused ran
+    faster, channels of short runs that fit are fused as well (FUSE_SHORT_RUNS). The
+    choice depends on the shape and that setting, never on the thread count."""
     return (S > 1 and N >= RUNS_MIN_SAMPLES and S * itemsize <= RUNS_MAX_BYTES
-            and not (S * itemsize > FUSED_RUN_BYTES
+            and not ((FUSE_SHORT_RUNS or S * itemsize > FUSED_RUN_BYTES)
                      and 2 * N * S * itemsize <= FUSE_CHANNEL_BYTES))
 
 

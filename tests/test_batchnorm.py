@@ -27,6 +27,16 @@ CASES = [
 CASE_IDS = [f"{cls.__name__}-{'x'.join(map(str, shape))}" for cls, shape in CASES]
 
 
+@pytest.fixture(params=["runs", "fused"])
+def short_runs_walk(request):
+    """Both walks of (N, C, S) channels of short runs that fit in cache: sample after
+    sample (runs) or channel by channel, fused (use_runs in _channel.pxi: the CPU's
+    vendor picks one, so each machine would test only its own)."""
+    previous = kernels._set_fuse_short_runs(request.param == "fused")
+    yield request.param
+    kernels._set_fuse_short_runs(previous)
+
+
 def layouts_for(shape):
     return ("contiguous", "strided") + (("channels_last",) if len(shape) >= 3 else ())
 
@@ -218,7 +228,7 @@ def test_channels_last_statistics_on_awkward_row_orders(pattern):
 
 @pytest.mark.parametrize("pattern", ["drift", "outlier_sample_first"])
 @pytest.mark.parametrize("spatial", [(5, 7), (64,)])
-def test_sample_order_statistics_on_awkward_sample_orders(pattern, spatial):
+def test_sample_order_statistics_on_awkward_sample_orders(pattern, spatial, short_runs_walk):
     """NCHW data with many samples of short runs is reduced sample after sample about a
     shift from each stripe's first run: samples drifting along the batch, or a first
     sample far from the rest, must fall back to exact sums (forward and backward)."""
@@ -240,6 +250,45 @@ def test_sample_order_statistics_on_awkward_sample_orders(pattern, spatial):
     np.testing.assert_allclose(invstd, 1 / np.sqrt(expected.var + 1e-5), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cls, shape", [(fn.BatchNorm1d, (16, 5, 300)),
+                                        (fn.BatchNorm2d, (9, 3, 7, 11))])
+def test_short_runs_walks_match_reference(cls, shape, dtype, short_runs_walk):
+    """Channels of short runs, on either walk: a training forward (running statistics
+    too) and its backward against the float64 reference, data far from zero."""
+    C = shape[1]
+    layer = cls(C, dtype=dtype)
+    randomize_affine(layer)
+    x = make_input(shape, dtype, seed=7, mean=1e3, std=2.0)
+    dy = make_input(shape, dtype, seed=8)
+    y = layer(x)
+    dx = layer.backward(dy)
+    expected = ref.batch_norm_forward(x, layer.weight, layer.bias, layer.eps, np.zeros(C),
+                                      np.ones(C), training=True, momentum=0.1)
+    gx, gw, gb = ref.batch_norm_backward(x, dy, layer.weight, layer.eps, training=True)
+    tol = tolerance(dtype)
+    np.testing.assert_allclose(y, expected.y, atol=tol, rtol=0)
+    np.testing.assert_allclose(layer.running_mean, expected.running_mean, rtol=tol)
+    np.testing.assert_allclose(layer.running_var, expected.running_var, rtol=tol)
+    np.testing.assert_allclose(dx, gx, atol=tol * max(1.0, np.abs(gx).max()) * 4, rtol=0)
+    np.testing.assert_allclose(layer.grads["weight"], gw, atol=tol * x.size, rtol=tol * 10)
+    np.testing.assert_allclose(layer.grads["bias"], gb, atol=tol * x.size, rtol=tol * 10)
+
+
+def test_short_runs_walk_follows_the_cpu_vendor():
+    """Intel CPUs fuse channels of short runs per channel, others walk them as runs."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            vendors = {line.split(":")[1].strip() for line in f if line.startswith("vendor_id")}
+    except OSError:
+        pytest.skip("no /proc/cpuinfo")
+    if len(vendors) != 1:
+        pytest.skip(f"CPU vendor unknown: {vendors}")
+    fused = kernels._set_fuse_short_runs(False)
+    kernels._set_fuse_short_runs(fused)
+    assert fused == (vendors == {"GenuineIntel"})
+
+
 def test_constant_channel_gives_bias_exactly():
     x = np.full((4, 3, 5), 7.25, np.float32)
     layer = fn.BatchNorm1d(3)
@@ -259,9 +308,10 @@ def test_nan_poisons_only_its_channel():
 @pytest.mark.parametrize("shape", [(32, 16, 300), (4096, 24), (2, 3, 5000), (6, 40, 50, 20),
                                    (64, 2, 9000), (16, 5, 300), (5, 300, 9, 11), (8, 5, 2100)])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_bitwise_identical_for_any_thread_count(shape, layout, monkeypatch):
+def test_bitwise_identical_for_any_thread_count(shape, layout, monkeypatch, short_runs_walk):
     """Per-channel and split paths, every strategy: identical bits for 1, 2, 3 threads.
-    (16, 5, 300): runs order. (8, 5, 2100): runs of 8400 bytes in channels that fit in
+    (16, 5, 300): runs order, or (short_runs_walk) segments fused per channel at 1 and
+    2 threads, split at 3. (8, 5, 2100): runs of 8400 bytes in channels that fit in
     cache, so segments (use_runs), fused per channel at 1 and 2 threads, split at 3.
     (5, 300, 9, 11) channels-last: the column sums' register tiles."""
     monkeypatch.setattr(fn._threads, "MIN_VALUES_PER_THREAD", 1)  # threads even for small inputs
