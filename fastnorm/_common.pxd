@@ -35,7 +35,12 @@ cdef enum:
     # against plain ran 1.26-1.67x faster at 1 thread and 1.11-1.37x at 2 (LayerNorm,
     # RMSNorm, GroupNorm both layouts, InstanceNorm, BatchNorm3d train/eval/backward;
     # kernels A/B, 8 interleaved rounds), and LayerNorm's 9 MiB 1.30-1.40x (6 MiB:
-    # 0.95-1.02x). 12 MiB is where both machines gained.
+    # 0.95-1.02x). 12 MiB is where both machines gained. On an Intel Xeon (Sapphire Rapids
+    # class) VM (300 MiB L3 reported), plain stores instead at 1 thread, warm caches: 16-24
+    # MiB outputs 1.11-1.93x slower (BatchNorm2d/3d, GroupNorm, InstanceNorm, RMSNorm), the
+    # rest 0.92-1.07x; at 2 threads mixed: backwards of 16-24 MiB 0.72-0.89x (faster plain),
+    # forwards 0.93-1.28x; with caches flushed before each call, streamed stayed 1.07-1.24x
+    # ahead at 2 threads too (kernels A/B, 8 interleaved rounds). Kept at 12 MiB.
     STREAM_BYTES = 12 << 20
     # Shortest contiguous run streamed by a forward (channels-first runs, rows, with or
     # without a fused activation). (Each thread fences once, fence_if; a fence per run
