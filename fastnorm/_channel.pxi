@@ -79,6 +79,10 @@ cdef extern from *:
 #   than memory (11-15 GB/s), so the runs' second read costs almost a read from memory.
 # - AMD Zen 3 VM (session 13): runs of 512 or 196 values fused ran 0.62-0.83x, runs of
 #   1024 values 0.88-1.07x: there the channel-major walk's short runs cost more.
+# - AMD Zen 5 (EPYC family 26) VM, AVX-512 build, the five shapes above, two runs:
+#   mixed, so AMD keeps runs. Arrays of 12-16 MiB fused train 1.13-1.29x, backward
+#   0.97-1.33x; arrays of 3-8 MiB train 0.79-1.03x, backward 0.60-1.10x (its L3 reads the
+#   runs' second pass back faster than the fused walk's short runs cost).
 cdef bint FUSE_SHORT_RUNS = fn_cpu_is_intel()
 
 
